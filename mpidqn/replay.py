@@ -1,0 +1,428 @@
+"""Replay shard: n-step accumulation, a preallocated numpy ring, uniform sampling, re-sharding.
+
+Composition (Dopamine ``replay_buffer.py`` + ``samplers.py``, SB3 ``buffers.py``):
+
+- ``NStepAccumulator`` turns per-env steps into n-step transitions (pure bookkeeping, no storage),
+- ``TransitionRing`` stores transitions in preallocated arrays (a ring, oldest overwritten first),
+- ``UniformSampler`` draws slot indices,
+- ``ReplayShard`` wires the three together; it is this rank's part of the global buffer, which is
+  the union of the shards.
+- ``partition_transitions`` redistributes stored transitions over a new world size (elastic resume).
+
+A transition is ``(obs, action, n-step return, next_obs, discount)`` and the TD target is simply
+``rewards + discounts * max_a Q(next_obs)``: ``discounts`` is ``gamma**m`` (``m`` the steps actually
+taken, ``m < n`` only when the episode ended early), and 0 only when the episode *terminated*.
+A truncated episode (time limit) still bootstraps from its true final observation.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Transitions = dict[str, np.ndarray]
+"""Column dict of transitions: the keys of ``Batch._fields``, equal leading dims."""
+
+
+class Batch(NamedTuple):
+    """A batch of n-step transitions (arrays with leading dim B)."""
+
+    obs: np.ndarray
+    """(B, *obs_shape), the shard's obs dtype."""
+    actions: np.ndarray
+    """(B,) int64."""
+    rewards: np.ndarray
+    """(B,) float32, the n-step return ``sum_{k<m} gamma**k * r_k``."""
+    next_obs: np.ndarray
+    """(B, *obs_shape), the observation ``m`` steps later (the final one if the episode ended)."""
+    discounts: np.ndarray
+    """(B,) float32, ``gamma**m``, or 0.0 if the episode terminated within those m steps."""
+
+
+FIELDS: tuple[str, ...] = Batch._fields
+
+
+def _check_gamma(gamma: float) -> None:
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma={gamma} must lie in [0, 1]")
+
+
+class NStepAccumulator:
+    """Per-env pending queues that emit n-step transitions.
+
+    Each env has a queue of at most ``n_step - 1`` pending (obs, action, reward) steps between
+    pushes. After a push, an env whose queue holds ``n_step`` steps emits its oldest one; an env
+    whose episode ended (terminated or truncated) emits all its pending steps, each with its own
+    shorter horizon, and its queue is cleared. Emitted rows are ordered by env, then oldest first.
+    """
+
+    def __init__(
+        self,
+        num_envs: int,
+        n_step: int,
+        gamma: float,
+        obs_shape: tuple[int, ...],
+        obs_dtype: Any,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs} must be >= 1")
+        if n_step < 1:
+            raise ValueError(f"n_step={n_step} must be >= 1")
+        _check_gamma(gamma)
+        self.num_envs = int(num_envs)
+        self.n_step = int(n_step)
+        self.gamma = float(gamma)
+        self.obs_shape = tuple(int(d) for d in obs_shape)
+        self.obs_dtype = np.dtype(obs_dtype)
+        self._powers = self.gamma ** np.arange(self.n_step + 1, dtype=np.float64)
+        # _tail[i, j] = gamma**(i - j) for i >= j: (rewards @ _tail)[j] is the return from slot j.
+        diff = np.arange(self.n_step)[:, None] - np.arange(self.n_step)[None, :]
+        self._tail = np.where(diff >= 0, self.gamma ** np.maximum(diff, 0), 0.0)
+        self._obs = np.zeros((self.num_envs, self.n_step, *self.obs_shape), self.obs_dtype)
+        self._actions = np.zeros((self.num_envs, self.n_step), np.int64)
+        self._rewards = np.zeros((self.num_envs, self.n_step), np.float64)
+        self._count = np.zeros(self.num_envs, np.int64)
+
+    def push(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+    ) -> Transitions:
+        """Add one vector-env step (leading dim num_envs); return the completed transitions.
+
+        ``next_obs`` must be the TRUE next observation (the final one for envs whose episode just
+        ended), not gymnasium's autoreset observation. With n_step=1 the returned arrays may be
+        the inputs themselves (no copy); with n_step>1 they are fresh.
+        """
+        obs = np.asarray(obs, self.obs_dtype)
+        next_obs = np.asarray(next_obs, self.obs_dtype)
+        actions = np.asarray(actions, np.int64)
+        terminated = np.asarray(terminated, bool)
+        done = terminated | np.asarray(truncated, bool)
+        self._check_step(obs, actions, rewards, next_obs, done)
+        if self.n_step == 1:
+            return self._pass_through(obs, actions, rewards, next_obs, terminated)
+        envs = np.arange(self.num_envs)
+        self._obs[envs, self._count] = obs
+        self._actions[envs, self._count] = actions
+        self._rewards[envs, self._count] = rewards
+        self._count += 1
+        out = self._emit(next_obs, terminated, done)
+        self._advance(done)
+        return out
+
+    def _check_step(self, obs: np.ndarray, actions: np.ndarray, rewards: Any,
+                    next_obs: np.ndarray, done: np.ndarray) -> None:
+        expected = (self.num_envs, *self.obs_shape)
+        for name, arr in (("obs", obs), ("next_obs", next_obs)):
+            if arr.shape != expected:
+                raise ValueError(f"{name} has shape {arr.shape}, expected {expected}")
+        for name, arr in (("actions", actions), ("rewards", np.asarray(rewards)), ("done", done)):
+            if arr.shape != (self.num_envs,):
+                raise ValueError(f"{name} has shape {arr.shape}, expected ({self.num_envs},)")
+
+    def _pass_through(self, obs: np.ndarray, actions: np.ndarray, rewards: Any,
+                      next_obs: np.ndarray, terminated: np.ndarray) -> Transitions:
+        """n=1: the raw step is the transition."""
+        return {
+            "obs": obs,
+            "actions": actions,
+            "rewards": np.asarray(rewards, np.float32),
+            "next_obs": next_obs,
+            "discounts": np.where(terminated, 0.0, self.gamma).astype(np.float32),
+        }
+
+    def _emit(self, next_obs: np.ndarray, terminated: np.ndarray, done: np.ndarray) -> Transitions:
+        """Gather the rows due after this step (queues not yet advanced)."""
+        slots = np.arange(self.n_step)[None, :]
+        count = self._count[:, None]
+        flush = done[:, None] & (slots < count)
+        full = (~done)[:, None] & (count == self.n_step) & (slots == 0)
+        env_idx, slot_idx = np.nonzero(flush | full)
+        horizon = self._count[env_idx] - slot_idx
+        valid = self._rewards[env_idx] * (slots < count[env_idx])
+        returns = np.einsum("bi,bi->b", valid, self._tail[:, slot_idx].T)
+        discounts = np.where(terminated[env_idx], 0.0, self._powers[horizon])
+        return {
+            "obs": self._obs[env_idx, slot_idx],
+            "actions": self._actions[env_idx, slot_idx],
+            "rewards": returns.astype(np.float32),
+            "next_obs": next_obs[env_idx],
+            "discounts": discounts.astype(np.float32),
+        }
+
+    def _advance(self, done: np.ndarray) -> None:
+        """Clear ended episodes; drop the emitted oldest step of full queues."""
+        self._count[done] = 0
+        full = np.flatnonzero(self._count == self.n_step)
+        if full.size:
+            for arr in (self._obs, self._actions, self._rewards):
+                arr[full, :-1] = arr[full, 1:]
+            self._count[full] = self.n_step - 1
+
+    def pending(self) -> np.ndarray:
+        """Number of pending steps per env (a copy)."""
+        return self._count.copy()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Pending queues as arrays (copies), keys ``nstep/...``."""
+        return {
+            "nstep/obs": self._obs.copy(),
+            "nstep/actions": self._actions.copy(),
+            "nstep/rewards": self._rewards.copy(),
+            "nstep/count": self._count.copy(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore pending queues saved by ``state_dict`` (same num_envs, n_step, obs shape)."""
+        for name, arr in (("obs", self._obs), ("actions", self._actions),
+                          ("rewards", self._rewards), ("count", self._count)):
+            value = np.asarray(d[f"nstep/{name}"])
+            if value.shape != arr.shape:
+                raise ValueError(f"nstep/{name} has shape {value.shape}, expected {arr.shape} "
+                                 f"(num_envs={self.num_envs}, n_step={self.n_step})")
+            arr[...] = value
+
+
+class TransitionRing:
+    """Preallocated ring of transitions; once full, each write overwrites the oldest rows."""
+
+    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity} must be > 0")
+        self.capacity = int(capacity)
+        self.obs_shape = tuple(int(d) for d in obs_shape)
+        self.obs_dtype = np.dtype(obs_dtype)
+        self.arrays: Transitions = {
+            "obs": np.zeros((self.capacity, *self.obs_shape), self.obs_dtype),
+            "actions": np.zeros(self.capacity, np.int64),
+            "rewards": np.zeros(self.capacity, np.float32),
+            "next_obs": np.zeros((self.capacity, *self.obs_shape), self.obs_dtype),
+            "discounts": np.zeros(self.capacity, np.float32),
+        }
+        self.pos = 0
+        self.size = 0
+        self.num_added = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def write(self, rows: Transitions) -> int:
+        """Append rows (oldest first); if more than capacity, only the newest are kept."""
+        k = self._check_rows(rows)
+        if k == 0:
+            return 0
+        skip = max(0, k - self.capacity)
+        first = min(k - skip, self.capacity - self.pos)
+        for name, arr in self.arrays.items():
+            src = rows[name]
+            arr[self.pos:self.pos + first] = src[skip:skip + first]
+            arr[:k - skip - first] = src[skip + first:]
+        self.pos = (self.pos + k - skip) % self.capacity
+        self.size = min(self.size + k, self.capacity)
+        self.num_added += k
+        return k
+
+    def _check_rows(self, rows: Transitions) -> int:
+        missing = [name for name in FIELDS if name not in rows]
+        if missing:
+            raise ValueError(f"transitions lack the keys {missing}")
+        k = len(rows["actions"])
+        for name in FIELDS:
+            shape = np.shape(rows[name])
+            expected = (k, *self.obs_shape) if name in ("obs", "next_obs") else (k,)
+            if shape != expected:
+                raise ValueError(f"transitions[{name!r}] has shape {shape}, expected {expected}")
+        return k
+
+    def oldest_first(self) -> np.ndarray:
+        """Slot indices of the stored rows, oldest first."""
+        start = (self.pos - self.size) % self.capacity
+        return (start + np.arange(self.size)) % self.capacity
+
+    def state_dict(self) -> dict[str, np.ndarray | int]:
+        """Filled part of the arrays in slot order (views: save before the next write)."""
+        d: dict[str, np.ndarray | int] = {
+            f"ring/{k}": v[:self.size] for k, v in self.arrays.items()}
+        d.update({"ring/capacity": self.capacity, "ring/pos": self.pos,
+                  "ring/size": self.size, "ring/num_added": self.num_added})
+        return d
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore the exact slot layout saved by ``state_dict`` (same capacity)."""
+        capacity, size = int(d["ring/capacity"]), int(d["ring/size"])
+        if capacity != self.capacity:
+            raise ValueError(f"ring/capacity={capacity} differs from this shard's capacity "
+                             f"{self.capacity}; re-shard with transitions()/extend() instead")
+        for name, arr in self.arrays.items():
+            value = np.asarray(d[f"ring/{name}"])
+            if value.shape != (size, *arr.shape[1:]):
+                raise ValueError(f"ring/{name} has shape {value.shape}, "
+                                 f"expected {(size, *arr.shape[1:])}")
+            arr[:size] = value
+        self.pos, self.size = int(d["ring/pos"]), size
+        self.num_added = int(d["ring/num_added"])
+
+
+class UniformSampler:
+    """Uniform sampling with replacement over ``size`` stored slots."""
+
+    def indices(self, size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` slot indices drawn independently and uniformly from ``[0, size)``."""
+        if size == 0:
+            raise ValueError("cannot sample from an empty replay shard")
+        if count < 1:
+            raise ValueError(f"batch size {count} must be >= 1")
+        return rng.integers(0, size, count)
+
+
+def partition_transitions(per_rank: list[Transitions], new_world: int) -> list[Transitions]:
+    """Redistribute old shards' transitions over ``new_world`` new shards; nothing lost or doubled.
+
+    Order: the old shards are aligned at their NEWEST row (shards fill at the same pace, so row
+    ``-1`` of every shard is equally recent) and merged oldest first, ties by old rank. The merged
+    sequence is dealt round-robin: new shard ``s`` gets merged rows ``s, s + new_world, ...``.
+    Every new shard thus spans all ages and stays oldest first (ready for ``extend``, which keeps
+    the newest if a new shard is smaller than its share). Deterministic; no randomness.
+    """
+    if new_world < 1:
+        raise ValueError(f"new_world={new_world} must be >= 1")
+    if not per_rank:
+        raise ValueError("per_rank is empty: no old shards to partition")
+    lengths = np.array([len(t["actions"]) for t in per_rank])
+    old_rank = np.repeat(np.arange(len(per_rank)), lengths)
+    age = np.concatenate([np.arange(n)[::-1] for n in lengths])  # 0 = newest row of its shard
+    order = np.lexsort((old_rank, -age))  # primary key: oldest first
+    merged = {k: np.concatenate([np.asarray(t[k]) for t in per_rank])[order] for k in FIELDS}
+    return [{k: np.ascontiguousarray(v[s::new_world]) for k, v in merged.items()}
+            for s in range(new_world)]
+
+
+
+class ReplayShard:
+    """This rank's replay shard: n-step accumulator -> ring storage -> uniform sampler."""
+
+    def __init__(
+        self,
+        capacity: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: Any,
+        num_envs: int,
+        n_step: int = 1,
+        gamma: float = 0.99,
+    ) -> None:
+        self._ring = TransitionRing(capacity, obs_shape, obs_dtype)
+        self._nstep = NStepAccumulator(num_envs, n_step, gamma, obs_shape, obs_dtype)
+        self._sampler = UniformSampler()
+        self.obs_shape = self._ring.obs_shape
+        self.obs_dtype = self._ring.obs_dtype
+        self.num_envs = self._nstep.num_envs
+        self.n_step = self._nstep.n_step
+        self.gamma = self._nstep.gamma
+
+    @property
+    def capacity(self) -> int:
+        """Maximum number of stored transitions."""
+        return self._ring.capacity
+
+    @property
+    def num_added(self) -> int:
+        """Transitions ever written (by ``add`` and ``extend``), overwritten ones included."""
+        return self._ring.num_added
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def add(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+    ) -> int:
+        """Add one vector-env step (see ``NStepAccumulator.push``); return transitions written."""
+        rows = self._nstep.push(obs, actions, rewards, next_obs, terminated, truncated)
+        return self._ring.write(rows)
+
+    def sample(self, batch_size: int, rng: np.random.Generator,
+               out: Batch | None = None) -> Batch:
+        """Uniform batch with replacement: one ``rng.integers`` draw, then ``np.take``.
+
+        ``out``: a Batch of preallocated arrays (e.g. from ``empty_batch``) to fill and return,
+        avoiding allocation. Without it the arrays are fresh.
+        """
+        idx = self._sampler.indices(len(self._ring), batch_size, rng)
+        return self._gather(idx, out)
+
+    def sample_many(self, num_batches: int, batch_size: int, rng: np.random.Generator,
+                    out: Batch | None = None) -> Batch:
+        """``num_batches`` minibatches at once, leading dim ``num_batches * batch_size``.
+
+        One index draw; rows are i.i.d. uniform with replacement, so the slices
+        ``[i*batch_size:(i+1)*batch_size]`` have the same distribution as ``num_batches``
+        separate ``sample`` calls (not the same numbers for the same rng state).
+        """
+        if num_batches < 1:
+            raise ValueError(f"num_batches={num_batches} must be >= 1")
+        return self.sample(num_batches * batch_size, rng, out)
+
+    def empty_batch(self, batch_size: int) -> Batch:
+        """Preallocated arrays of the right shapes and dtypes, for ``sample(..., out=)``."""
+        arrays = self._ring.arrays
+        return Batch(*(np.empty((batch_size, *arrays[k].shape[1:]), arrays[k].dtype)
+                       for k in FIELDS))
+
+    def _gather(self, idx: np.ndarray, out: Batch | None) -> Batch:
+        # Indices are in range by construction; mode="clip" spares np.take the buffered copy
+        # that mode="raise" makes when out= is given.
+        arrays = self._ring.arrays
+        if out is None:
+            return Batch(*(np.take(arrays[k], idx, axis=0, mode="clip") for k in FIELDS))
+        for k, dst in zip(FIELDS, out):
+            np.take(arrays[k], idx, axis=0, out=dst, mode="clip")
+        return out
+
+    def transitions(self) -> Transitions:
+        """Stored transitions, oldest first (copies)."""
+        idx = self._ring.oldest_first()
+        return {k: v[idx] for k, v in self._ring.arrays.items()}
+
+    def extend(self, transitions: Transitions) -> int:
+        """Append transitions (oldest first); beyond capacity the newest are kept.
+
+        Bypasses the n-step accumulator: rows are complete transitions. Returns rows given.
+        """
+        return self._ring.write({k: np.asarray(v) for k, v in transitions.items()})
+
+    def state_dict(self) -> dict[str, np.ndarray | int]:
+        """Flat ``ring/...`` and ``nstep/...`` entries (HDF5-ready names).
+
+        Ring arrays are views of the filled part: write them out before the next ``add``.
+        """
+        return {**self._ring.state_dict(), **self._nstep.state_dict()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` of a shard with equal settings; behaviour continues exactly."""
+        self._ring.load_state_dict(d)
+        self._nstep.load_state_dict(d)
+
+    @staticmethod
+    def shard_capacity(global_capacity: int, world: int, rank: int) -> int:
+        """This rank's share of ``global_capacity``; the remainder goes to the lowest ranks."""
+        if world < 1:
+            raise ValueError(f"world={world} must be >= 1")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank={rank} is outside [0, {world})")
+        if global_capacity < world:
+            raise ValueError(f"global replay capacity {global_capacity} is smaller than "
+                             f"world size {world}")
+        base, rest = divmod(global_capacity, world)
+        return base + (1 if rank < rest else 0)
+
+    partition_transitions = staticmethod(partition_transitions)
