@@ -280,27 +280,39 @@ class UniformSampler:
         return rng.integers(0, size, count)
 
 
-def partition_transitions(per_rank: list[Transitions], new_world: int) -> list[Transitions]:
-    """Redistribute old shards' transitions over ``new_world`` new shards; nothing lost or doubled.
+def partition_plan(lengths: list[int], new_world: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Where each new shard's rows come from: per new shard, (old rank, oldest-first row) arrays.
 
     Order: the old shards are aligned at their NEWEST row (shards fill at the same pace, so row
     ``-1`` of every shard is equally recent) and merged oldest first, ties by old rank. The merged
     sequence is dealt round-robin: new shard ``s`` gets merged rows ``s, s + new_world, ...``.
     Every new shard thus spans all ages and stays oldest first (ready for ``extend``, which keeps
-    the newest if a new shard is smaller than its share). Deterministic; no randomness.
+    the newest if a new shard is smaller than its share). Deterministic; no randomness. Only the
+    lengths are needed, so a checkpoint loader can read just the rows a new rank gets.
     """
     if new_world < 1:
         raise ValueError(f"new_world={new_world} must be >= 1")
+    if not lengths:
+        raise ValueError("no old shards to partition")
+    lengths_arr = np.asarray(lengths, dtype=np.int64)
+    old_rank = np.repeat(np.arange(len(lengths_arr)), lengths_arr)
+    row = np.concatenate([np.arange(n) for n in lengths_arr])
+    age = np.concatenate([np.arange(n)[::-1] for n in lengths_arr])  # 0 = newest row of its shard
+    order = np.lexsort((old_rank, -age))  # primary key: oldest first
+    old_rank, row = old_rank[order], row[order]
+    return [(old_rank[s::new_world], row[s::new_world]) for s in range(new_world)]
+
+
+def partition_transitions(per_rank: list[Transitions], new_world: int) -> list[Transitions]:
+    """Redistribute old shards' transitions over ``new_world`` new shards; nothing lost or doubled
+    (the order of :func:`partition_plan`)."""
     if not per_rank:
         raise ValueError("per_rank is empty: no old shards to partition")
-    lengths = np.array([len(t["actions"]) for t in per_rank])
-    old_rank = np.repeat(np.arange(len(per_rank)), lengths)
-    age = np.concatenate([np.arange(n)[::-1] for n in lengths])  # 0 = newest row of its shard
-    order = np.lexsort((old_rank, -age))  # primary key: oldest first
-    merged = {k: np.concatenate([np.asarray(t[k]) for t in per_rank])[order] for k in FIELDS}
-    return [{k: np.ascontiguousarray(v[s::new_world]) for k, v in merged.items()}
-            for s in range(new_world)]
-
+    plan = partition_plan([len(t["actions"]) for t in per_rank], new_world)
+    offsets = np.concatenate([[0], np.cumsum([len(t["actions"]) for t in per_rank])])
+    merged = {k: np.concatenate([np.asarray(t[k]) for t in per_rank]) for k in FIELDS}
+    return [{k: np.ascontiguousarray(v[offsets[ranks] + rows]) for k, v in merged.items()}
+            for ranks, rows in plan]
 
 
 class ReplayShard:

@@ -1,0 +1,277 @@
+"""HDF5 checkpoints: atomic, verified, resumable on the same or a different number of ranks.
+
+Layout of ``RUN_DIR/checkpoints/step_<global env steps, 12 digits>/``::
+
+    model_s<stage>.h5   online + target parameters and Adam state, keyed by global parameter name
+                        (``<layer index>.<name>``); written by the first data-parallel rank of each
+                        pipeline stage, so a checkpoint of S stages loads with any S'.
+    rank_<rank>.h5      everything else that rank needs to continue exactly: counters, numpy/torch
+                        RNG states, pickled vector env, current observations, episode statistics,
+                        phase timers, and its replay shard (``checkpoint.replay``).
+    COMPLETE            JSON manifest written LAST by rank 0 once every file is fsynced and renamed
+                        into place: step, world, stages, format version, and size + CRC32 of each file.
+
+A directory without a valid ``COMPLETE`` does not exist as a checkpoint. Every HDF5 file carries
+root attributes ``format_version``, ``step``, ``world_size``, ``pipeline_stages``, ``config`` (YAML)
+and ``mpidqn_version`` so plain h5py can read it (see h5tree.py for the node mapping).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from mpidqn import __version__
+from mpidqn.errors import UserError
+from mpidqn.h5tree import read_tree, write_tree
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{12})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:012d}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_h5_atomic(path: Path, attrs: dict[str, Any], tree: dict[str, Any]) -> dict[str, int]:
+    """Write ``tree`` to ``path`` via a temporary name, fsync, rename; return its size and CRC32."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        write_tree(f, tree)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    crc = file_crc32(tmp)  # while still in the page cache
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+@dataclass
+class Checkpoint:
+    """A complete, verified checkpoint directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world(self) -> int:
+        return int(self.manifest["world_size"])
+
+    @property
+    def pipeline_stages(self) -> int:
+        return int(self.manifest["pipeline_stages"])
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def model_files(self) -> list[Path]:
+        return [self.path / f"model_s{s}.h5" for s in range(self.pipeline_stages)]
+
+
+def verify(path: Path, check_crc: bool = True) -> Checkpoint:
+    """Return the Checkpoint at ``path`` or raise ValueError saying what is wrong with it."""
+    marker = path / MARKER
+    if not marker.exists():
+        raise ValueError("incomplete (no COMPLETE marker)")
+    try:
+        manifest = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable COMPLETE marker ({e})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format version {version} is not {FORMAT_VERSION} (written by mpidqn {manifest.get('mpidqn_version')})")
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.exists():
+            raise ValueError(f"{name} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise ValueError(f"{name} is truncated ({f.stat().st_size} of {info['bytes']} bytes)")
+        if check_crc and file_crc32(f) != info["crc32"]:
+            raise ValueError(f"{name} is corrupted (CRC32 mismatch)")
+    return Checkpoint(path, manifest)
+
+
+def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Checkpoint directories under ``root`` (complete or not), newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def find_latest(root: Path, warn: Callable[[str], None] = lambda s: None) -> Checkpoint | None:
+    """Newest intact checkpoint under ``root``; each damaged newer one is reported in one line."""
+    for _, path in list_step_dirs(root):
+        try:
+            return verify(path)
+        except ValueError as e:
+            if (path / MARKER).exists():  # incomplete dirs are normal leftovers of a kill; say nothing
+                warn(f"mpidqn: checkpoint {path} is unusable: {e}; trying an older one")
+    return None
+
+
+def resolve(target: str | Path) -> Checkpoint:
+    """A run dir (newest intact checkpoint) or a checkpoint dir -> Checkpoint, else UserError."""
+    p = Path(target)
+    if not p.exists():
+        raise UserError(f"{p}: no such run directory or checkpoint")
+    if (p / MARKER).exists() or _STEP_DIR.match(p.name):
+        try:
+            return verify(p)
+        except ValueError as e:
+            raise UserError(f"{p}: {e}") from None
+    ckpt = find_latest(p / "checkpoints", warn=lambda s: print(s, flush=True))
+    if ckpt is None:
+        raise UserError(f"{p}: no complete checkpoint (looked in {p / 'checkpoints'})")
+    return ckpt
+
+
+def read_model(ckpt: Checkpoint) -> dict[str, Any]:
+    """Merge the stage files into one model state: online, target, adam (by global name), updates."""
+    merged: dict[str, Any] = {"online": {}, "target": {}, "adam": {}}
+    for f in ckpt.model_files():
+        with h5py.File(f, "r") as h:
+            tree = read_tree(h["model"])
+        for key in ("online", "target", "adam"):
+            merged[key].update(tree.get(key, {}))
+        merged["adam_hparams"] = tree["adam_hparams"]
+        merged["updates"] = tree["updates"]
+    return merged
+
+
+def read_rank(ckpt: Checkpoint, rank: int, groups: tuple[str, ...] | None = None) -> dict[str, Any]:
+    with h5py.File(ckpt.file(f"rank_{rank:05d}.h5"), "r") as h:
+        names = groups if groups is not None else tuple(h.keys())
+        return {g: read_tree(h[g]) for g in names if g in h}
+
+
+def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The replay rows an elastic resume assigns to one new rank (see replay.partition_plan)."""
+    from mpidqn.replay import FIELDS
+
+    old_ranks, rows = plan
+    parts: list[dict[str, np.ndarray]] = []
+    order: list[np.ndarray] = []
+    for old in np.unique(old_ranks):
+        mine = np.flatnonzero(old_ranks == old)
+        with h5py.File(ckpt.file(f"rank_{int(old):05d}.h5"), "r") as h:
+            ring = h["replay/ring"]
+            cap, pos, size = (int(ring.attrs[k]) for k in ("capacity", "pos", "size"))
+            slots = ((pos - size) % cap + rows[mine]) % cap  # oldest-first row -> physical slot
+            parts.append({k: ring[k][()][slots] for k in FIELDS})  # one old shard in memory at a time
+        order.append(mine)
+    if not parts:
+        return None
+    where = np.argsort(np.concatenate(order), kind="stable")
+    return {k: np.concatenate([p[k] for p in parts])[where] for k in FIELDS}
+
+
+def replay_lengths(ckpt: Checkpoint) -> list[int] | None:
+    """Stored transitions per old rank, or None when the checkpoint holds no replay."""
+    lengths = []
+    for r in range(ckpt.world):
+        with h5py.File(ckpt.file(f"rank_{r:05d}.h5"), "r") as h:
+            if "replay" not in h:
+                return None
+            lengths.append(int(h["replay/ring"].attrs["size"]))
+    return lengths
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class CheckpointManager:
+    """Writes this rank's part of a checkpoint; rank 0 seals it with the manifest and prunes."""
+
+    def __init__(self, run_dir: Path, comm: Any, keep: int, attrs: dict[str, Any], say: Callable[[str], None]) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.comm = comm
+        self.keep = keep
+        self.attrs = attrs  # format_version, config, world_size, pipeline_stages, versions
+        self.say = say
+        self.last_step: int | None = None
+        self.last_pause_s = 0.0
+
+    def save(self, trainer: Any) -> Path | None:
+        step = trainer.counters.env_steps
+        if step == self.last_step:
+            return None
+        t0 = time.perf_counter()
+        rank = self.comm.Get_rank()
+        path = self.root / step_dir_name(step)
+        path.mkdir(parents=True, exist_ok=True)
+        attrs = {**self.attrs, "step": step, "rank": rank}
+        files: dict[str, dict[str, int]] = {}
+        model = trainer.model_state_to_save()
+        if model is not None:
+            stage = trainer.topo.stage
+            files[f"model_s{stage}.h5"] = write_h5_atomic(path / f"model_s{stage}.h5", attrs, {"model": model})
+        files[f"rank_{rank:05d}.h5"] = write_h5_atomic(path / f"rank_{rank:05d}.h5", attrs, trainer.rank_state())
+        gathered = self.comm.gather(files, root=0)
+        if rank == 0:
+            fsync_dir(path)
+            manifest = {
+                "format_version": FORMAT_VERSION, "step": step, "world_size": self.comm.Get_size(),
+                "pipeline_stages": int(self.attrs["pipeline_stages"]), "mpidqn_version": __version__,
+                "created": time.time(), "files": {k: v for part in gathered for k, v in part.items()},
+            }
+            write_text_atomic(path / MARKER, json.dumps(manifest, indent=1))
+            self.prune()
+        self.comm.Barrier()  # no rank runs ahead while the manifest is pending (kill-safety is the marker's)
+        self.last_step = step
+        self.last_pause_s = time.perf_counter() - t0
+        return path
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial dirs."""
+        complete = 0
+        for _, path in list_step_dirs(self.root):
+            if (path / MARKER).exists():
+                complete += 1
+                if complete > self.keep:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif complete:  # a partial dir older than a complete one is garbage from a crash
+                shutil.rmtree(path, ignore_errors=True)

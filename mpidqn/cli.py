@@ -1,0 +1,142 @@
+"""Command line: ``python -m mpidqn [train|evaluate|report|inspect] ...``.
+
+The only module that reads ``MPI.COMM_WORLD``. Errors follow one rule: bad input (UserError) is
+agreed on by all ranks and printed once by rank 0 (exit 2); any other exception on any rank prints
+that rank's traceback once and aborts the whole MPI job, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from mpidqn import errors
+from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
+
+T = TypeVar("T")
+COMMANDS = ("train", "evaluate", "report", "inspect")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage on every rank and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpidqn train", description="Train DQN with MPI (mpiexec -n N python -m mpidqn ...).")
+    p.add_argument("--config", help="YAML config (default: the embedded CartPole-v1 config)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<env>-s<seed>-<time>); resumes if it holds a checkpoint")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint in --run-dir to resume from")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
+    return p
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def collective(comm: Any, fn: Callable[[], T]) -> T:
+    """Run a setup step on every rank; if it raised UserError anywhere, raise it everywhere."""
+    from mpidqn.comm import gather_errors
+
+    result, message = None, None
+    try:
+        result = fn()
+    except UserError as e:
+        message = str(e)
+    failures = gather_errors(message, comm)
+    if failures:
+        rank, msg = failures[0]
+        raise UserError(msg if comm.Get_size() == 1 else f"{msg} (rank {rank})" if rank else msg)
+    return result  # type: ignore[return-value]
+
+
+def check_slurm_tasks(world: int) -> None:
+    """A launcher without PMI starts N copies of "rank 0 of 1": refuse instead of N separate runs."""
+    ntasks = os.environ.get("SLURM_NTASKS")
+    if ntasks and ntasks.isdigit() and int(ntasks) != world and not os.environ.get("MPIDQN_IGNORE_SLURM_NTASKS"):
+        raise UserError(
+            f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s): the launcher did not start one MPI job "
+            "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"
+        )
+
+
+def cmd_train(argv: Sequence[str], comm: Any) -> int:
+    from mpidqn.config import load_config
+    from mpidqn.runs import prepare_run
+
+    args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
+    cfg = collective(comm, lambda: load_config(args.config, args.overrides))
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    from mpidqn.topology import Topology
+
+    def build_topology() -> Topology:
+        try:
+            return Topology.build(comm, cfg.parallel.pipeline_stages)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    topo = collective(comm, build_topology)
+    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective)
+    return run.train()
+
+
+def cmd_evaluate(argv: Sequence[str]) -> int:
+    from mpidqn.offline import evaluate_main
+
+    return evaluate_main(list(argv), _Parser)
+
+
+def cmd_inspect(argv: Sequence[str]) -> int:
+    from mpidqn.offline import inspect_main
+
+    return inspect_main(list(argv), _Parser)
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from mpidqn.analysis import report_main
+
+    return report_main(list(argv))
+
+
+def _abort(comm: Any, exc: BaseException) -> int:
+    """Print this rank's error once and end every rank of the job."""
+    rank = comm.Get_rank()
+    tb = "".join(traceback.format_exception(exc))
+    _say(f"mpidqn: rank {rank}: {type(exc).__name__}: {exc}\n{tb}".rstrip())
+    if comm.Get_size() > 1:
+        comm.Abort(errors.EXIT_FAILURE)
+    return errors.EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command != "train":  # offline tools: single process, no MPI collectives
+        try:
+            return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report}[command](argv)
+        except UserError as e:
+            _say(f"mpidqn {command}: error: {e}")
+            return EXIT_BAD_INPUT
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        return cmd_train(argv, comm)
+    except UserError as e:
+        if comm.Get_rank() == 0:
+            _say(f"mpidqn: error: {e}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        return _abort(comm, e)
+    except Exception as e:  # noqa: BLE001 - any failure on any rank must end the whole job
+        return _abort(comm, e)
+
+
+__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_REQUEUE"]

@@ -1,0 +1,73 @@
+"""Collectives on an explicit communicator. Every function returns early when the communicator has
+one rank; all payloads travel with the buffer API (no pickling) except short error messages."""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+
+def allreduce_mean_(flat: torch.Tensor, comm: Any) -> None:
+    """Average a contiguous CPU float tensor over ``comm`` in place (one Allreduce)."""
+    n = comm.Get_size()
+    if n == 1:
+        return
+    buf = flat.numpy()
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    buf *= 1.0 / n
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], comm: Any, root: int = 0) -> None:
+    """Broadcast tensors from ``root`` in the given (fixed) order as one flat buffer."""
+    if comm.Get_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    comm.Bcast(flat.numpy(), root=root)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def allreduce_array(values: np.ndarray, comm: Any, op: Any = MPI.SUM) -> np.ndarray:
+    """Reduce a small numpy array over ``comm`` and return the result (a new array)."""
+    values = np.ascontiguousarray(values)
+    if comm.Get_size() == 1:
+        return values.copy()
+    out = np.empty_like(values)
+    comm.Allreduce(values, out, op=op)
+    return out
+
+
+def agree_any(flag: bool, comm: Any) -> bool:
+    """True on every rank when ``flag`` is true on at least one (stop, checkpoint, NaN...)."""
+    if comm.Get_size() == 1:
+        return bool(flag)
+    return bool(comm.allreduce(int(bool(flag)), op=MPI.MAX))
+
+
+def tensor_fingerprints(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """CRC32 of each tensor's bytes: equal fingerprints everywhere means bit-identical replicas."""
+    return np.array([zlib.crc32(t.detach().contiguous().numpy().tobytes()) for t in tensors], dtype=np.int64)
+
+
+def first_divergent(fingerprints: np.ndarray, comm: Any) -> int | None:
+    """Index of the first tensor whose fingerprint differs between ranks of ``comm``, else None."""
+    if comm.Get_size() == 1:
+        return None
+    lo = allreduce_array(fingerprints, comm, MPI.MIN)
+    hi = allreduce_array(fingerprints, comm, MPI.MAX)
+    differ = np.flatnonzero(lo != hi)
+    return int(differ[0]) if differ.size else None
+
+
+def gather_errors(message: str | None, comm: Any) -> list[tuple[int, str]]:
+    """Every rank learns which ranks failed a setup step and why (small pickled strings)."""
+    if comm.Get_size() == 1:
+        return [(0, message)] if message is not None else []
+    messages = comm.allgather(message)
+    return [(rank, m) for rank, m in enumerate(messages) if m is not None]

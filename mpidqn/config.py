@@ -1,0 +1,340 @@
+"""Typed, nested run configuration: dataclasses, strict YAML loading, dotted overrides, validation.
+
+No MPI and no torch here. YAML is only a serialisation of these dataclasses: unknown keys, wrong
+types and impossible values raise :class:`ConfigError` naming the dotted key.
+
+Step counting (the same whatever the world size):
+  * ``train.total_steps``, ``train.learning_starts``, ``train.train_freq``, ``*.interval_steps`` and
+    the epsilon schedule count GLOBAL environment steps: transitions collected by all ranks together.
+    Every loop iteration each rank steps its ``env.num_envs`` envs once, so the global counter
+    advances by ``world * env.num_envs`` per iteration.
+  * Every ``train.train_freq`` global steps, every replica does ``train.gradient_steps`` updates in
+    lockstep. The number of updates in a run therefore does not depend on the world size.
+  * ``train.batch_size`` is per data-parallel replica: an update averages gradients over
+    ``dp * batch_size`` transitions. ``train.lr`` is used as given unless ``train.lr_scaling`` says
+    otherwise (``linear``: lr * dp, ``sqrt``: lr * sqrt(dp)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mpidqn.errors import ConfigError
+
+
+@dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"
+    """Gymnasium environment id (classic control, Box2D, ``ALE/...`` with the atari extra)."""
+    num_envs: int = 1
+    """Environment copies per rank, stepped as one synchronous vector env."""
+    max_episode_steps: int | None = None
+    """Override of the environment's time limit (None keeps the registered one)."""
+
+
+@dataclass
+class NetworkConfig:
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    """Widths of the hidden layers of the MLP Q-network."""
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+    """Hidden-layer activation."""
+    dueling: bool = False
+    """Dueling head: Q = V + A - mean(A)."""
+
+
+@dataclass
+class ExplorationConfig:
+    eps_start: float = 1.0
+    """Epsilon at step 0."""
+    eps_end: float = 0.04
+    """Epsilon after the decay."""
+    eps_fraction: float = 0.16
+    """Fraction of train.total_steps over which epsilon decays linearly."""
+    per_rank: bool = False
+    """Ape-X style: rank r of W explores with eps_end ** (1 + alpha * r / (W - 1)) after the decay."""
+    per_rank_alpha: float = 7.0
+    """Exponent spread of the per-rank epsilons (Ape-X uses 7 with a base of 0.4)."""
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 50_000
+    """Global environment steps (all ranks together) to train for."""
+    learning_starts: int = 1_000
+    """Global environment steps collected before the first update."""
+    buffer_size: int = 100_000
+    """Global replay capacity in transitions; each rank holds a shard of about buffer_size / world."""
+    batch_size: int = 64
+    """Minibatch size per data-parallel replica (global batch = dp * batch_size)."""
+    train_freq: int = 256
+    """Global environment steps between rounds of updates."""
+    gradient_steps: int = 128
+    """Updates per round (every replica does each of them in lockstep)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    n_step: int = 1
+    """n-step returns (1 = classic one-step TD)."""
+    lr: float = 2.3e-3
+    """Adam learning rate."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """How lr scales with the number of data-parallel replicas dp."""
+    lr_final_fraction: float = 1.0
+    """Learning rate decays linearly to lr * lr_final_fraction at the end of training (1 = constant)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float | None = 10.0
+    """Clip the global gradient norm (after averaging) to this; None disables clipping."""
+    loss: Literal["huber", "mse"] = "huber"
+    """TD loss."""
+    double_dqn: bool = True
+    """Double DQN targets: online net picks the action, target net evaluates it."""
+    target_update_interval: int = 10
+    """Hard target update every this many updates (ignored when tau < 1)."""
+    tau: float = 1.0
+    """Polyak coefficient applied every update when < 1; 1 means hard updates."""
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    """Epsilon-greedy schedule."""
+
+
+@dataclass
+class ParallelConfig:
+    pipeline_stages: int = 1
+    """Ranks per pipeline group holding layer partitions of the Q-network (1 = pure data parallel)."""
+    torch_threads: int = 1
+    """torch intra-op threads per rank (ranks are processes; oversubscription hurts)."""
+    sync_check_interval: int = 500
+    """Updates between checks that all replicas hold bit-identical parameters (0 = never)."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = 0
+    """Global environment steps between periodic checkpoints (0 = only the final one)."""
+    keep: int = 2
+    """Newest complete checkpoints kept on disk."""
+    replay: bool = True
+    """Store the replay shards in checkpoints (false: light checkpoints)."""
+
+
+@dataclass
+class EvalConfig:
+    interval_steps: int = 10_000
+    """Global environment steps between greedy evaluations (0 = only the final one)."""
+    episodes: int = 10
+    """Greedy episodes per evaluation (split over the data-parallel ranks)."""
+
+
+@dataclass
+class LogConfig:
+    interval_steps: int = 2_000
+    """Global environment steps between progress lines / log rows."""
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """Console output of rank 0: a progress bar on a TTY, plain lines otherwise (auto)."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Root seed; per-rank streams are spawned from it with numpy.random.SeedSequence."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(repr, typing.get_args(tp)))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 2e5 in YAML is a float
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown config key")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value = hints[f.name], data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _from_dict(tp, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _check_type(prefix + f.name, value, tp)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override's right-hand side as YAML (``3``, ``1e-3``, ``true``, ``[64, 64]``, ``null``)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings onto a nested dict (in place) and return it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: overrides are KEY=VALUE with a dotted key, e.g. train.lr=1e-3")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: unknown config key")
+            node = child
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or the embedded defaults when None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    apply_overrides(data, list(overrides))
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Rebuild a Config from the YAML text stored in a run directory, log or checkpoint."""
+    cfg = _from_dict(Config, yaml.safe_load(text) or {})
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Yield (dotted name, field) for every leaf field, for documentation and ``--help-config``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values, naming the key. World-size dependent checks live in Topology."""
+    t, x = cfg.train, cfg.train.exploration
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _require(bool(cfg.env.id), "env.id", "must not be empty")
+    _require(cfg.env.num_envs >= 1, "env.num_envs", f"must be >= 1, got {cfg.env.num_envs}")
+    if cfg.env.max_episode_steps is not None:
+        _require(cfg.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
+    _require(len(cfg.network.hidden) >= 1, "network.hidden", "needs at least one hidden layer")
+    _require(all(w >= 1 for w in cfg.network.hidden), "network.hidden", f"widths must be >= 1, got {cfg.network.hidden}")
+    _require(t.total_steps >= 1, "train.total_steps", f"must be >= 1, got {t.total_steps}")
+    _require(0 <= t.learning_starts <= t.total_steps, "train.learning_starts",
+             f"must be in [0, train.total_steps={t.total_steps}], got {t.learning_starts}")
+    _require(t.buffer_size >= 1, "train.buffer_size", f"must be >= 1, got {t.buffer_size}")
+    _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _require(t.batch_size <= t.buffer_size, "train.batch_size",
+             f"{t.batch_size} is larger than train.buffer_size={t.buffer_size}")
+    _require(t.train_freq >= 1, "train.train_freq", f"must be >= 1, got {t.train_freq}")
+    _require(t.gradient_steps >= 1, "train.gradient_steps", f"must be >= 1, got {t.gradient_steps}")
+    _require(0.0 <= t.gamma <= 1.0, "train.gamma", f"must be in [0, 1], got {t.gamma}")
+    _require(t.n_step >= 1, "train.n_step", f"must be >= 1, got {t.n_step}")
+    _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")
+    _require(0.0 < t.lr_final_fraction <= 1.0, "train.lr_final_fraction", f"must be in (0, 1], got {t.lr_final_fraction}")
+    _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
+    if t.max_grad_norm is not None:
+        _require(t.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {t.max_grad_norm}")
+    _require(t.target_update_interval >= 1, "train.target_update_interval", f"must be >= 1, got {t.target_update_interval}")
+    _require(0.0 < t.tau <= 1.0, "train.tau", f"must be in (0, 1], got {t.tau}")
+    for name in ("eps_start", "eps_end"):
+        value = getattr(x, name)
+        _require(0.0 <= value <= 1.0, f"train.exploration.{name}", f"must be in [0, 1], got {value}")
+    _require(0.0 < x.eps_fraction <= 1.0, "train.exploration.eps_fraction", f"must be in (0, 1], got {x.eps_fraction}")
+    _require(x.per_rank_alpha >= 0, "train.exploration.per_rank_alpha", f"must be >= 0, got {x.per_rank_alpha}")
+    p = cfg.parallel
+    _require(p.pipeline_stages >= 1, "parallel.pipeline_stages", f"must be >= 1, got {p.pipeline_stages}")
+    _require(p.torch_threads >= 1, "parallel.torch_threads", f"must be >= 1, got {p.torch_threads}")
+    _require(p.sync_check_interval >= 0, "parallel.sync_check_interval", f"must be >= 0, got {p.sync_check_interval}")
+    _require(cfg.checkpoint.interval_steps >= 0, "checkpoint.interval_steps", "must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    _require(cfg.eval.interval_steps >= 0, "eval.interval_steps", "must be >= 0")
+    _require(cfg.eval.episodes >= 1, "eval.episodes", f"must be >= 1, got {cfg.eval.episodes}")
+    _require(cfg.log.interval_steps >= 1, "log.interval_steps", f"must be >= 1, got {cfg.log.interval_steps}")

@@ -1,0 +1,111 @@
+"""Rank 0's console: progress bar on a TTY, plain periodic lines otherwise (Slurm logs).
+
+Every rank-0 side effect of the loop (printing, and the run log once attached) lives here; the
+other ranks get :class:`SilentReporter`, so the loop has no scattered ``if rank == 0``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import numpy as np
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "-" if x != x else f"{x:.{digits}g}"  # NaN -> "-"
+
+
+class SilentReporter:
+    """What ranks other than 0 report: nothing."""
+
+    def start(self, trainer: Any) -> None: ...
+    def progress(self, trainer: Any, wall: float, episodes: list, metrics: dict, timings: np.ndarray) -> None: ...
+    def evaluation(self, trainer: Any, result: dict, final: bool) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleReporter(SilentReporter):
+    """Rank 0: progress lines or bar, evaluation lines, final summary; forwards rows to a run log."""
+
+    def __init__(self, mode: str = "auto", stream: TextIO | None = None, runlog: Any | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.runlog = runlog
+        use_bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        self.bar = None
+        if use_bar and mode != "none":
+            try:
+                from tqdm import tqdm
+
+                self._tqdm = tqdm
+            except ImportError:
+                use_bar = False
+        self.use_bar = use_bar
+        self.quiet = mode == "none"
+        self._last = (0.0, 0, 0, None)  # wall, env steps, updates, timings
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+    def start(self, trainer: Any) -> None:
+        t, c = trainer.topo, trainer.cfg
+        self.message(
+            f"mpidqn: {c.env.id} | world {t.world} (dp {t.dp} x pipeline {t.pipeline_stages}) | "
+            f"{c.env.num_envs} env/rank | {trainer.parameter_count:,} parameters | "
+            f"{c.train.total_steps:,} global env steps | threads/rank {c.parallel.torch_threads}"
+        )
+        if self.use_bar:
+            self.bar = self._tqdm(total=c.train.total_steps, initial=trainer.counters.env_steps,
+                                  unit="step", file=self.stream, dynamic_ncols=True)
+        self._last = (0.0, trainer.counters.env_steps, trainer.learner.updates, None)
+
+    def progress(self, trainer: Any, wall: float, episodes: list, metrics: dict, timings: np.ndarray) -> None:
+        steps, updates = trainer.counters.env_steps, trainer.learner.updates
+        last_wall, last_steps, last_updates, last_timings = self._last
+        dt = max(wall - last_wall, 1e-9)
+        delta = timings if last_timings is None else timings - last_timings
+        comm_idx = trainer.timer.names.index("comm")
+        comm_share = float(delta[:, comm_idx].mean() / dt)
+        stats = {
+            "env_steps_per_s": (steps - last_steps) / dt,
+            "updates_per_s": (updates - last_updates) / dt,
+            "episode_return": float(np.mean(trainer.recent_returns)) if trainer.recent_returns else float("nan"),
+            "epsilon": trainer.epsilon(),
+            "comm_share": comm_share,
+            **metrics,
+        }
+        self._last = (wall, steps, updates, timings)
+        if self.runlog is not None:
+            self.runlog.progress(trainer, wall, episodes, stats, timings)
+        if self.bar is not None:
+            self.bar.update(steps - self.bar.n)
+            self.bar.set_postfix_str(
+                f"ret {_fmt(stats['episode_return'])} loss {_fmt(stats['loss'])} eps {stats['epsilon']:.3f} "
+                f"{stats['env_steps_per_s']:,.0f} st/s allreduce {100 * comm_share:.1f}%", refresh=False)
+            return
+        self.message(
+            f"step {steps:>9,}/{trainer.cfg.train.total_steps:,} | {stats['env_steps_per_s']:8,.0f} env-steps/s | "
+            f"{stats['updates_per_s']:7,.1f} upd/s | return {_fmt(stats['episode_return'], 4):>6} "
+            f"(last {len(trainer.recent_returns)}) | loss {_fmt(stats['loss'])} | eps {stats['epsilon']:.3f} | "
+            f"allreduce {100 * comm_share:4.1f}%"
+        )
+
+    def evaluation(self, trainer: Any, result: dict, final: bool) -> None:
+        if self.runlog is not None:
+            self.runlog.evaluation(result)
+        label = "final evaluation" if final else "evaluation"
+        self.message(
+            f"{label} @ {result['step']:,} steps: mean {result['mean']:.1f} ± {result['std']:.1f} "
+            f"(min {result['min']:.0f}, max {result['max']:.0f}, {result['episodes']} episodes)"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.runlog is not None:
+            self.runlog.close()

@@ -1,0 +1,66 @@
+"""The mathematics of DQN as pure functions: TD targets, losses, schedules, target updates."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+def td_targets(
+    rewards: torch.Tensor,
+    discounts: torch.Tensor,
+    next_q_target: torch.Tensor,
+    next_q_online: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``r + discount * Q_target(s', a*)``.
+
+    ``discounts`` is gamma**m for transitions that did not *terminate* within their m steps and 0 for
+    terminated ones, so time-limit truncation still bootstraps. ``a*`` is argmax of the target net
+    (DQN) or, when ``next_q_online`` is given, of the online net (double DQN).
+    """
+    if next_q_online is None:
+        next_v = next_q_target.max(dim=1).values
+    else:
+        best = next_q_online.argmax(dim=1, keepdim=True)
+        next_v = next_q_target.gather(1, best).squeeze(1)
+    return rewards + discounts * next_v
+
+
+def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber") -> torch.Tensor:
+    """Mean Huber (smooth L1, delta 1) or squared TD error."""
+    if kind == "huber":
+        return F.smooth_l1_loss(q_taken, targets)
+    if kind == "mse":
+        return F.mse_loss(q_taken, targets)
+    raise ValueError(f"unknown loss {kind!r} (expected 'huber' or 'mse')")
+
+
+def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
+    """Linear interpolation from ``start`` (t=0) to ``end`` (t>=duration)."""
+    if duration <= 0:
+        return end
+    frac = min(max(t / duration, 0.0), 1.0)
+    return start + frac * (end - start)
+
+
+def epsilon_at(step: int, total_steps: int, eps_start: float, eps_end: float, fraction: float) -> float:
+    """Epsilon after ``step`` global env steps: linear decay over ``fraction * total_steps``."""
+    return linear_schedule(eps_start, eps_end, fraction * total_steps, step)
+
+
+def per_rank_epsilon(eps: float, rank: int, world: int, alpha: float) -> float:
+    """Ape-X exploration spread: rank r explores with eps ** (1 + alpha * r / (world - 1))."""
+    if world == 1:
+        return eps
+    return float(eps ** (1.0 + alpha * rank / (world - 1)))
+
+
+@torch.no_grad()
+def polyak_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], tau: float) -> None:
+    """target <- (1 - tau) * target + tau * online, in place (tau = 1 copies)."""
+    target, online = list(target), list(online)
+    if tau >= 1.0:
+        torch._foreach_copy_(target, online)
+    else:
+        torch._foreach_lerp_(target, online, tau)

@@ -1,0 +1,180 @@
+"""Data-parallel learner: online/target nets, Adam, ONE flat gradient buffer averaged by Allreduce."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpidqn import comm as C
+from mpidqn.dqn import polyak_update_, td_loss, td_targets
+from mpidqn.h5tree import Json
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """Data-parallel replicas no longer hold bit-identical parameters."""
+
+
+@dataclass
+class Hyper:
+    """The learner's share of the config (decoupled from the config dataclasses for unit tests)."""
+
+    lr: float = 1e-3
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 10.0
+    loss: str = "huber"
+    double_dqn: bool = True
+    target_update_interval: int = 10
+    tau: float = 1.0
+    sync_check_interval: int = 500
+
+    @classmethod
+    def from_config(cls, train: Any, sync_check_interval: int, lr: float) -> "Hyper":
+        return cls(
+            lr=lr, adam_eps=train.adam_eps, max_grad_norm=train.max_grad_norm, loss=train.loss,
+            double_dqn=train.double_dqn, target_update_interval=train.target_update_interval,
+            tau=train.tau, sync_check_interval=sync_check_interval,
+        )
+
+
+def _as_tensors(batch: Any) -> tuple[torch.Tensor, ...]:
+    """numpy Batch -> tensors sharing memory (no copies; obs cast to float32 if stored as uint8)."""
+    obs = torch.from_numpy(batch.obs)
+    next_obs = torch.from_numpy(batch.next_obs)
+    if obs.dtype != torch.float32:
+        obs, next_obs = obs.float(), next_obs.float()
+    return (obs, torch.from_numpy(batch.actions).long(), torch.from_numpy(batch.rewards),
+            next_obs, torch.from_numpy(batch.discounts))
+
+
+class Learner:
+    """Owns the networks and the optimizer; every replica of ``comm`` takes the identical step."""
+
+    def __init__(self, online: nn.Module, hyper: Hyper, comm: Any) -> None:
+        self.online = online
+        self.hyper = hyper
+        self.comm = comm
+        self.params = [p for p in online.parameters()]
+        self.param_names = [n for n, _ in online.named_parameters()]
+        C.broadcast_tensors_(self.params, comm)  # replicas start identical (fixed parameter order)
+        self.target = copy.deepcopy(online).requires_grad_(False)
+        # Gradients live in one contiguous buffer: backward accumulates into views of it, so the
+        # Allreduce needs no packing (the same trick as DDP's gradient_as_bucket_view).
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params))
+        offset = 0
+        for p in self.params:
+            p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.optimizer = torch.optim.Adam(self.params, lr=hyper.lr, eps=hyper.adam_eps, foreach=True)
+        self.updates = 0
+        self.comm_seconds = 0.0
+        self._loss_sum = torch.zeros(())
+        self._q_sum = torch.zeros(())
+        self._metric_count = 0
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(obs, dtype=np.float32))
+        return self.online(x).argmax(dim=1).numpy()
+
+    # ------------------------------------------------------------------ learning
+    def backward(self, obs, actions, rewards, next_obs, discounts) -> torch.Tensor:
+        """Local loss and gradient into ``flat_grad`` (overwritten). Returns the detached loss."""
+        q = self.online(obs)
+        q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+        with torch.no_grad():
+            next_online = self.online(next_obs) if self.hyper.double_dqn else None
+            targets = td_targets(rewards, discounts, self.target(next_obs), next_online)
+        loss = td_loss(q_taken, targets, self.hyper.loss)
+        self.flat_grad.zero_()
+        loss.backward()
+        self._q_sum += q_taken.detach().mean()
+        return loss.detach()
+
+    def reduce_gradients(self) -> None:
+        """Average ``flat_grad`` over the data-parallel replicas (one buffer, one Allreduce)."""
+        t0 = time.perf_counter()
+        C.allreduce_mean_(self.flat_grad, self.comm)
+        self.comm_seconds += time.perf_counter() - t0
+
+    def step(self) -> None:
+        """Clip the averaged gradient, apply Adam, update the target network."""
+        h = self.hyper
+        if h.max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(self.flat_grad)
+            self.flat_grad.mul_(torch.clamp(h.max_grad_norm / (norm + 1e-6), max=1.0))
+        self.optimizer.step()
+        self.updates += 1
+        if h.tau < 1.0:
+            polyak_update_(self.target.parameters(), self.params, h.tau)
+        elif self.updates % h.target_update_interval == 0:
+            polyak_update_(self.target.parameters(), self.params, 1.0)
+        if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
+            self.check_replicas()
+
+    def update_many(self, batch: Any, num_updates: int) -> None:
+        """``num_updates`` updates on consecutive equal slices of a batch from ``sample_many``."""
+        tensors = _as_tensors(batch)
+        size = tensors[0].shape[0] // num_updates
+        for i in range(num_updates):
+            sl = slice(i * size, (i + 1) * size)
+            loss = self.backward(*(t[sl] for t in tensors))
+            self.reduce_gradients()
+            self.step()
+            self._loss_sum += loss
+            self._metric_count += 1
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Mean loss and mean Q(s, a) of this replica since the last call (NaN when no update ran)."""
+        n = self._metric_count
+        out = {
+            "loss": float(self._loss_sum) / n if n else float("nan"),
+            "q_mean": float(self._q_sum) / n if n else float("nan"),
+        }
+        self._loss_sum.zero_()
+        self._q_sum.zero_()
+        self._metric_count = 0
+        return out
+
+    def check_replicas(self) -> None:
+        """Raise ReplicaDivergenceError naming the first tensor that differs between replicas."""
+        bad = C.first_divergent(C.tensor_fingerprints(self.params), self.comm)
+        if bad is not None:
+            raise ReplicaDivergenceError(
+                f"data-parallel replicas diverged after {self.updates} updates: "
+                f"parameter {self.param_names[bad]!r} differs between ranks"
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and Adam state keyed by parameter name (so a pipeline can re-partition them)."""
+        opt = self.optimizer.state_dict()
+        hparams = {k: v for k, v in opt["param_groups"][0].items() if k != "params"}
+        return {
+            "online": dict(self.online.state_dict()),
+            "target": dict(self.target.state_dict()),
+            "adam": {self.param_names[i]: dict(st) for i, st in opt["state"].items()},
+            "adam_hparams": Json(hparams),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        hparams = state["adam_hparams"]
+        hparams = hparams.value if isinstance(hparams, Json) else hparams
+        adam = state["adam"]
+        self.optimizer.load_state_dict({
+            "state": {i: adam[n] for i, n in enumerate(self.param_names) if n in adam},
+            "param_groups": [{**hparams, "params": list(range(len(self.params)))}],
+        })
+        self.updates = int(state["updates"])

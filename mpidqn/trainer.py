@@ -1,0 +1,284 @@
+"""The training loop: act, store, sample, learn, evaluate, checkpoint, log. It owns no maths."""
+from __future__ import annotations
+
+import math
+import pickle
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mpidqn import comm as C
+from mpidqn.config import Config
+from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon
+from mpidqn.envs import env_reset_seeds, make_vector_env, spawn_seeds, true_next_obs
+from mpidqn.evaluation import evaluate_policy
+from mpidqn.h5tree import Json, flatten, unflatten
+from mpidqn.learner import Hyper, Learner
+from mpidqn.networks import build_q_network, parameter_count
+from mpidqn.replay import ReplayShard
+from mpidqn.timing import PhaseTimer
+
+PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
+
+
+@dataclass
+class Counters:
+    """Global progress, identical on every rank."""
+
+    env_steps: int = 0
+    iterations: int = 0
+    episodes: int = 0
+
+
+@dataclass
+class EpisodeTracker:
+    """Per-sub-env running return/length; finished episodes wait here until the next log gather."""
+
+    num_envs: int
+    returns: np.ndarray = field(init=False)
+    lengths: np.ndarray = field(init=False)
+    finished: list[tuple[int, float, int]] = field(default_factory=list)  # (global step, return, length)
+
+    def __post_init__(self) -> None:
+        self.returns = np.zeros(self.num_envs, dtype=np.float64)
+        self.lengths = np.zeros(self.num_envs, dtype=np.int64)
+
+    def record(self, rewards: np.ndarray, done: np.ndarray, step: int) -> None:
+        self.returns += rewards
+        self.lengths += 1
+        for i in np.flatnonzero(done):
+            self.finished.append((step, float(self.returns[i]), int(self.lengths[i])))
+            self.returns[i] = 0.0
+            self.lengths[i] = 0
+
+    def pop(self) -> np.ndarray:
+        out = np.array(self.finished, dtype=np.float64).reshape(-1, 3)
+        self.finished = []
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        finished = np.array(self.finished, dtype=np.float64).reshape(-1, 3)
+        return {"returns": self.returns.copy(), "lengths": self.lengths.copy(), "finished": finished}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.returns[:] = state["returns"]
+        self.lengths[:] = state["lengths"]
+        self.finished = [(int(s), float(r), int(n)) for s, r, n in np.asarray(state["finished"]).reshape(-1, 3)]
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the ranks agree on it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+def crossed(prev: int, cur: int, interval: int) -> bool:
+    """True when a multiple of ``interval`` lies in (prev, cur]."""
+    return interval > 0 and prev // interval != cur // interval
+
+
+class Trainer:
+    """Runs one rank's part of a data-parallel DQN job."""
+
+    def __init__(self, cfg: Config, topo: Any, reporter: Any, checkpoints: Any | None = None) -> None:
+        self.cfg, self.topo, self.reporter, self.checkpoints = cfg, topo, reporter, checkpoints
+        torch.set_num_threads(cfg.parallel.torch_threads)
+        self.world, self.rank = topo.world, topo.rank
+        self.seeds = spawn_seeds(cfg.seed, self.world, self.rank)
+        self.envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.max_episode_steps)
+        self.obs_shape = self.envs.single_observation_space.shape
+        self.n_actions = int(self.envs.single_action_space.n)
+        torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
+        lr = cfg.train.lr * {"none": 1.0, "linear": topo.dp, "sqrt": math.sqrt(topo.dp)}[cfg.train.lr_scaling]
+        self.base_lr = lr
+        net = build_q_network(self.obs_shape, self.n_actions, cfg.network)
+        self.learner = Learner(net, Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr), topo.dp_comm)
+        self.replay = ReplayShard(
+            capacity=ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
+            obs_shape=self.obs_shape, obs_dtype=np.float32, num_envs=cfg.env.num_envs,
+            n_step=cfg.train.n_step, gamma=cfg.train.gamma,
+        )
+        self.explore_rng = np.random.default_rng(self.seeds["explore"])
+        self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        self.counters = Counters()
+        self.episodes = EpisodeTracker(cfg.env.num_envs)
+        self.recent_returns: deque[float] = deque(maxlen=100)  # last 100 episodes of all ranks
+        self.timer = PhaseTimer(PHASES)
+        self.stop = StopFlag()
+        self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], cfg.env.num_envs))
+        self.steps_per_iteration = self.world * cfg.env.num_envs
+        self.last_eval: dict[str, float] | None = None
+        self.parameter_count = parameter_count(net)
+
+    # ------------------------------------------------------------------ acting
+    def epsilon(self) -> float:
+        x = self.cfg.train.exploration
+        eps = epsilon_at(self.counters.env_steps, self.cfg.train.total_steps, x.eps_start, x.eps_end, x.eps_fraction)
+        if x.per_rank:
+            eps = per_rank_epsilon(eps, self.rank, self.world, x.per_rank_alpha)
+        return eps
+
+    def act(self, eps: float) -> np.ndarray:
+        n = self.cfg.env.num_envs
+        explore = self.explore_rng.random(n) < eps
+        random_actions = self.explore_rng.integers(self.n_actions, size=n)
+        if explore.all():
+            return random_actions
+        greedy = self.learner.greedy_actions(self.obs)
+        return np.where(explore, random_actions, greedy)
+
+    def env_step(self) -> None:
+        with self.timer("act"):
+            actions = self.act(self.epsilon())
+        with self.timer("env"):
+            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+            done = terminated | truncated
+        step = self.counters.env_steps + self.steps_per_iteration
+        with self.timer("replay"):
+            self.replay.add(self.obs, actions, rewards, true_next_obs(next_obs, done, info), terminated, truncated)
+        self.episodes.record(rewards, done, step)
+        self.obs = next_obs
+
+    # ------------------------------------------------------------------ learning
+    def learn(self) -> None:
+        t = self.cfg.train
+        frac = self.counters.env_steps / t.total_steps
+        self.learner.set_lr(self.base_lr * linear_schedule(1.0, t.lr_final_fraction, 1.0, frac))
+        with self.timer("replay"):
+            batch = self.replay.sample_many(t.gradient_steps, t.batch_size, self.replay_rng)
+        comm_before = self.learner.comm_seconds
+        with self.timer("learn"):
+            self.learner.update_many(batch, t.gradient_steps)
+        comm = self.learner.comm_seconds - comm_before
+        self.timer.move("learn", "comm", comm)  # the Allreduce ran inside update_many
+
+    # ------------------------------------------------------------------ loop
+    def run(self, should_stop: Callable[[], bool] | None = None) -> str:
+        """Train until total_steps (returns "done") or an agreed stop signal (returns "signal")."""
+        cfg = self.cfg
+        self.stop.install()
+        agree_every = max(1, 256 // self.steps_per_iteration)  # collectives every ~256 global steps
+        self.reporter.start(self)
+        t_start = time.perf_counter()
+        while self.counters.env_steps < cfg.train.total_steps:
+            prev = self.counters.env_steps
+            self.env_step()
+            self.counters.env_steps += self.steps_per_iteration
+            self.counters.iterations += 1
+            cur = self.counters.env_steps
+            if cur >= cfg.train.learning_starts and crossed(prev, cur, cfg.train.train_freq):
+                self.learn()
+            if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
+                self.evaluate()
+            if crossed(prev, cur, cfg.log.interval_steps):
+                self.report_progress(time.perf_counter() - t_start)
+            if self.checkpoints is not None and crossed(prev, cur, cfg.checkpoint.interval_steps):
+                self.save_checkpoint()
+            if self.counters.iterations % agree_every == 0:
+                if C.agree_any(self.stop.signal is not None or bool(should_stop and should_stop()), self.topo.comm):
+                    self.report_progress(time.perf_counter() - t_start)
+                    if self.checkpoints is not None:
+                        self.save_checkpoint()
+                    return "signal"
+        self.report_progress(time.perf_counter() - t_start)
+        self.evaluate(final=True)
+        if self.checkpoints is not None:
+            self.save_checkpoint()
+        return "done"
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        with self.timer("eval"):
+            result = evaluate_policy(
+                self.learner.greedy_actions, self.cfg.env.id, self.cfg.eval.episodes, self.cfg.seed,
+                self.topo.dp_comm, self.cfg.env.max_episode_steps, step=self.counters.env_steps,
+            )
+        self.last_eval = result
+        self.reporter.evaluation(self, result, final)
+        return result
+
+    def report_progress(self, wall: float) -> None:
+        with self.timer("log"):
+            gathered = self.topo.comm.allgather(self.episodes.pop())  # small: episodes since last report
+            for rows in gathered:
+                self.recent_returns.extend(rows[:, 1].tolist())
+                self.counters.episodes += len(rows)
+            metrics = self.learner.pop_metrics()
+            timings = self.topo.comm.gather(self.timer.totals(), root=0)
+            if self.topo.is_root:
+                self.reporter.progress(self, wall, gathered, metrics, np.stack(timings))
+
+    def save_checkpoint(self) -> None:
+        with self.timer("checkpoint"):
+            self.checkpoints.save(self)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def model_state_to_save(self) -> dict[str, Any] | None:
+        """The model is written once per pipeline stage: by that stage's first data-parallel rank."""
+        return self.learner.state_dict() if self.topo.dp_comm.Get_rank() == 0 else None
+
+    def rank_state(self) -> dict[str, Any]:
+        """Everything besides the model that this rank needs to continue exactly."""
+        state: dict[str, Any] = {
+            "counters": {"env_steps": self.counters.env_steps, "iterations": self.counters.iterations,
+                         "episodes": self.counters.episodes},
+            "rng": {"explore": Json(self.explore_rng.bit_generator.state),
+                    "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state()},
+            "envs": {"pickle": pickle.dumps(self.envs), "obs": np.asarray(self.obs)},
+            "episodes": self.episodes.state_dict(),
+            "stats": {"timer": self.timer.totals(), "recent_returns": np.array(self.recent_returns, dtype=np.float64)},
+        }
+        if self.cfg.checkpoint.replay:
+            state["replay"] = unflatten(self.replay.state_dict())
+        return state
+
+    def load_checkpoint(self, ckpt: Any) -> str:
+        """Resume from a verified checkpoint; "exact" on the same layout, else "elastic"."""
+        from mpidqn.checkpoint import read_model, read_rank, read_replay_rows, replay_lengths
+        from mpidqn.replay import partition_plan
+
+        self.learner.load_state_dict(read_model(ckpt))
+        if ckpt.world == self.world and ckpt.pipeline_stages == self.topo.pipeline_stages:
+            state = read_rank(ckpt, self.rank)
+            self._load_counters(state)
+            self.explore_rng.bit_generator.state = state["rng"]["explore"]
+            self.replay_rng.bit_generator.state = state["rng"]["replay"]
+            torch.set_rng_state(state["rng"]["torch"])
+            self.envs.close()
+            self.envs = pickle.loads(state["envs"]["pickle"])
+            self.obs = state["envs"]["obs"]
+            self.episodes.load_state_dict(state["episodes"])
+            self.timer.load(state["stats"]["timer"])
+            if "replay" in state:
+                self.replay.load_state_dict(flatten(state["replay"]))
+            return "exact"
+        # Elastic: counters and model carry over; every rank's streams are re-derived from
+        # (seed, resumed step) and its envs start new episodes; replay shards are re-partitioned.
+        self._load_counters(read_rank(ckpt, 0, ("counters", "stats")))
+        self.seeds = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)
+        self.explore_rng = np.random.default_rng(self.seeds["explore"])
+        self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
+        lengths = replay_lengths(ckpt)
+        if lengths:
+            rows = read_replay_rows(ckpt, partition_plan(lengths, self.world)[self.rank])
+            if rows is not None:
+                self.replay.extend(rows)
+        return "elastic"
+
+    def _load_counters(self, state: dict[str, Any]) -> None:
+        c = state["counters"]
+        self.counters = Counters(int(c["env_steps"]), int(c["iterations"]), int(c["episodes"]))
+        self.recent_returns.extend(np.asarray(state["stats"]["recent_returns"]).tolist())
