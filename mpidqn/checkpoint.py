@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -250,6 +251,8 @@ class CheckpointManager:
             stage = trainer.topo.stage
             files[f"model_s{stage}.h5"] = write_h5_atomic(path / f"model_s{stage}.h5", attrs, {"model": model})
         files[f"rank_{rank:05d}.h5"] = write_h5_atomic(path / f"rank_{rank:05d}.h5", attrs, trainer.rank_state())
+        if trainer.fault is not None and trainer.fault.fires("kill_in_checkpoint", rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only: die between the data files and the marker
         gathered = self.comm.gather(files, root=0)
         if rank == 0:
             fsync_dir(path)

@@ -93,9 +93,12 @@ def crossed(prev: int, cur: int, interval: int) -> bool:
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """TEST-ONLY fault injection, from ``MPIDQN_FAULT=<kind>:<rank>:<global step>`` (kind: raise).
+    """TEST-ONLY fault injection, from ``MPIDQN_FAULT=<kind>:<rank>:<global step>``. Never set it in
+    real runs. Kinds, each firing on ``rank`` once the global step reaches ``step``:
 
-    Lets the test suite prove that an error on one rank ends every rank; never set it in real runs.
+    * ``raise``: an exception in the loop (an error on one rank must end every rank);
+    * ``stop``: behave as if SIGUSR1 arrived (checkpoint, exit 75) at a deterministic step;
+    * ``kill_in_checkpoint``: SIGKILL this process in the middle of writing a checkpoint.
     """
 
     kind: str
@@ -110,9 +113,15 @@ class FaultInjection:
         kind, rank, step = spec.split(":")
         return cls(kind, int(rank), int(step))
 
-    def maybe_fire(self, rank: int, step: int) -> None:
-        if rank == self.rank and step >= self.step and self.kind == "raise":
+    def fires(self, kind: str, rank: int, step: int) -> bool:
+        return kind == self.kind and rank == self.rank and step >= self.step
+
+    def maybe_fire(self, trainer: "Trainer") -> None:
+        rank, step = trainer.rank, trainer.counters.env_steps
+        if self.fires("raise", rank, step):
             raise RuntimeError(f"injected fault (MPIDQN_FAULT) at step {step}")
+        if self.fires("stop", rank, step):
+            trainer.stop.signal = signal.SIGUSR1
 
 
 class Trainer:
@@ -207,7 +216,7 @@ class Trainer:
             self.counters.iterations += 1
             cur = self.counters.env_steps
             if self.fault is not None:
-                self.fault.maybe_fire(self.rank, cur)
+                self.fault.maybe_fire(self)
             if cur >= cfg.train.learning_starts and crossed(prev, cur, cfg.train.train_freq):
                 self.learn()
             if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
