@@ -85,7 +85,7 @@ class TrainConfig:
     """Adam learning rate."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """How lr scales with the number of data-parallel replicas dp."""
-    lr_final_fraction: float = 1.0
+    lr_final_fraction: float = 0.05
     """Learning rate decays linearly to lr * lr_final_fraction at the end of training (1 = constant)."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
@@ -95,7 +95,7 @@ class TrainConfig:
     """TD loss."""
     double_dqn: bool = True
     """Double DQN targets: online net picks the action, target net evaluates it."""
-    target_update_interval: int = 10
+    target_update_interval: int = 128
     """Hard target update every this many updates (ignored when tau < 1)."""
     tau: float = 1.0
     """Polyak coefficient applied every update when < 1; 1 means hard updates."""
@@ -115,7 +115,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval_steps: int = 0
+    interval_steps: int = 10_000
     """Global environment steps between periodic checkpoints (0 = only the final one)."""
     keep: int = 2
     """Newest complete checkpoints kept on disk."""
@@ -133,7 +133,7 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    interval_steps: int = 2_000
+    interval_steps: int = 5_000
     """Global environment steps between progress lines / log rows."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Console output of rank 0: a progress bar on a TTY, plain lines otherwise (auto)."""

@@ -65,3 +65,17 @@ def test_yaml_round_trip_and_every_field_documented():
     for name, f in iter_fields(Config):
         leaf = name.split(".")[-1]
         assert f'{leaf}:' in source and '"""' in source, name
+
+
+@pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander"])
+def test_shipped_configs_load(name):
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.env.id.split("-")[0].lower() == name
+
+
+def test_cartpole_yaml_is_the_embedded_default():
+    from conftest import ROOT
+
+    assert load_config(ROOT / "configs" / "cartpole.yaml") == load_config()
