@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # Shared logic of the mpidqn Slurm batch scripts (train.sbatch, sweep.sbatch, scaling.sbatch).
 # Sourced, not run. Everything is a function prefixed mpidqn_; nothing runs at source time.
 #
@@ -49,11 +49,13 @@ mpidqn_banner() {
 # ranks then checkpoint and exit 75. The launcher runs in the background so that the shell can run
 # its trap while `wait` blocks.
 _MPIDQN_CHILD=
-_MPIDQN_SIGNALLED=
+_MPIDQN_SIGNALLED=   # set by the trap, cleared before each `wait`
+MPIDQN_GOT_SIGNAL=   # the last signal the running (or last) step got; cleared when a step starts
 
 _mpidqn_forward() {
     local sig=$1
     _MPIDQN_SIGNALLED=$sig
+    MPIDQN_GOT_SIGNAL=$sig
     if [[ -n $_MPIDQN_CHILD ]] && kill -0 "$_MPIDQN_CHILD" 2>/dev/null; then
         mpidqn_log "got SIG$sig, forwarding to launcher pid $_MPIDQN_CHILD"
         kill -s "$sig" "$_MPIDQN_CHILD" 2>/dev/null || true
@@ -86,7 +88,10 @@ mpidqn_launch() {
     case $launcher in
         srun)
             # srun (22.05+) no longer inherits --cpus-per-task from the batch job: pass it on.
-            cmd=(srun --ntasks="$ntasks" --cpus-per-task="$(mpidqn_threads)" --kill-on-bad-exit=1
+            # --kill-on-bad-exit=0: exit code 75 is non-zero, and ranks that finish writing a
+            # checkpoint later than the others must not be killed; the trainer itself aborts the
+            # whole world (MPI_Abort) on a real error.
+            cmd=(srun --ntasks="$ntasks" --cpus-per-task="$(mpidqn_threads)" --kill-on-bad-exit=0
                  "${extra[@]}" "$@")
             ;;
         mpiexec)
@@ -105,6 +110,7 @@ mpidqn_launch() {
     esac
     mpidqn_log "launch: ${cmd[*]}"
     _MPIDQN_SIGNALLED=
+    MPIDQN_GOT_SIGNAL=
     "${cmd[@]}" &
     _MPIDQN_CHILD=$!
     local rc prev=

@@ -30,7 +30,7 @@ die() { log "error: $*"; exit 1; }
 cannot() { log "cannot run here: $*"; exit 3; }
 
 pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
-pid_of_file() { [[ -s "$1" ]] && cat "$1" || true; }
+pid_of_file() { if [[ -s "$1" ]]; then cat "$1"; fi; }
 
 install_packages() {
     local missing=()
