@@ -153,7 +153,7 @@ mpidqn_finish() {
     if ((rc == MPIDQN_EXIT_REQUEUE)); then
         local restarts=${SLURM_RESTART_COUNT:-0} max=${MPIDQN_MAX_REQUEUES:-10}
         if ((restarts >= max)); then
-            mpidqn_log "checkpointed, but already requeued $restarts times (MPIDQN_MAX_REQUEUES=$max): giving up"
+            mpidqn_log "checkpointed, not requeueing: $restarts restarts reach MPIDQN_MAX_REQUEUES=$max; resubmit by hand"
             exit "$rc"
         fi
         mpidqn_log "checkpointed and stopped: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max)"

@@ -108,6 +108,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 MpiDefault=none
+MailProg=/bin/true
 JobRequeue=1
 # Finished jobs stay visible to 'scontrol show job' this long (seconds).
 MinJobAge=60
