@@ -1,0 +1,170 @@
+# shellcheck shell=bash disable=SC2034
+# Shared logic of the mpidqn Slurm batch scripts (train.sbatch, sweep.sbatch, scaling.sbatch).
+# Sourced, not run. Everything is a function prefixed mpidqn_; nothing runs at source time.
+#
+# Environment read here (all optional):
+#   MPIDQN_PYTHON        python interpreter that has mpidqn installed (default python3)
+#   MPIDQN_LAUNCHER      mpiexec (default) or srun
+#   MPIDQN_MPIEXEC       mpiexec executable (default mpiexec)
+#   MPIDQN_LAUNCHER_ARGS extra arguments for the launcher (word-split), e.g. "--mpi=pmix" for srun
+#   MPIDQN_RUNS          root of run directories (default runs, relative to the job's working dir)
+#   MPIDQN_RUN_DIR       run directory of train.sbatch (default: keyed by job id, see below)
+#   MPIDQN_MAX_REQUEUES  how often a job requeues itself after exit code 75 (default 10)
+
+# Exit codes of `python -m mpidqn` (mpidqn/errors.py).
+MPIDQN_EXIT_OK=0
+MPIDQN_EXIT_BAD_INPUT=2
+MPIDQN_EXIT_REQUEUE=75
+
+mpidqn_log() { echo "[mpidqn-slurm $(date '+%F %T')] $*"; }
+mpidqn_die() { echo "[mpidqn-slurm] error: $*" >&2; exit "$MPIDQN_EXIT_BAD_INPUT"; }
+
+# The python used for `python -m mpidqn`.
+mpidqn_python() { echo "${MPIDQN_PYTHON:-python3}"; }
+
+# Threads per rank: the CPUs Slurm gave each task (parallel.torch_threads).
+mpidqn_threads() { echo "${SLURM_CPUS_PER_TASK:-1}"; }
+
+# Default run directory of one job: array-aware, keyed by job id, so that a requeued job (same id)
+# resumes the same run.
+mpidqn_default_run_dir() {
+    local root=${MPIDQN_RUNS:-runs}
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        echo "$root/${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "$root/${SLURM_JOB_ID:?not inside a Slurm job (SLURM_JOB_ID unset)}"
+    fi
+}
+
+# Print what a job is about to do (goes to the job's output file).
+mpidqn_banner() {
+    mpidqn_log "job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_JOB_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})}" \
+        "restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
+        "ntasks=${SLURM_NTASKS:-?} cpus-per-task=${SLURM_CPUS_PER_TASK:-1} launcher=${MPIDQN_LAUNCHER:-mpiexec}"
+}
+
+# --- signals -------------------------------------------------------------------------------------
+# The batch shell gets SIGUSR1 (--signal=B:USR1@T, or `scancel --signal=USR1 --batch`) and SIGTERM
+# (scancel, preemption, requeue, time limit). It forwards either to the running launcher, whose
+# ranks then checkpoint and exit 75. The launcher runs in the background so that the shell can run
+# its trap while `wait` blocks.
+_MPIDQN_CHILD=
+_MPIDQN_SIGNALLED=   # set by the trap, cleared before each `wait`
+MPIDQN_GOT_SIGNAL=   # the last signal the running (or last) step got; cleared when a step starts
+
+_mpidqn_forward() {
+    local sig=$1
+    _MPIDQN_SIGNALLED=$sig
+    MPIDQN_GOT_SIGNAL=$sig
+    if [[ -n $_MPIDQN_CHILD ]] && kill -0 "$_MPIDQN_CHILD" 2>/dev/null; then
+        mpidqn_log "got SIG$sig, forwarding to launcher pid $_MPIDQN_CHILD"
+        kill -s "$sig" "$_MPIDQN_CHILD" 2>/dev/null || true
+    else
+        mpidqn_log "got SIG$sig with no job step running"
+    fi
+}
+
+mpidqn_install_traps() {
+    trap '_mpidqn_forward USR1' USR1
+    trap '_mpidqn_forward TERM' TERM
+}
+
+# openmpi or hydra (MPICH, Intel MPI, and the default when unknown): how to pass env to ranks.
+mpidqn_mpiexec_flavor() {
+    if "$1" --version 2>&1 | grep -qi 'open mpi\|open-rte\|openrte'; then echo openmpi; else echo hydra; fi
+}
+
+# mpidqn_launch NTASKS CMD...: start CMD on NTASKS ranks with the configured launcher, in the
+# background, and wait for it (again and again while trapped signals interrupt `wait`).
+# Returns the launcher's exit code.
+mpidqn_launch() {
+    local ntasks=$1
+    shift
+    local launcher=${MPIDQN_LAUNCHER:-mpiexec}
+    local -a extra=()
+    # shellcheck disable=SC2206  # word splitting is the point
+    [[ -n ${MPIDQN_LAUNCHER_ARGS:-} ]] && extra=($MPIDQN_LAUNCHER_ARGS)
+    local -a cmd
+    case $launcher in
+        srun)
+            # srun (22.05+) no longer inherits --cpus-per-task from the batch job: pass it on.
+            # --kill-on-bad-exit=0: exit code 75 is non-zero, and ranks that finish writing a
+            # checkpoint later than the others must not be killed; the trainer itself aborts the
+            # whole world (MPI_Abort) on a real error.
+            cmd=(srun --ntasks="$ntasks" --cpus-per-task="$(mpidqn_threads)" --kill-on-bad-exit=0
+                 "${extra[@]}" "$@")
+            ;;
+        mpiexec)
+            # Inside an allocation mpiexec starts its daemons/proxies with srun (one task per node),
+            # so the ranks would see SLURM_NTASKS=<number of nodes> and the trainer's SLURM_NTASKS
+            # guard would stop them. Hand the ranks SLURM_NTASKS=<size of this launch> explicitly.
+            local mpiexec=${MPIDQN_MPIEXEC:-mpiexec}
+            local -a envarg
+            case $(mpidqn_mpiexec_flavor "$mpiexec") in
+                openmpi) envarg=(-x SLURM_NTASKS) ;;
+                *) envarg=(-genv SLURM_NTASKS "$ntasks") ;;  # MPICH Hydra, Intel MPI
+            esac
+            cmd=(env SLURM_NTASKS="$ntasks" "$mpiexec" -n "$ntasks" "${envarg[@]}" "${extra[@]}" "$@")
+            ;;
+        *) mpidqn_die "MPIDQN_LAUNCHER must be mpiexec or srun, not '$launcher'" ;;
+    esac
+    mpidqn_log "launch: ${cmd[*]}"
+    _MPIDQN_SIGNALLED=
+    MPIDQN_GOT_SIGNAL=
+    "${cmd[@]}" &
+    _MPIDQN_CHILD=$!
+    local rc prev=
+    while :; do
+        _MPIDQN_SIGNALLED=
+        wait "$_MPIDQN_CHILD"
+        rc=$?
+        # `wait` returns >128 when a trapped signal arrives while the step still runs: wait again.
+        if [[ -n $_MPIDQN_SIGNALLED ]] && ((rc > 128)); then prev=$rc; continue; fi
+        # The step ended during the trap and was already reaped: keep what the first wait saw.
+        if ((rc == 127)) && [[ -n $prev ]]; then rc=$prev; fi
+        break
+    done
+    _MPIDQN_CHILD=
+    mpidqn_log "step exited with $rc"
+    return "$rc"
+}
+
+# mpidqn_train NTASKS RUN_DIR CONFIG [KEY=VALUE ...]: one training job step. Returns its exit code.
+mpidqn_train() {
+    local ntasks=$1 run_dir=$2 config=$3
+    shift 3
+    [[ -n $config ]] || mpidqn_die "no config given (usage: sbatch slurm/train.sbatch CONFIG [KEY=VALUE ...])"
+    [[ -f $config ]] || mpidqn_die "config file not found: $config (relative paths are relative to $(pwd))"
+    local kv
+    for kv in "$@"; do
+        [[ $kv == *=* ]] || mpidqn_die "expected KEY=VALUE override, got '$kv'"
+    done
+    mkdir -p "$(dirname "$run_dir")"
+    mpidqn_log "run dir: $run_dir"
+    mpidqn_launch "$ntasks" "$(mpidqn_python)" -m mpidqn train --config "$config" --run-dir "$run_dir" \
+        parallel.torch_threads="$(mpidqn_threads)" "$@"
+}
+
+# mpidqn_finish RC: end the batch script. Exit code 75 (checkpointed on a signal) requeues this job
+# (it comes back with the same job id, hence the same run dir, and resumes) and exits 0, at most
+# MPIDQN_MAX_REQUEUES times; any other code is the job's exit code.
+mpidqn_finish() {
+    local rc=$1
+    if ((rc == MPIDQN_EXIT_REQUEUE)); then
+        local restarts=${SLURM_RESTART_COUNT:-0} max=${MPIDQN_MAX_REQUEUES:-10}
+        if ((restarts >= max)); then
+            mpidqn_log "checkpointed, not requeueing: $restarts restarts reach MPIDQN_MAX_REQUEUES=$max; resubmit by hand"
+            exit "$rc"
+        fi
+        mpidqn_log "checkpointed and stopped: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max)"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        # After an external `scontrol requeue` or a preemption the job is already requeued (its
+        # SIGTERM is what stopped the step); then this exit code is not recorded anyway.
+        mpidqn_log "scontrol requeue $SLURM_JOB_ID failed (already requeued by Slurm?); exiting $rc"
+        exit "$rc"
+    fi
+    if ((rc == MPIDQN_EXIT_OK)); then mpidqn_log "done"; else mpidqn_log "failed with exit code $rc"; fi
+    exit "$rc"
+}
