@@ -57,10 +57,21 @@ def collective(comm: Any, fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
 def check_slurm_tasks(world: int) -> None:
-    """A launcher without PMI starts N copies of "rank 0 of 1": refuse instead of N separate runs."""
+    """A launcher without PMI starts N copies of "rank 0 of 1": refuse instead of N separate runs.
+
+    A world that a process manager deliberately started (mpiexec -n K inside an allocation, whose
+    Hydra proxies are themselves started by srun and see SLURM_NTASKS=1) announces its size in
+    PMI_SIZE / OMPI_COMM_WORLD_SIZE; then a differing SLURM_NTASKS is no error.
+    """
     ntasks = os.environ.get("SLURM_NTASKS")
-    if ntasks and ntasks.isdigit() and int(ntasks) != world and not os.environ.get("MPIDQN_IGNORE_SLURM_NTASKS"):
+    launched = {os.environ.get(v) for v in LAUNCHER_SIZE_VARS} - {None}
+    if str(world) in launched:
+        return
+    if ntasks and ntasks.isdigit() and int(ntasks) != world:
         raise UserError(
             f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s): the launcher did not start one MPI job "
             "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"
@@ -121,6 +132,10 @@ def _abort(comm: Any, exc: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "train":
+        from mpidqn import signals
+
+        signals.install()
     if command != "train":  # offline tools: single process, no MPI collectives
         try:
             return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report}[command](argv)

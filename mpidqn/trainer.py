@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mpidqn import comm as C
+from mpidqn import signals
 from mpidqn.config import Config
 from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon
 from mpidqn.envs import env_reset_seeds, make_vector_env, spawn_seeds, true_next_obs
@@ -72,20 +73,6 @@ class EpisodeTracker:
         self.finished = [(int(s), float(r), int(n)) for s, r, n in np.asarray(state["finished"]).reshape(-1, 3)]
 
 
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM; the ranks agree on it at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-
 def crossed(prev: int, cur: int, interval: int) -> bool:
     """True when a multiple of ``interval`` lies in (prev, cur]."""
     return interval > 0 and prev // interval != cur // interval
@@ -121,7 +108,7 @@ class FaultInjection:
         if self.fires("raise", rank, step):
             raise RuntimeError(f"injected fault (MPIDQN_FAULT) at step {step}")
         if self.fires("stop", rank, step):
-            trainer.stop.signal = signal.SIGUSR1
+            signals.request(signal.SIGUSR1)
 
 
 class Trainer:
@@ -151,7 +138,6 @@ class Trainer:
         self.episodes = EpisodeTracker(cfg.env.num_envs)
         self.recent_returns: deque[float] = deque(maxlen=100)  # last 100 episodes of all ranks
         self.timer = PhaseTimer(PHASES)
-        self.stop = StopFlag()
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], cfg.env.num_envs))
         self.steps_per_iteration = self.world * cfg.env.num_envs
         self.last_eval: dict[str, float] | None = None
@@ -205,7 +191,7 @@ class Trainer:
     def run(self, should_stop: Callable[[], bool] | None = None) -> str:
         """Train until total_steps (returns "done") or an agreed stop signal (returns "signal")."""
         cfg = self.cfg
-        self.stop.install()
+        signals.install()  # normally done by the CLI already; harmless twice
         agree_every = max(1, 256 // self.steps_per_iteration)  # collectives every ~256 global steps
         self.reporter.start(self)
         t_start = time.perf_counter()
@@ -226,7 +212,7 @@ class Trainer:
             if self.checkpoints is not None and crossed(prev, cur, cfg.checkpoint.interval_steps):
                 self.save_checkpoint()
             if self.counters.iterations % agree_every == 0:
-                if C.agree_any(self.stop.signal is not None or bool(should_stop and should_stop()), self.topo.comm):
+                if C.agree_any(signals.received() is not None or bool(should_stop and should_stop()), self.topo.comm):
                     self.report_progress(time.perf_counter() - t_start)
                     if self.checkpoints is not None:
                         self.save_checkpoint()

@@ -22,6 +22,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env.pop("SLURM_NTASKS", None)
+    env.pop("PMI_SIZE", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

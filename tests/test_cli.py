@@ -58,3 +58,27 @@ def test_run_dir_of_another_run_is_refused(tmp_path, tiny):
     f.write_text("x")
     p = mpidqn(1, ["--run-dir", str(f), *tiny])
     assert p.returncode == 2 and "is not a directory" in p.stderr
+
+
+def test_slurm_ntasks_guard(monkeypatch):
+    from mpidqn.cli import LAUNCHER_SIZE_VARS, check_slurm_tasks
+    from mpidqn.errors import UserError
+
+    for var in ("SLURM_NTASKS", *LAUNCHER_SIZE_VARS):
+        monkeypatch.delenv(var, raising=False)
+    check_slurm_tasks(1)  # not under Slurm
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(UserError, match="SLURM_NTASKS=4 but the MPI world has 1 rank"):
+        check_slurm_tasks(1)  # srun without PMI: 4 copies of "rank 0 of 1"
+    check_slurm_tasks(4)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    check_slurm_tasks(2)  # mpiexec -n 2 inside an allocation: Hydra's proxies see SLURM_NTASKS=1
+
+
+def test_slurm_ntasks_guard_end_to_end(tmp_path, tiny):
+    p = mpidqn(1, ["--run-dir", str(tmp_path / "r"), *tiny], env={"SLURM_NTASKS": "3"})
+    assert p.returncode == 2
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
+        "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s): the launcher did not start one MPI job "
+        "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"]
