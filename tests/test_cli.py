@@ -77,7 +77,8 @@ def test_slurm_ntasks_guard(monkeypatch):
 
 
 def test_slurm_ntasks_guard_end_to_end(tmp_path, tiny):
-    p = mpidqn(1, ["--run-dir", str(tmp_path / "r"), *tiny], env={"SLURM_NTASKS": "3"})
+    # a singleton MPI process (what srun without PMI starts) inside a 3-task allocation
+    p = run([sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"), *tiny], env={"SLURM_NTASKS": "3"})
     assert p.returncode == 2
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
         "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s): the launcher did not start one MPI job "
