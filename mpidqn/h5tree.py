@@ -76,12 +76,12 @@ def read_tree(group: h5py.Group) -> dict[str, Any]:
     return out
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """{"ring": {"obs": x}} -> {"ring/obs": x} (the flat names the replay shard uses)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}/"))
+            out.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             out[prefix + key] = value
     return out

@@ -22,19 +22,14 @@ from mpidqn import __version__
 from mpidqn.checkpoint import FORMAT_VERSION, CheckpointManager, find_latest, write_text_atomic
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
 from mpidqn.console import ConsoleReporter, SilentReporter
+from mpidqn.h5tree import flatten
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, UserError
 
 RESUMABLE_PREFIXES = ("train.total_steps", "checkpoint.", "eval.", "log.", "parallel.")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return flatten(d, sep=".")
 
 
 def config_differences(old: Config, new: Config) -> list[str]:
