@@ -43,8 +43,8 @@ another process, e.g. a notebook watching a running job::
 
 sees everything up to the writer's last flush. After a ``kill -9`` (or a node failure) the file
 still holds everything up to the last flush, but HDF5 leaves its "open for SWMR write" flag set:
-open it with ``swmr=True`` (``read_log`` and ``mpidqn report`` do), or clear the flag with
-``h5clear -s log.h5`` before using other HDF5 tools. A resume never opens a crashed file for
+open it with ``swmr=True`` (``read_log`` and ``mpidqn report`` do when a plain open says the file
+is open for write), or clear the flag with ``h5clear -s log.h5`` before using other HDF5 tools. A resume never opens a crashed file for
 writing: it rebuilds the log (rows up to the resume step) into ``log.h5.tmp`` and renames it over
 ``log.h5``, so the log on disk is always a complete file. A log that cannot be read at a resume is
 renamed ``log.h5.corrupt-<unix time>`` and a fresh one started; a fresh start (no ``resume_step``)
@@ -138,7 +138,7 @@ def read_log(path: str | Path) -> LogData:
     Raises ``OSError`` when HDF5 cannot open the file and ``ValueError`` when it is not an mpidqn
     log of a version this code reads.
     """
-    with h5py.File(path, "r", swmr=True, locking=_LOCKING) as f:
+    with _open_for_reading(path) as f:
         version = f.attrs.get("format_version")
         if version is None:
             raise ValueError(f"{path} has no format_version attribute: not an mpidqn log")
@@ -151,6 +151,22 @@ def read_log(path: str | Path) -> LogData:
             ds.refresh()
             tables[name] = ds[()]
     return LogData(attrs, tables)
+
+
+def _open_for_reading(path: str | Path) -> h5py.File:
+    """Open a log read-only: plainly if it was closed cleanly, else as a SWMR reader.
+
+    Why not always SWMR: a SWMR reader skips HDF5's truncated-file check (a live writer may have
+    allocated space it has not written yet) and then retries failed metadata reads for minutes,
+    so a truncated file would hang it. The plain open fails at once on a truncated file, and
+    with "file is already open for write" on a log whose writer is running or was killed.
+    """
+    try:
+        return h5py.File(path, "r", locking=_LOCKING)
+    except OSError as err:
+        if "truncated file" in str(err):
+            raise
+    return h5py.File(path, "r", swmr=True, locking=_LOCKING)
 
 
 def _decode_attrs(raw: h5py.AttributeManager) -> dict[str, object]:
