@@ -20,7 +20,6 @@ _X_LABELS = {"step": "env steps (all ranks)", "wall_time": "wall time (s)"}
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
 
@@ -28,7 +27,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def eval_return_plot(groups: dict[str, list[Run]], x: str, path: Path) -> Path | None:
     """Mean evaluation return of each group of seeds against ``x`` ("step" or "wall_time"),
     with a bootstrap confidence band over the seeds."""
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
     plotted = False
     for label, runs in groups.items():
@@ -61,7 +60,7 @@ def throughput(run: Run) -> pd.DataFrame:
 
 
 def throughput_plot(runs: Sequence[Run], path: Path) -> Path | None:
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
     plotted = False
     for run in runs:
@@ -82,7 +81,7 @@ def time_breakdown_plot(run: Run, path: Path) -> Path | None:
     breakdown = time_breakdown(run)
     if not len(breakdown):
         return None
-    fig = Figure(figsize=(max(5.0, 0.5 * len(breakdown) + 3), 4.5))
+    fig = Figure(layout="constrained", figsize=(max(5.0, 0.5 * len(breakdown) + 3), 4.5))
     ax = fig.add_subplot()
     bottom = np.zeros(len(breakdown))
     ranks = breakdown.index.to_numpy()
@@ -107,7 +106,7 @@ def scaling_table(summary: pd.DataFrame) -> pd.DataFrame:
 def scaling_plot(summary: pd.DataFrame, path: Path) -> Path:
     table = scaling_table(summary)
     worlds = table.index.to_numpy(dtype=float)
-    fig = Figure(figsize=(9, 4))
+    fig = Figure(layout="constrained", figsize=(9, 4))
     left, right = fig.subplots(1, 2)
     left.plot(worlds, table["ideal"], "k--", label="ideal")
     left.plot(worlds, table["speedup"], "o-", label="measured (mean over seeds)")
