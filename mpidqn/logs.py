@@ -316,7 +316,10 @@ class RunLog:
             return None
 
     def _move_aside(self, why: str) -> None:
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.{why}-{int(time.time())}"))
+        stamp = int(time.time())
+        while (aside := self.path.with_name(f"{self.path.name}.{why}-{stamp}")).exists():
+            stamp += 1  # never replace an earlier one moved aside in the same second
+        os.replace(self.path, aside)
 
     def _build(self, old: LogData | None, resume_step: int | None,
                encoded: dict[str, object], json_keys: list[str]) -> None:

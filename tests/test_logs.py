@@ -135,6 +135,7 @@ def test_reader_in_another_process_sees_the_log_grow(tmp_path: Path) -> None:
                 ds.refresh()
                 assert ds.shape == (10 * (block + 1),)
                 assert np.array_equal(ds["loss"], np.arange(10 * (block + 1)))
+                assert len(read_log(path).tables["scalars"]) == 10 * (block + 1)  # as report reads it
         writer.stdin.write("\n")
         writer.stdin.flush()
         assert writer.wait(timeout=20) == 0
@@ -211,13 +212,13 @@ def test_resume_truncates_past_resume_step_and_records_it(tmp_path: Path) -> Non
 
 def test_old_and_corrupt_logs_are_moved_aside(tmp_path: Path) -> None:
     path = tmp_path / "log.h5"
-    RunLog(path, {}).close()
-    RunLog(path, {}).close()  # fresh start over an old log
+    for _ in range(3):  # fresh starts over an old log, twice in the same second
+        RunLog(path, {}).close()
     path.write_bytes(b"not hdf5")
     with RunLog(path, {"world_size": 2}, resume_step=7):  # resume over an unreadable log
         pass
     names = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
-    assert names == ["log.h5", "log.h5.corrupt", "log.h5.old"]
+    assert names == ["log.h5", "log.h5.corrupt", "log.h5.old", "log.h5.old"]
     assert list(read_log(path).tables["resumes"]["step"]) == [7]
 
 
