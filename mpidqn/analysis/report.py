@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> int:
         return EXIT_BAD_INPUT
     out = args.out or (args.run_dirs[0] / "report" if len(args.run_dirs) == 1 else Path("report"))
     table = summary(runs)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    print(format_table(table))
     print()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,18 @@ def main(argv: Sequence[str]) -> int:
     for note in notes:
         print(f"note: {note}")
     return EXIT_OK
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Plain aligned text: 4 significant digits for fractions, "-" for anything missing."""
+    def cell(value: object) -> str:
+        if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.0f}"
+        return str(value)
+
+    return table.astype(object).map(cell).to_string(index=False)
 
 
 def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
