@@ -332,27 +332,29 @@ class RunLog:
                             if n != "eval_returns" and len(t)), default=0.0)
         tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        attrs, json_keys = self._merged_attrs(old, encoded, json_keys)
         with h5py.File(tmp, "w", libver="latest", locking=_LOCKING) as f:
-            attrs = dict(old.attrs) if old is not None else {}
-            old_json = [k for k, v in attrs.items()
-                        if k not in _RESERVED_ATTRS and not isinstance(v, (str, bool, int, float))]
-            attrs.update(encoded)
-            for key in list(attrs):
-                if key in _RESERVED_ATTRS:
-                    continue
-                if key in old_json and key not in encoded:
-                    attrs[key] = json.dumps(attrs[key], sort_keys=True)
-                f.attrs[key] = attrs[key]
+            f.attrs.update(attrs)
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["created_unix"] = float(old.attrs["created_unix"]) if old is not None else time.time()
             f.attrs["scalar_names"] = json.dumps(list(self.scalar_names))
             f.attrs["timing_names"] = json.dumps(list(self.timing_names))
-            f.attrs["json_keys"] = json.dumps(sorted(set(json_keys) | (set(old_json) - set(encoded))))
+            f.attrs["json_keys"] = json.dumps(json_keys)
             for name, dtype in dtypes.items():
                 rows = kept.get(name, np.empty(0, dtype))
                 f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNKS[name],),
                                  dtype=dtype, compression="gzip", compression_opts=1)
         os.replace(tmp, self.path)
+
+    @staticmethod
+    def _merged_attrs(old: LogData | None, encoded: dict[str, object],
+                      json_keys: list[str]) -> tuple[dict[str, object], list[str]]:
+        """The previous segment's metadata overwritten by this one's, and the keys stored as JSON."""
+        if old is None:
+            return encoded, sorted(json_keys)
+        previous, previous_json = _encode_metadata(
+            {k: v for k, v in old.attrs.items() if k not in _RESERVED_ATTRS})
+        return {**previous, **encoded}, sorted(set(json_keys) | (set(previous_json) - set(encoded)))
 
     def _record_resume(self, step: int, world_size: object, old: LogData | None) -> None:
         world = int(world_size) if isinstance(world_size, (int, np.integer)) else -1

@@ -190,7 +190,7 @@ def test_resume_truncates_past_resume_step_and_records_it(tmp_path: Path) -> Non
             log.timings(step, ["env"], np.full((2, 1), float(step)))
         log.event(95, "nan", "loss is nan")
     wall_before = read_log(path).tables["scalars"]["wall_time"]
-    with RunLog(path, {**META, "world_size": 4}, resume_step=50, scalar_names=["loss", "q_mean"],
+    with RunLog(path, {"world_size": 4}, resume_step=50, scalar_names=["loss", "q_mean"],
                 timing_names=["env"]) as log:
         log.scalars(60, loss=6.0, q_mean=1.0)
         log.timings(60, ["env"], np.zeros((4, 1)))
@@ -206,7 +206,9 @@ def test_resume_truncates_past_resume_step_and_records_it(tmp_path: Path) -> Non
     assert list(t["timings"]["segment"]) == [0] * 12 + [1] * 4
     assert [(r["step"], r["world_size"]) for r in t["resumes"]] == [(50, 4)]
     assert [k.decode() for k in t["events"]["kind"]] == ["resume"]  # the nan at 95 was past the checkpoint
-    assert d.attrs["world_size"] == 4 and d.attrs["hosts"] == ["n1", "n2"] and d.scalar_names == ["loss", "q_mean"]
+    assert d.attrs["world_size"] == 4 and d.scalar_names == ["loss", "q_mean"]  # the new segment's values
+    assert d.attrs["hosts"] == ["n1", "n2"] and d.attrs["versions"] == {"torch": "2.13"}  # kept from before
+    assert d.attrs["config"] == META["config"] and d.attrs["slurm_job_id"] is None
     assert not (tmp_path / "log.h5.tmp").exists()
 
 
