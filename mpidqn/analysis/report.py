@@ -1,0 +1,117 @@
+"""``python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]``: tables and plots over runs."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from mpidqn.analysis import plots
+from mpidqn.analysis.runs import Run, RunLoadError, load_run
+from mpidqn.analysis.tables import group_by_settings, scaling_problem, summary, tidy
+from mpidqn.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+
+PROG = "mpidqn report"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Summary tables (CSV) and plots (PNG) of one or more runs. Runs whose "
+        "config differs only in the seed are averaged, with a bootstrap 95% confidence band.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory (holds log.h5)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="where to write (default: RUN_DIR/report for one run, ./report for several)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed its usage line; -h exits 0
+        return int(exit_.code or 0)
+    runs = load_runs(args.run_dirs)
+    if not runs:
+        print(f"{PROG}: no run could be read", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = args.out or (args.run_dirs[0] / "report" if len(args.run_dirs) == 1 else Path("report"))
+    table = summary(runs)
+    print(format_table(table))
+    print()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written, notes = write_report(runs, table, out)
+    except OSError as err:
+        print(f"{PROG}: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILURE
+    for path in written:
+        print(f"wrote {path}")
+    for note in notes:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Plain aligned text: 4 significant digits for fractions, "-" for anything missing."""
+    def cell(value: object) -> str:
+        if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.0f}"
+        return str(value)
+
+    return table.astype(object).map(cell).to_string(index=False)
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
+    """Every readable run (names made unique); one stderr line per run skipped."""
+    runs: list[Run] = []
+    for run_dir in run_dirs:
+        try:
+            run = load_run(run_dir)
+        except RunLoadError as err:
+            print(f"{PROG}: skipping {run_dir}: {err}", file=sys.stderr)
+            continue
+        taken = {r.name for r in runs}
+        base, k = run.name, 1
+        while run.name in taken:
+            k += 1
+            run.name = f"{base}-{k}"
+        runs.append(run)
+    return runs
+
+
+def write_report(runs: Sequence[Run], table: pd.DataFrame, out: Path) -> tuple[list[Path], list[str]]:
+    """Write CSVs and PNGs into ``out``; return the paths written and notes on what was skipped."""
+    written = [out / "summary.csv", out / "tidy.csv"]
+    table.to_csv(written[0], index=False)
+    tidy(runs).to_csv(written[1], index=False)
+    notes: list[str] = []
+
+    def keep(path: Path | None, what: str) -> None:
+        if path is None:
+            notes.append(f"{what} skipped: nothing logged for it")
+        else:
+            written.append(path)
+
+    groups = group_by_settings(runs)
+    keep(plots.eval_return_plot(groups, "step", out / "eval_return_vs_steps.png"), "eval return vs steps")
+    keep(plots.eval_return_plot(groups, "wall_time", out / "eval_return_vs_wall_time.png"),
+         "eval return vs wall time")
+    keep(plots.throughput_plot(runs, out / "throughput.png"), "throughput")
+    for run in runs:
+        keep(plots.time_breakdown_plot(run, out / f"time_breakdown_{_file_safe(run.name)}.png"),
+             f"time breakdown of {run.name}")
+    problem = scaling_problem(runs)
+    if problem is None and table["env_steps_per_s"].notna().all():
+        table.pipe(plots.scaling_table).to_csv(out / "scaling.csv")
+        written += [out / "scaling.csv", plots.scaling_plot(table, out / "scaling.png")]
+    else:
+        notes.append(f"scaling plot skipped: {problem or 'a run has no throughput'}")
+    return written, notes
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

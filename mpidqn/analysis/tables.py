@@ -1,0 +1,126 @@
+"""Tables over runs: tidy (long) metrics, one summary row per run, per-rank time, seed groups."""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from mpidqn.analysis.runs import Run, settings
+
+TIDY_COLUMNS = ["run", "seed", "world", "step", "metric", "value"]
+EVAL_METRIC = "eval_return"
+SUMMARY_COLUMNS = ["run", "env", "seed", "world_size", "pipeline_stages", "env_steps", "wall_time_s",
+                   "final_eval_return", "best_eval_return", "env_steps_per_s", "comm_share"]
+# Settings that never make two runs different experiments: the seed, and where things were written.
+_NOT_SETTINGS = ("seed",)
+_NOT_SETTING_SUFFIXES = ("dir", "path")
+
+
+def tidy(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per (run, step, metric): every logged scalar, and ``eval_return`` (evaluation mean)."""
+    parts = []
+    for run in runs:
+        scalars = run.scalars.drop(columns="wall_time", errors="ignore")
+        long = scalars.melt(id_vars="step", var_name="metric", value_name="value") if len(scalars) else None
+        evals = pd.DataFrame({"step": run.evaluations.get("step", []), "metric": EVAL_METRIC,
+                              "value": run.evaluations.get("mean", [])})
+        for part in (long, evals):
+            if part is not None and len(part):
+                parts.append(part.assign(run=run.name, seed=run.seed, world=run.world_size))
+    if not parts:
+        return pd.DataFrame(columns=TIDY_COLUMNS)
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.dropna(subset=["value"])[TIDY_COLUMNS].reset_index(drop=True)
+
+
+def summary(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per run (columns ``SUMMARY_COLUMNS``).
+
+    ``env_steps`` is the largest global step logged, ``wall_time_s`` the largest wall time (both
+    summed over resumed segments), ``env_steps_per_s`` their ratio (end to end, start-up, evaluation
+    and checkpoints included: what a user waits for), ``comm_share`` the fraction of all ranks'
+    timed seconds spent in the ``comm`` phase.
+    """
+    rows = []
+    for run in runs:
+        steps = _largest(run, "step")
+        wall = _largest(run, "wall_time")
+        evals = run.evaluations["mean"] if len(run.evaluations) else pd.Series(dtype=float)
+        rows.append({
+            "run": run.name, "env": run.env_id, "seed": run.seed, "world_size": run.world_size,
+            "pipeline_stages": run.pipeline_stages, "env_steps": steps, "wall_time_s": wall,
+            "final_eval_return": evals.iloc[-1] if len(evals) else np.nan,
+            "best_eval_return": evals.max() if len(evals) else np.nan,
+            "env_steps_per_s": steps / wall if wall > 0 else np.nan,
+            "comm_share": comm_share(run),
+        })
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    table["env_steps"] = table["env_steps"].astype("Int64")  # a count; NaN-able for an empty log
+    return table
+
+
+def _largest(run: Run, column: str) -> float:
+    values = [frame[column].max() for frame in (run.scalars, run.episodes, run.evaluations, run.timings)
+              if len(frame)]
+    return float(max(values)) if values else np.nan
+
+
+def time_breakdown(run: Run) -> pd.DataFrame:
+    """Seconds per phase (columns) per rank (index), summed over the run's segments.
+
+    Timings are cumulative since each process started, so a segment's share is its last row per
+    rank; a rank that existed in only some segments (world size changed at a resume) gets those.
+    """
+    t = run.timings
+    if not len(t):
+        return pd.DataFrame()
+    phases = [c for c in t.columns if c not in ("segment", "step", "wall_time", "rank")]
+    last = t.sort_values("step", kind="stable").groupby(["segment", "rank"]).tail(1)
+    return last.groupby("rank")[phases].sum(min_count=1).dropna(axis=1, how="all").fillna(0.0)
+
+
+def comm_share(run: Run) -> float:
+    breakdown = time_breakdown(run)
+    total = breakdown.to_numpy().sum() if len(breakdown) else 0.0
+    if "comm" not in breakdown or total <= 0:
+        return np.nan
+    return float(breakdown["comm"].sum() / total)
+
+
+def experiment_settings(run: Run, ignore: Sequence[str] = ()) -> dict[str, object]:
+    """The settings that make an experiment: all but the seed, paths and the keys in ``ignore``."""
+    return {k: v for k, v in settings(run).items()
+            if k not in _NOT_SETTINGS and k not in ignore and not k.split(".")[-1].endswith(_NOT_SETTING_SUFFIXES)}
+
+
+def varying_settings(runs: Sequence[Run], ignore: Sequence[str] = ()) -> list[str]:
+    """Keys (seed, paths and ``ignore`` aside) whose value is not the same in every run."""
+    flat = [experiment_settings(run, ignore) for run in runs]
+    keys = sorted(set().union(*flat)) if flat else []
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+
+
+def group_by_settings(runs: Sequence[Run], ignore: Sequence[str] = ()) -> dict[str, list[Run]]:
+    """Runs with equal settings (apart from seed, paths and ``ignore``), labelled by the keys that vary."""
+    varying = varying_settings(runs, ignore)
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        flat = experiment_settings(run, ignore)
+        label = ", ".join(f"{k}={flat.get(k)}" for k in varying) or str(run.env_id or "all runs")
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def scaling_problem(runs: Sequence[Run]) -> str | None:
+    """Why these runs cannot make a scaling plot (None when they differ only in world size and seed)."""
+    sizes = {run.world_size for run in runs}
+    if None in sizes:
+        return "a run's log has no world_size"
+    if len(sizes) < 2:
+        return "every run has the same world size"
+    other = varying_settings(runs, ignore=("world_size",))
+    if other:
+        return f"the runs differ in more than world size and seed ({', '.join(other)})"
+    return None
