@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpidqn.logs import MAX_PENDING_ROWS, PhaseTimer, RunLog
+from mpidqn.logs import MAX_PENDING_ROWS, RunLog
+from mpidqn.timing import PhaseTimer
 
 
 def per_call_us(fn, n: int) -> float:
@@ -39,7 +40,7 @@ def main() -> None:
         block = [np.zeros(64, np.int32), np.arange(64), np.ones(64), np.full(64, 200)]
         us = per_call_us(lambda i: log.episodes(*block), n // 64)
         print(f"RunLog.episodes (64 at once):  {us:6.2f} us/call")
-    timer = PhaseTimer()
+    timer = PhaseTimer(("env", "learn", "comm"))
 
     def phase(i: int) -> None:
         with timer("env"):

@@ -23,6 +23,8 @@ class SilentReporter:
     def progress(self, trainer: Any, wall: float, episodes: list, metrics: dict, timings: np.ndarray) -> None: ...
     def evaluation(self, trainer: Any, result: dict, final: bool) -> None: ...
     def message(self, text: str) -> None: ...
+    def event(self, step: int, kind: str, text: str) -> None: ...
+    def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -68,7 +70,7 @@ class ConsoleReporter(SilentReporter):
         last_wall, last_steps, last_updates, last_timings = self._last
         dt = max(wall - last_wall, 1e-9)
         delta = timings if last_timings is None else timings - last_timings
-        comm_idx = trainer.timer.names.index("comm")
+        comm_idx = trainer.timing_names.index("comm")
         comm_share = float(delta[:, comm_idx].mean() / dt)
         stats = {
             "env_steps_per_s": (steps - last_steps) / dt,
@@ -80,7 +82,7 @@ class ConsoleReporter(SilentReporter):
         }
         self._last = (wall, steps, updates, timings)
         if self.runlog is not None:
-            self.runlog.progress(trainer, wall, episodes, stats, timings)
+            self._log_rows(trainer, steps, episodes, stats, timings)
         if self.bar is not None:
             self.bar.update(steps - self.bar.n)
             self.bar.set_postfix_str(
@@ -94,9 +96,34 @@ class ConsoleReporter(SilentReporter):
             f"allreduce {100 * comm_share:4.1f}%"
         )
 
+    def _log_rows(self, trainer: Any, steps: int, episodes: list, stats: dict, timings: np.ndarray) -> None:
+        log = self.runlog
+        log.scalars(steps, **stats, learning_rate=trainer.learner.optimizer.param_groups[0]["lr"],
+                    replay_size=float(len(trainer.replay)), updates=float(trainer.learner.updates),
+                    episodes=float(trainer.counters.episodes))
+        rows = [r for r in episodes if len(r)]
+        if rows:
+            ranks = np.concatenate([np.full(len(r), rank) for rank, r in enumerate(episodes) if len(r)])
+            block = np.concatenate(rows)
+            log.episodes(ranks, block[:, 0].astype(np.int64), block[:, 1], block[:, 2].astype(np.int64))
+        log.timings(steps, list(trainer.timing_names), timings)
+        log.maybe_flush()
+
+    def flush(self) -> None:
+        """Make every logged row durable (called with each checkpoint, so log and checkpoint agree)."""
+        if self.runlog is not None:
+            self.runlog.flush()
+
+    def event(self, step: int, kind: str, text: str) -> None:
+        """A diagnostic worth keeping: printed and recorded in the run log."""
+        self.message(text)
+        if self.runlog is not None:
+            self.runlog.event(step, kind, text)
+
     def evaluation(self, trainer: Any, result: dict, final: bool) -> None:
         if self.runlog is not None:
-            self.runlog.evaluation(result)
+            self.runlog.evaluation(result["step"], np.asarray(result["returns"]))
+            self.runlog.flush()
         label = "final evaluation" if final else "evaluation"
         self.message(
             f"{label} @ {result['step']:,} steps: mean {result['mean']:.1f} ± {result['std']:.1f} "

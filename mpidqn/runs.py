@@ -93,7 +93,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
 def run_metadata(cfg: Config, topo: Any) -> dict[str, Any]:
     hosts = topo.comm.allgather(socket.gethostname())
     meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "config": to_yaml(cfg), **topo.describe(),
+        "config": to_yaml(cfg), **topo.describe(),
         "hosts": sorted(set(hosts)), "versions": versions(), "start_time": time.time(),
         "argv": " ".join(sys.argv),
     }
@@ -114,14 +114,13 @@ class Run:
     def train(self) -> int:
         try:
             outcome = self.trainer.run()
+            if outcome == "signal":
+                step = self.trainer.counters.env_steps
+                self.reporter.event(step, "signal", f"mpidqn: stopped on a signal at step {step:,} after "
+                                    f"checkpointing; exit {EXIT_REQUEUE} = resubmit me (resumes from {self.run_dir})")
         finally:
             self.reporter.close()
-        if outcome == "signal":
-            self.reporter.message(
-                f"mpidqn: stopped on a signal at step {self.trainer.counters.env_steps:,} after checkpointing; "
-                f"exit {EXIT_REQUEUE} = resubmit me (resumes from {self.run_dir})")
-            return EXIT_REQUEUE
-        return EXIT_OK
+        return EXIT_REQUEUE if outcome == "signal" else EXIT_OK
 
 
 def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
@@ -137,7 +136,14 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     meta = run_metadata(cfg, topo)
     if root:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    reporter = ConsoleReporter(cfg.log.progress) if root else SilentReporter()
+    reporter = SilentReporter()
+    if root:
+        from mpidqn.logs import RunLog
+        from mpidqn.trainer import SCALAR_NAMES, TIMING_NAMES
+
+        runlog = RunLog(run_dir / "log.h5", meta, resume_step=_checkpoint_step(ckpt_path),
+                        scalar_names=SCALAR_NAMES, timing_names=TIMING_NAMES)
+        reporter = ConsoleReporter(cfg.log.progress, runlog=runlog)
     manager = CheckpointManager(
         run_dir, comm, cfg.checkpoint.keep,
         attrs={"format_version": FORMAT_VERSION, "config": meta["config"], "world_size": topo.world,
@@ -157,6 +163,10 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     if root:
         reporter.message(f"mpidqn: run directory {run_dir}")
     return Run(trainer=trainer, reporter=reporter, run_dir=run_dir)
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    return int(Path(path).name.split("_")[1]) if path else None
 
 
 def _latest_path(run_dir: Path, say: Callable[[str], None]) -> str | None:

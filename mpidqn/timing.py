@@ -2,38 +2,58 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 
 class PhaseTimer:
-    """``with timer("env"): ...`` adds the elapsed seconds to phase "env"; totals in a fixed order."""
+    """Cumulative wall-clock seconds per phase of this rank: ``with timer("env"): ...``.
+
+    The context managers are made once and reused, so a phase costs two ``perf_counter`` calls.
+    A phase must not be entered while it is already running (its inner time would be lost); time
+    spent in a phase nested inside another counts in both. Totals cover this process only: they
+    restart at zero after a resume (the log's ``segment`` column tells the segments apart).
+    """
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
-        self._index = {n: i for i, n in enumerate(self.names)}
-        self._totals = np.zeros(len(self.names), dtype=np.float64)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"duplicate phase names in {list(self.names)}")
+        self._totals = [0.0] * len(self.names)
+        self._phases = {name: _Phase(self._totals, i) for i, name in enumerate(self.names)}
 
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+    def __call__(self, name: str) -> _Phase:
         try:
-            yield
-        finally:
-            self._totals[self._index[name]] += time.perf_counter() - t0
+            return self._phases[name]
+        except KeyError:
+            raise ValueError(f"unknown phase {name!r}; phases are {list(self.names)}") from None
 
     def add(self, name: str, seconds: float) -> None:
-        self._totals[self._index[name]] += seconds
+        """Count time measured elsewhere (e.g. an MPI wait reported by the comm layer)."""
+        phase = self(name)
+        phase.total[phase.index] += seconds
 
     def move(self, src: str, dst: str, seconds: float) -> None:
         """Re-attribute time measured inside ``src`` (e.g. the Allreduce inside an update) to ``dst``."""
-        self._totals[self._index[src]] -= seconds
-        self._totals[self._index[dst]] += seconds
+        self.add(src, -seconds)
+        self.add(dst, seconds)
 
     def totals(self) -> np.ndarray:
-        return self._totals.copy()
+        """Seconds per phase, in the order of ``names`` (a fresh float64 array)."""
+        return np.array(self._totals, dtype=np.float64)
 
-    def load(self, totals: np.ndarray) -> None:
-        self._totals[:] = totals
+
+class _Phase:
+    __slots__ = ("total", "index", "_start")
+
+    def __init__(self, total: list[float], index: int) -> None:
+        self.total = total
+        self.index = index
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.total[self.index] += time.perf_counter() - self._start

@@ -26,6 +26,9 @@ from mpidqn.replay import ReplayShard
 from mpidqn.timing import PhaseTimer
 
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
+TIMING_NAMES = (*PHASES, "idle")  # idle: wall time of the process outside every phase
+SCALAR_NAMES = ("loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
+                "updates_per_s", "comm_share", "replay_size", "updates", "episodes")
 
 
 @dataclass
@@ -138,6 +141,8 @@ class Trainer:
         self.episodes = EpisodeTracker(cfg.env.num_envs)
         self.recent_returns: deque[float] = deque(maxlen=100)  # last 100 episodes of all ranks
         self.timer = PhaseTimer(PHASES)
+        self.timing_names = TIMING_NAMES
+        self._t_process = time.perf_counter()
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], cfg.env.num_envs))
         self.steps_per_iteration = self.world * cfg.env.num_envs
         self.last_eval: dict[str, float] | None = None
@@ -242,12 +247,15 @@ class Trainer:
                 self.recent_returns.extend(rows[:, 1].tolist())
                 self.counters.episodes += len(rows)
             metrics = self.learner.pop_metrics()
-            timings = self.topo.comm.gather(self.timer.totals(), root=0)
+            totals = self.timer.totals()
+            idle = time.perf_counter() - self._t_process - totals.sum()
+            timings = self.topo.comm.gather(np.append(totals, idle), root=0)
             if self.topo.is_root:
                 self.reporter.progress(self, wall, gathered, metrics, np.stack(timings))
 
     def save_checkpoint(self) -> None:
         with self.timer("checkpoint"):
+            self.reporter.flush()  # log rows up to this step are on disk before the checkpoint counts
             self.checkpoints.save(self)
 
     # ------------------------------------------------------------------ checkpoint state
@@ -286,7 +294,6 @@ class Trainer:
             self.envs = pickle.loads(state["envs"]["pickle"])
             self.obs = state["envs"]["obs"]
             self.episodes.load_state_dict(state["episodes"])
-            self.timer.load(state["stats"]["timer"])
             if "replay" in state:
                 self.replay.load_state_dict(flatten(state["replay"]))
             return "exact"

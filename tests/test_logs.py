@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from mpidqn.logs import (DEFAULT_SCALAR_NAMES, DEFAULT_TIMING_NAMES, FORMAT_VERSION, MESSAGE_BYTES, TABLES,
-                         PhaseTimer, RunLog, read_log)
+                         RunLog, read_log)
+from mpidqn.timing import PhaseTimer
 
 REPO = Path(__file__).resolve().parents[1]
 META = {"config": "seed: 3\nenv:\n  id: CartPole-v1\n", "world_size": 2, "pipeline_stages": 1,
