@@ -146,26 +146,33 @@ class StageLink:
         self._pending = []
 
 
-def pipelined_forward(module: nn.Module, link: StageLink, x: torch.Tensor | None, sizes: Sequence[int],
-                      in_shape: tuple[int, ...]) -> torch.Tensor | None:
-    """No-grad forward of ``sum(sizes)`` rows through the whole pipeline, micro-batch by micro-batch.
+def pipelined_forward(modules: Sequence[nn.Module], link: StageLink, x: torch.Tensor | None, sizes: Sequence[int],
+                      in_shape: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """No-grad forward of ``sum(sizes)`` rows through the pipeline, micro-batch by micro-batch.
 
-    Stage 0 passes the input rows ``x``; the others pass None. Returns the network output on the last
-    stage and None elsewhere.
+    Several stage modules of the same architecture (online and target for double DQN) share one
+    pass: their activations of a micro-batch travel stacked in one message, so the pipeline fills
+    and drains once. Stage 0 passes the input rows ``x``; the others pass None. Returns each
+    module's network output on the last stage and None elsewhere.
     """
-    outputs = []
+    k = len(modules)
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
     offset = 0
     with torch.no_grad():
         for n in sizes:
-            inp = x[offset : offset + n] if link.first else link.recv_forward((n, *in_shape))
-            offset += n
-            y = module(inp)
-            if link.last:
-                outputs.append(y)
+            if link.first:
+                inputs = [x[offset : offset + n]] * k
             else:
-                link.send_forward(y)
+                inputs = list(link.recv_forward((k * n, *in_shape)).split(n))
+            offset += n
+            ys = [module(inp) for module, inp in zip(modules, inputs)]
+            if link.last:
+                for out, y in zip(outputs, ys):
+                    out.append(y)
+            else:
+                link.send_forward(torch.cat(ys) if k > 1 else ys[0])
     link.wait_all()
-    return torch.cat(outputs) if link.last and outputs else None
+    return [torch.cat(out) for out in outputs] if link.last else None
 
 
 def gpipe_backward(

@@ -10,9 +10,9 @@ actions, rewards and discounts to the last stage (which computes TD targets and 
 else of the batch moves. The global batch is thus ``world * B`` transitions per update, as in pure
 data parallelism.
 
-Schedule (GPipe). Per update: the no-grad target passes (Q_target(s') and, for double DQN,
-Q_online(s')) run through the pipeline in micro-batches, then the training step runs all
-micro-batch forwards followed by all backwards. Each stage then averages its flat gradient over the
+Schedule (GPipe). Per update: one no-grad pass computes Q_target(s') and, for double DQN,
+Q_online(s') (both nets' activations travel stacked in one message per micro-batch), then the
+training step runs all micro-batch forwards followed by all backwards. Each stage then averages its flat gradient over the
 stage's data-parallel replicas (one Allreduce over ``dp_comm``), and the gradient norm for clipping
 is the GLOBAL one: squared stage norms summed over ``pp_comm``.
 """
@@ -92,8 +92,7 @@ class PipelineLearner:
                           if self.params else None)
         self._lr = hyper.lr
         self.updates = 0
-        self.comm_seconds = 0.0
-        self.compute_seconds = 0.0
+        self._collective_seconds = 0.0  # gathers, Allreduce, norm; the stage link counts its own waits
         self._metrics = torch.zeros(3, dtype=torch.float64)  # loss sum, q sum, count (last stage)
 
     # ------------------------------------------------------------------ description
@@ -108,6 +107,11 @@ class PipelineLearner:
                 f"{n:,} parameters ({n * BYTES_PER_PARAM / 2**20:.2f} MiB incl. gradient, Adam state and target)")
 
     @property
+    def comm_seconds(self) -> float:
+        """All communication time: collectives plus waits on activations and their gradients."""
+        return self._collective_seconds + self.link.wait_seconds
+
+    @property
     def wait_seconds(self) -> float:
         """Seconds this stage spent blocked on activations / activation gradients (bubble + transfer)."""
         return self.link.wait_seconds
@@ -120,7 +124,6 @@ class PipelineLearner:
         group's total number of rows (0 tells every rank that the whole group is idle).
         """
         obs = np.ascontiguousarray(obs, dtype=np.float32).reshape(-1, *self.obs_shape)
-        t0 = time.perf_counter()
         counts = np.zeros(self.stages, dtype=np.int64)
         self.pp_comm.Allgather(np.array([len(obs)], dtype=np.int64), counts)
         total = int(counts.sum())
@@ -134,12 +137,11 @@ class PipelineLearner:
             self.pp_comm.Gatherv(obs, [x.numpy(), (counts * width, displs * width), MPI.FLOAT], root=0)
         else:
             self.pp_comm.Gatherv(obs, None, root=0)
-        q = pipelined_forward(self.online, self.link, x, [total], self.shapes[self.stage])
+        q = pipelined_forward([self.online], self.link, x, [total], self.shapes[self.stage])
         mine = np.empty(len(obs), dtype=np.int64)
-        best = q.argmax(dim=1).numpy().astype(np.int64) if self.link.last else None
+        best = q[0].argmax(dim=1).numpy().astype(np.int64) if q is not None else None
         self.pp_comm.Scatterv(None if best is None else [best, (counts, displs), MPI.INT64_T], mine,
                               root=self.stages - 1)
-        self.comm_seconds += time.perf_counter() - t0
         return mine, total
 
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
@@ -168,7 +170,7 @@ class PipelineLearner:
         actions = self._gather(np.asarray(batch.actions, dtype=np.int64), last, num_updates)
         rewards = self._gather(np.asarray(batch.rewards, dtype=np.float32), last, num_updates)
         discounts = self._gather(np.asarray(batch.discounts, dtype=np.float32), last, num_updates)
-        self.comm_seconds += time.perf_counter() - t0
+        self._collective_seconds += time.perf_counter() - t0
         rows = self.stages * (len(batch.actions) // num_updates)
         return GroupBatch(obs, next_obs, actions, rewards, discounts, rows)
 
@@ -180,12 +182,11 @@ class PipelineLearner:
         n = rows.stop - rows.start
         x = gb.next_obs[rows] if self.link.first else None
         in_shape = self.shapes[self.stage]
-        next_online = (pipelined_forward(self.online, self.link, x, self._sizes(n), in_shape)
-                       if self.hyper.double_dqn else None)
-        next_target = pipelined_forward(self.target, self.link, x, self._sizes(n), in_shape)
-        if not self.link.last:
+        modules = [self.target, self.online] if self.hyper.double_dqn else [self.target]
+        q = pipelined_forward(modules, self.link, x, self._sizes(n), in_shape)  # one pass for both nets
+        if q is None:
             return None
-        return td_targets(gb.rewards[rows], gb.discounts[rows], next_target, next_online)
+        return td_targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
 
     def backward(self, gb: GroupBatch, rows: slice, targets: torch.Tensor | None) -> None:
         """GPipe forward/backward of ``rows``; the stage's gradient lands in ``flat_grad`` (overwritten)."""
@@ -208,7 +209,7 @@ class PipelineLearner:
         """Average ``flat_grad`` over the replicas of this stage (one buffer, one Allreduce)."""
         t0 = time.perf_counter()
         C.allreduce_mean_(self.flat_grad, self.comm)
-        self.comm_seconds += time.perf_counter() - t0
+        self._collective_seconds += time.perf_counter() - t0
 
     def global_grad_norm(self) -> float:
         """Norm of the whole network's gradient: squared stage norms summed over the group."""
@@ -220,15 +221,15 @@ class PipelineLearner:
         if h.max_grad_norm is not None:
             t0 = time.perf_counter()
             norm = self.global_grad_norm()
-            self.comm_seconds += time.perf_counter() - t0
+            self._collective_seconds += time.perf_counter() - t0
             self.flat_grad.mul_(min(1.0, h.max_grad_norm / (norm + 1e-6)))
-        if self.optimizer is not None:
-            self.optimizer.step()
         self.updates += 1
-        if h.tau < 1.0:
-            polyak_update_(self.target.parameters(), self.params, h.tau)
-        elif self.updates % h.target_update_interval == 0:
-            polyak_update_(self.target.parameters(), self.params, 1.0)
+        if self.optimizer is not None:  # None: a stage of parameter-free layers
+            self.optimizer.step()
+            if h.tau < 1.0:
+                polyak_update_(self.target.parameters(), self.params, h.tau)
+            elif self.updates % h.target_update_interval == 0:
+                polyak_update_(self.target.parameters(), self.params, 1.0)
         if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
             self.check_replicas()
 

@@ -35,8 +35,9 @@ def test_more_stages_than_layers_fails_with_exit_2_and_one_line(tmp_path, tiny):
 @pytest.mark.parametrize("world", [2, 4])
 def test_pipeline_training_checkpoints_evaluates_and_resumes_with_other_stages(tmp_path, tiny, world):
     run_dir = tmp_path / "run"
-    tiny = [*tiny, "eval.interval_steps=600", "network.dueling=true"]
-    p = mpidqn(world, ["--run-dir", str(run_dir), *tiny, "parallel.pipeline_stages=2"], timeout=90)
+    tiny = [*tiny, "eval.interval_steps=400", "network.dueling=true"]
+    p = mpidqn(world, ["--run-dir", str(run_dir), *tiny, "parallel.pipeline_stages=2", "train.total_steps=800"],
+               timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "stage 1: layers" in p.stdout and "MiB" in p.stdout
     info = inspect_json(run_dir)
@@ -45,10 +46,12 @@ def test_pipeline_training_checkpoints_evaluates_and_resumes_with_other_stages(t
     ev = run([sys.executable, "-m", "mpidqn", "evaluate", str(run_dir), "--episodes", "2", "--json"])
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["episodes"] == 2
+    if world == 2:
+        return  # the resume below runs once, from the 4-rank run (other world AND other S)
     # continue the same run as pure data parallelism: the stage files re-partition
-    p = mpidqn(2, ["--run-dir", str(run_dir), *tiny, "parallel.pipeline_stages=1", "train.total_steps=1600"],
-               timeout=90)
+    p = mpidqn(2, ["--run-dir", str(run_dir), *tiny, "parallel.pipeline_stages=1", "train.total_steps=1200"],
+               timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resumed (elastic)" in p.stdout
     info = inspect_json(run_dir)
-    assert (info["pipeline_stages"], info["step"]) == (1, 1600)
+    assert (info["pipeline_stages"], info["step"]) == (1, 1200)
