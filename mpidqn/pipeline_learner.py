@@ -104,7 +104,7 @@ class PipelineLearner:
         start, end = self.layer_span
         n = self.stage_parameters
         return (f"stage {self.stage}: layers {start}..{end - 1} ({', '.join(self.layer_names)}), "
-                f"{n:,} parameters ({n * BYTES_PER_PARAM / 2**20:.2f} MiB incl. gradient, Adam state and target)")
+                f"{n:,} parameters ({n * BYTES_PER_PARAM / 2**20:.3g} MiB incl. gradient, Adam state and target)")
 
     @property
     def comm_seconds(self) -> float:
