@@ -107,6 +107,11 @@ class TrainConfig:
 class ParallelConfig:
     pipeline_stages: int = 1
     """Ranks per pipeline group holding layer partitions of the Q-network (1 = pure data parallel)."""
+    split_points: list[int] | None = None
+    """First layer index of pipeline stages 1..S-1 (S-1 strictly increasing numbers); None balances the
+    stages by parameter count. Layers are those of the MLP: [Flatten, Linear, act, ..., head]."""
+    micro_batches: int = 4
+    """Micro-batches per update in the pipeline (GPipe schedule); more shrink the bubble, cost messages."""
     torch_threads: int = 1
     """torch intra-op threads per rank (ranks are processes; oversubscription hurts)."""
     sync_check_interval: int = 500
@@ -338,6 +343,11 @@ def validate(cfg: Config) -> None:
     _require(x.per_rank_alpha >= 0, "train.exploration.per_rank_alpha", f"must be >= 0, got {x.per_rank_alpha}")
     p = cfg.parallel
     _require(p.pipeline_stages >= 1, "parallel.pipeline_stages", f"must be >= 1, got {p.pipeline_stages}")
+    _require(p.micro_batches >= 1, "parallel.micro_batches", f"must be >= 1, got {p.micro_batches}")
+    if p.split_points is not None:
+        _require(len(p.split_points) == p.pipeline_stages - 1, "parallel.split_points",
+                 f"parallel.pipeline_stages={p.pipeline_stages} needs {p.pipeline_stages - 1} split point(s), "
+                 f"got {len(p.split_points)}")
     _require(p.torch_threads >= 1, "parallel.torch_threads", f"must be >= 1, got {p.torch_threads}")
     _require(p.sync_check_interval >= 0, "parallel.sync_check_interval", f"must be >= 0, got {p.sync_check_interval}")
     _require(cfg.checkpoint.interval_steps >= 0, "checkpoint.interval_steps", "must be >= 0")

@@ -45,6 +45,56 @@ def evaluate_policy(
         mine = [(i, *run_episode(policy, env, seeds[i])) for i in range(rank, episodes, size)]
     finally:
         env.close()
+    return summarize(mine, comm, step)
+
+
+def evaluate_group_policy(
+    group_policy: Callable[[np.ndarray], tuple[np.ndarray, int]],
+    env_id: str,
+    episodes: int,
+    seed: int,
+    comm: Any,
+    max_episode_steps: int | None = None,
+    step: int = 0,
+) -> dict[str, Any]:
+    """Like :func:`evaluate_policy` for a policy that is a collective over a group of ranks (a pipeline).
+
+    ``group_policy(obs)`` takes this rank's rows (0 or 1 here) and returns this rank's actions and the
+    group's total rows; every rank keeps calling it, with no rows once its own episodes are over,
+    until the total is 0. Episode i runs on rank i % size of ``comm``: the same seeds, hence the same
+    returns for the same network, as :func:`evaluate_policy`.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    seeds = episode_seeds(seed, episodes)
+    todo = list(range(rank, episodes, size))
+    env = make_env(env_id, max_episode_steps)
+    mine: list[tuple[int, float, int]] = []
+    try:
+        obs = None
+        while True:
+            if obs is None and todo:
+                current, (obs, _) = todo[0], env.reset(seed=seeds[todo[0]])
+                todo.pop(0)
+                total, length = 0.0, 0
+            rows = obs[None] if obs is not None else np.zeros((0, *env.observation_space.shape), np.float32)
+            actions, group_rows = group_policy(rows)
+            if group_rows == 0:
+                break
+            if obs is not None:
+                obs, reward, terminated, truncated, _ = env.step(int(actions[0]))
+                total += float(reward)
+                length += 1
+                if terminated or truncated:
+                    mine.append((current, total, length))
+                    obs = None
+    finally:
+        env.close()
+    return summarize(mine, comm, step)
+
+
+def summarize(mine: list[tuple[int, float, int]], comm: Any, step: int) -> dict[str, Any]:
+    """Every rank's (episode, return, length) rows -> the evaluation result, the same on every rank."""
+    size = comm.Get_size()
     rows = sorted(r for part in (comm.allgather(mine) if size > 1 else [mine]) for r in part)
     returns = np.array([r[1] for r in rows], dtype=np.float64)
     return {

@@ -54,6 +54,8 @@ def _as_tensors(batch: Any) -> tuple[torch.Tensor, ...]:
 class Learner:
     """Owns the networks and the optimizer; every replica of ``comm`` takes the identical step."""
 
+    collective_acting = False  # greedy_actions is local (a pipeline's is a collective over its group)
+
     def __init__(self, online: nn.Module, hyper: Hyper, comm: Any) -> None:
         self.online = online
         self.hyper = hyper

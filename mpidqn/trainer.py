@@ -18,10 +18,8 @@ from mpidqn import signals
 from mpidqn.config import Config
 from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon
 from mpidqn.envs import env_reset_seeds, make_vector_env, spawn_seeds, true_next_obs
-from mpidqn.evaluation import evaluate_policy
 from mpidqn.h5tree import Json, flatten, unflatten
-from mpidqn.learner import Hyper, Learner
-from mpidqn.networks import build_q_network, parameter_count
+from mpidqn.factory import build_learner, evaluate_learner, total_parameters
 from mpidqn.replay import ReplayShard
 from mpidqn.timing import PhaseTimer
 
@@ -128,8 +126,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
         lr = cfg.train.lr * {"none": 1.0, "linear": topo.dp, "sqrt": math.sqrt(topo.dp)}[cfg.train.lr_scaling]
         self.base_lr = lr
-        net = build_q_network(self.obs_shape, self.n_actions, cfg.network)
-        self.learner = Learner(net, Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr), topo.dp_comm)
+        self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message)
         self.replay = ReplayShard(
             capacity=ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
             obs_shape=self.obs_shape, obs_dtype=np.float32, num_envs=cfg.env.num_envs,
@@ -146,7 +143,7 @@ class Trainer:
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], cfg.env.num_envs))
         self.steps_per_iteration = self.world * cfg.env.num_envs
         self.last_eval: dict[str, float] | None = None
-        self.parameter_count = parameter_count(net)
+        self.parameter_count = total_parameters(self.learner)
         self.fault = FaultInjection.from_env()
         self._last_report_step = -1
 
@@ -162,7 +159,7 @@ class Trainer:
         n = self.cfg.env.num_envs
         explore = self.explore_rng.random(n) < eps
         random_actions = self.explore_rng.integers(self.n_actions, size=n)
-        if explore.all():
+        if explore.all() and not self.learner.collective_acting:
             return random_actions
         greedy = self.learner.greedy_actions(self.obs)
         return np.where(explore, random_actions, greedy)
@@ -231,10 +228,7 @@ class Trainer:
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         with self.timer("eval"):
-            result = evaluate_policy(
-                self.learner.greedy_actions, self.cfg.env.id, self.cfg.eval.episodes, self.cfg.seed,
-                self.topo.dp_comm, self.cfg.env.max_episode_steps, step=self.counters.env_steps,
-            )
+            result = evaluate_learner(self.learner, self.cfg, self.topo, self.counters.env_steps)
         self.last_eval = result
         self.reporter.evaluation(self, result, final)
         return result

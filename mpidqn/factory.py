@@ -1,0 +1,68 @@
+"""Choose the learner for the parallel layout: data parallel (S = 1) or pipeline (S > 1).
+
+The trainer calls these instead of constructing a learner or evaluating directly, so the loop does
+not care which kind of parallelism holds the network.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mpidqn.errors import UserError
+from mpidqn.evaluation import evaluate_group_policy, evaluate_policy
+from mpidqn.learner import Hyper, Learner
+from mpidqn.networks import build_q_network, mlp_layers, parameter_count
+from mpidqn.pipeline_learner import PipelineLearner
+
+
+def _in_features(obs_shape: Sequence[int]) -> int:
+    n = 1
+    for d in obs_shape:
+        n *= int(d)
+    return n
+
+
+def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int, lr: float,
+                  say: Callable[[str], None] = lambda s: None) -> Learner | PipelineLearner:
+    """The learner of this rank. Call it with the same torch seed on every rank.
+
+    Pipeline: every rank builds the full layer list (so the pipelined model equals the unpartitioned
+    one built with the same seed) and keeps only its stage. Errors in the layout are UserErrors raised
+    identically on every rank (the partition is a pure function of the config).
+    """
+    hyper = Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr)
+    if topo.pipeline_stages == 1:
+        return Learner(build_q_network(obs_shape, n_actions, cfg.network), hyper, topo.dp_comm)
+    net = cfg.network
+    layers = mlp_layers(_in_features(obs_shape), n_actions, net.hidden, net.activation, net.dueling)
+    try:
+        learner = PipelineLearner(layers, obs_shape, hyper, topo.pp_comm, topo.dp_comm,
+                                  cfg.parallel.micro_batches, cfg.parallel.split_points)
+    except ValueError as e:
+        key = "parallel.split_points" if cfg.parallel.split_points is not None else "parallel.pipeline_stages"
+        raise UserError(f"{key}: {e} (network.hidden={list(net.hidden)})") from None
+    del layers
+    lines = topo.comm.gather(learner.describe(), root=0)
+    if lines is not None:
+        for line in lines[: topo.pipeline_stages]:  # group 0 holds one copy of every stage
+            say(f"mpidqn: {line}")
+    return learner
+
+
+def total_parameters(learner: Any) -> int:
+    """Parameters of the whole Q-network (all stages)."""
+    if isinstance(learner, PipelineLearner):
+        return learner.total_parameters
+    return parameter_count(learner.online)
+
+
+def evaluate_learner(learner: Any, cfg: Any, topo: Any, step: int) -> dict[str, Any]:
+    """Greedy evaluation on all ranks; pipelines run episodes through their group's stages."""
+    e = cfg.eval
+    if isinstance(learner, PipelineLearner):
+        with torch.no_grad():
+            return evaluate_group_policy(learner.group_greedy, cfg.env.id, e.episodes, cfg.seed, topo.comm,
+                                         cfg.env.max_episode_steps, step=step)
+    return evaluate_policy(learner.greedy_actions, cfg.env.id, e.episodes, cfg.seed, topo.dp_comm,
+                           cfg.env.max_episode_steps, step=step)
