@@ -43,11 +43,10 @@ def allreduce_array(values: np.ndarray, comm: Any, op: Any = MPI.SUM) -> np.ndar
     return out
 
 
-def agree_any(flag: bool, comm: Any) -> bool:
-    """True on every rank when ``flag`` is true on at least one (stop, checkpoint, NaN...)."""
-    if comm.Get_size() == 1:
-        return bool(flag)
-    return bool(comm.allreduce(int(bool(flag)), op=MPI.MAX))
+def agree_flags(flags: Sequence[bool], comm: Any) -> list[bool]:
+    """Several agreements in one collective: flag i is true everywhere if it is true on any rank."""
+    local = np.array([int(bool(f)) for f in flags], dtype=np.int32)
+    return [bool(x) for x in allreduce_array(local, comm, MPI.MAX)]
 
 
 def tensor_fingerprints(tensors: Sequence[torch.Tensor]) -> np.ndarray:

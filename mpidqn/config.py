@@ -122,6 +122,8 @@ class ParallelConfig:
 class CheckpointConfig:
     interval_steps: int = 10_000
     """Global environment steps between periodic checkpoints (0 = only the final one)."""
+    interval_minutes: float = 0.0
+    """Also checkpoint when this many wall-clock minutes passed since the last one (0 = off; rank 0's clock)."""
     keep: int = 2
     """Newest complete checkpoints kept on disk."""
     replay: bool = True
@@ -351,6 +353,7 @@ def validate(cfg: Config) -> None:
     _require(p.torch_threads >= 1, "parallel.torch_threads", f"must be >= 1, got {p.torch_threads}")
     _require(p.sync_check_interval >= 0, "parallel.sync_check_interval", f"must be >= 0, got {p.sync_check_interval}")
     _require(cfg.checkpoint.interval_steps >= 0, "checkpoint.interval_steps", "must be >= 0")
+    _require(cfg.checkpoint.interval_minutes >= 0, "checkpoint.interval_minutes", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     _require(cfg.eval.interval_steps >= 0, "eval.interval_steps", "must be >= 0")
     _require(cfg.eval.episodes >= 1, "eval.episodes", f"must be >= 1, got {cfg.eval.episodes}")

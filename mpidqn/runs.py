@@ -6,6 +6,7 @@ existing run dir is refused (exit 2) unless only keys that may change on resume 
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -147,7 +148,8 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     manager = CheckpointManager(
         run_dir, comm, cfg.checkpoint.keep,
         attrs={"format_version": FORMAT_VERSION, "config": meta["config"], "world_size": topo.world,
-               "pipeline_stages": topo.pipeline_stages, "mpidqn_version": __version__},
+               "pipeline_stages": topo.pipeline_stages, "mpidqn_version": __version__,
+               "versions": json.dumps(meta["versions"])},
         say=reporter.message,
     )
     trainer = collective(comm, lambda: Trainer(cfg, topo, reporter, manager))

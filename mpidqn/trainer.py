@@ -146,6 +146,7 @@ class Trainer:
         self.parameter_count = total_parameters(self.learner)
         self.fault = FaultInjection.from_env()
         self._last_report_step = -1
+        self._last_checkpoint_time = time.monotonic()
 
     # ------------------------------------------------------------------ acting
     def epsilon(self) -> float:
@@ -214,11 +215,16 @@ class Trainer:
             if self.checkpoints is not None and crossed(prev, cur, cfg.checkpoint.interval_steps):
                 self.save_checkpoint()
             if self.counters.iterations % agree_every == 0:
-                if C.agree_any(signals.received() is not None or bool(should_stop and should_stop()), self.topo.comm):
+                stop, due = C.agree_flags(
+                    [signals.received() is not None or bool(should_stop and should_stop()), self._checkpoint_due()],
+                    self.topo.comm)
+                if stop:
                     self.report_progress(time.perf_counter() - t_start)
                     if self.checkpoints is not None:
                         self.save_checkpoint()
                     return "signal"
+                if due and self.checkpoints is not None:
+                    self.save_checkpoint()
         if self._last_report_step != self.counters.env_steps:
             self.report_progress(time.perf_counter() - t_start)
         self.evaluate(final=True)
@@ -247,7 +253,13 @@ class Trainer:
             if self.topo.is_root:
                 self.reporter.progress(self, wall, gathered, metrics, np.stack(timings))
 
+    def _checkpoint_due(self) -> bool:
+        """Wall-clock checkpoints: rank 0's clock decides (the flag is agreed like a stop)."""
+        minutes = self.cfg.checkpoint.interval_minutes
+        return bool(minutes) and self.rank == 0 and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
+
     def save_checkpoint(self) -> None:
+        self._last_checkpoint_time = time.monotonic()
         with self.timer("checkpoint"):
             self.reporter.flush()  # log rows up to this step are on disk before the checkpoint counts
             self.checkpoints.save(self)

@@ -170,3 +170,25 @@ def _is_rank(pid: int, marker: str) -> bool:
     except OSError:
         return False
     return b"python" in argv[0] and b"mpiexec" not in b" ".join(argv) and marker.encode() in b" ".join(argv)
+
+
+def test_wall_clock_checkpoints_and_plain_h5py_readability(tmp_path, tiny):
+    run_dir = tmp_path / "r"
+    p = mpidqn(2, ["--run-dir", str(run_dir), *tiny, "checkpoint.interval_steps=0", "checkpoint.interval_minutes=0.0005",
+                   "checkpoint.keep=100"], timeout=120)
+    assert p.returncode == 0, p.stderr
+    steps = sorted(int(d.name.split("_")[1]) for d in (run_dir / "checkpoints").iterdir())
+    assert len(steps) >= 3 and steps[-1] == 1200  # time-triggered ones plus the final one
+    newest = run_dir / "checkpoints" / f"step_{steps[-1]:012d}"
+    script = (
+        "import sys, json, h5py\n"
+        f"m = h5py.File({str(newest / 'model_s0.h5')!r}, 'r')\n"
+        f"r = h5py.File({str(newest / 'rank_00001.h5')!r}, 'r')\n"
+        "assert m.attrs['step'] == 1200 and m.attrs['world_size'] == 2 and 'torch' in json.loads(m.attrs['versions'])\n"
+        "assert m['model/online/1.weight'].shape == (32, 4) and m['model/online/1.weight'].attrs['torch_dtype'] == 'float32'\n"
+        "assert r['replay/ring'].attrs['size'] == 600 and r['replay/ring/obs'].shape == (600, 4)\n"
+        "assert r['counters'].attrs['env_steps'] == 1200 and 'train:' in r.attrs['config']\n"
+        "assert not any(k.startswith('mpidqn') for k in sys.modules)\n"
+        "print('plain h5py OK')\n")
+    out = run([sys.executable, "-c", script])
+    assert out.returncode == 0 and "plain h5py OK" in out.stdout, out.stderr
