@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mpidqn import comm as C
+from mpidqn.actor import NumpyActor
 from mpidqn.dqn import polyak_update_, td_loss, td_targets
 from mpidqn.h5tree import Json
 
@@ -78,12 +79,23 @@ class Learner:
         self._loss_sum = torch.zeros(())
         self._q_sum = torch.zeros(())
         self._metric_count = 0
+        layers = list(online.children()) if isinstance(online, nn.Sequential) else []
+        self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
+        self._loads = 0
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        if self._actor is not None and len(obs) <= 64:  # small batches: numpy beats torch's overhead
+            self._actor.refresh(self.weights_version)
+            return self._actor.greedy(obs)
         x = torch.from_numpy(np.asarray(obs, dtype=np.float32))
         return self.online(x).argmax(dim=1).numpy()
+
+    @property
+    def weights_version(self) -> tuple[int, int]:
+        """Changes whenever the online parameters may have changed (updates or a loaded state)."""
+        return (self._loads, self.updates)
 
     # ------------------------------------------------------------------ learning
     def targets(self, rewards, next_obs, discounts) -> torch.Tensor:
@@ -189,6 +201,7 @@ class Learner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.online.load_state_dict(state["online"])
+        self._loads += 1
         self.target.load_state_dict(state["target"])
         hparams = state["adam_hparams"]
         hparams = hparams.value if isinstance(hparams, Json) else hparams
