@@ -17,6 +17,7 @@ and ``mpidqn_version`` so plain h5py can read it (see h5tree.py for the node map
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -32,7 +33,8 @@ import h5py
 import numpy as np
 
 from mpidqn import __version__
-from mpidqn.errors import UserError
+from mpidqn import watchdog
+from mpidqn.errors import CheckpointWriteError, UserError
 from mpidqn.h5tree import read_tree, write_tree
 
 FORMAT_VERSION = 1
@@ -63,13 +65,17 @@ def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
 def write_h5_atomic(path: Path, attrs: dict[str, Any], tree: dict[str, Any]) -> dict[str, int]:
     """Write ``tree`` to ``path`` via a temporary name, fsync, rename; return its size and CRC32."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(attrs)
-        write_tree(f, tree)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    crc = file_crc32(tmp)  # while still in the page cache
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            write_tree(f, tree)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        crc = file_crc32(tmp)  # while still in the page cache
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not stay full of our partial file
+        raise
     return {"bytes": path.stat().st_size, "crc32": crc}
 
 
@@ -180,6 +186,7 @@ def read_model(ckpt: Checkpoint) -> dict[str, Any]:
             merged[key].update(tree.get(key, {}))
         merged["adam_hparams"] = tree["adam_hparams"]
         merged["updates"] = tree["updates"]
+        merged["nonfinite_skipped"] = tree.get("nonfinite_skipped", 0)
     return merged
 
 
@@ -224,6 +231,11 @@ def replay_lengths(ckpt: Checkpoint) -> list[int] | None:
 # ----------------------------------------------------------------------------- writing
 
 
+def _describe(e: OSError) -> str:
+    """``[Errno 28] No space left on device: '/path'`` in one line."""
+    return f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
+
+
 class CheckpointManager:
     """Writes this rank's part of a checkpoint; rank 0 seals it with the manifest and prunes."""
 
@@ -237,36 +249,71 @@ class CheckpointManager:
         self.last_pause_s = 0.0
 
     def save(self, trainer: Any) -> Path | None:
+        """Write this rank's files; rank 0 seals the checkpoint once every rank succeeded.
+
+        A write error on any rank (disk full, unwritable run dir) is agreed on by all ranks: rank 0
+        removes this step's partial directory, no COMPLETE is written (the previous checkpoint stays the
+        newest), and every rank raises CheckpointWriteError naming the error and the path.
+        """
         step = trainer.counters.env_steps
         if step == self.last_step:
             return None
         t0 = time.perf_counter()
         rank = self.comm.Get_rank()
         path = self.root / step_dir_name(step)
+        files: dict[str, dict[str, int]] = {}
+        error = None
+        try:
+            self._write_files(trainer, path, step, rank, files)
+        except OSError as e:
+            error = f"rank {rank}: {_describe(e)}"
+        if trainer.fault is not None and trainer.fault.fires("kill_in_checkpoint", rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only: die between the data files and the marker
+        watchdog.fence(self.comm, "checkpoint gather")
+        gathered = self.comm.gather((files, error), root=0)
+        if rank == 0:
+            errors = [err for _, err in gathered if err is not None]
+            error = errors[0] if errors else None
+            if error is None:
+                try:
+                    self._seal(path, step, gathered)
+                except OSError as e:
+                    error = f"rank 0: {_describe(e)}"
+            if error is not None:
+                shutil.rmtree(path, ignore_errors=True)  # partial files only: no COMPLETE was written
+        # no rank runs ahead while the manifest is pending (kill-safety is the marker's); all learn the verdict
+        watchdog.fence(self.comm, "checkpoint barrier")
+        error = self.comm.bcast(error, root=0)
+        if error is not None:
+            raise CheckpointWriteError(f"checkpoint {path} could not be written ({error}); it was discarded")
+        self.last_step = step
+        self.last_pause_s = time.perf_counter() - t0
+        return path
+
+    def _write_files(self, trainer: Any, path: Path, step: int, rank: int, files: dict[str, dict[str, int]]) -> None:
         path.mkdir(parents=True, exist_ok=True)
         attrs = {**self.attrs, "step": step, "rank": rank}
-        files: dict[str, dict[str, int]] = {}
         model = trainer.model_state_to_save()
         if model is not None:
             stage = trainer.topo.stage
             files[f"model_s{stage}.h5"] = write_h5_atomic(path / f"model_s{stage}.h5", attrs, {"model": model})
-        files[f"rank_{rank:05d}.h5"] = write_h5_atomic(path / f"rank_{rank:05d}.h5", attrs, trainer.rank_state())
-        if trainer.fault is not None and trainer.fault.fires("kill_in_checkpoint", rank, step):
-            os.kill(os.getpid(), signal.SIGKILL)  # test-only: die between the data files and the marker
-        gathered = self.comm.gather(files, root=0)
-        if rank == 0:
-            fsync_dir(path)
-            manifest = {
-                "format_version": FORMAT_VERSION, "step": step, "world_size": self.comm.Get_size(),
-                "pipeline_stages": int(self.attrs["pipeline_stages"]), "mpidqn_version": __version__,
-                "created": time.time(), "files": {k: v for part in gathered for k, v in part.items()},
-            }
-            write_text_atomic(path / MARKER, json.dumps(manifest, indent=1))
-            self.prune()
-        self.comm.Barrier()  # no rank runs ahead while the manifest is pending (kill-safety is the marker's)
-        self.last_step = step
-        self.last_pause_s = time.perf_counter() - t0
-        return path
+        name = f"rank_{rank:05d}.h5"
+        if trainer.fault is not None and trainer.fault.fires("enospc", rank, step):
+            # test-only (MPIDQN_FAULT=enospc:...): the disk fills up in the middle of this rank's file
+            (path / f".{name}.tmp").write_bytes(b"\0" * 4096)
+            (path / f".{name}.tmp").unlink()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / name))
+        files[name] = write_h5_atomic(path / name, attrs, trainer.rank_state())
+
+    def _seal(self, path: Path, step: int, gathered: list[tuple[dict[str, Any], str | None]]) -> None:
+        fsync_dir(path)
+        manifest = {
+            "format_version": FORMAT_VERSION, "step": step, "world_size": self.comm.Get_size(),
+            "pipeline_stages": int(self.attrs["pipeline_stages"]), "mpidqn_version": __version__,
+            "created": time.time(), "files": {k: v for part, _ in gathered for k, v in part.items()},
+        }
+        write_text_atomic(path / MARKER, json.dumps(manifest, indent=1))
+        self.prune()
 
     def prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial dirs."""

@@ -1,5 +1,9 @@
 """Collectives on an explicit communicator. Every function returns early when the communicator has
-one rank; all payloads travel with the buffer API (no pickling) except short error messages."""
+one rank; all payloads travel with the buffer API (no pickling) except short error messages.
+
+The collectives the training loop calls are started non-blocking and completed through the
+collective watchdog (:mod:`mpidqn.watchdog`), so a hung or dead rank ends the job with one line
+instead of a silent hang; ``phase`` names the collective in that line."""
 from __future__ import annotations
 
 import zlib
@@ -9,14 +13,16 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpidqn import watchdog
 
-def allreduce_mean_(flat: torch.Tensor, comm: Any) -> None:
-    """Average a contiguous CPU float tensor over ``comm`` in place (one Allreduce)."""
+
+def allreduce_mean_(flat: torch.Tensor, comm: Any, phase: str = "gradient allreduce") -> None:
+    """Average a contiguous CPU float tensor over ``comm`` in place (one Allreduce, watched)."""
     n = comm.Get_size()
     if n == 1:
         return
     buf = flat.numpy()
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    watchdog.wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), phase)
     buf *= 1.0 / n
 
 
@@ -33,20 +39,22 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], comm: Any, root: int = 0
             offset += t.numel()
 
 
-def allreduce_array(values: np.ndarray, comm: Any, op: Any = MPI.SUM) -> np.ndarray:
+def allreduce_array(values: np.ndarray, comm: Any, op: Any = MPI.SUM, phase: str = "allreduce") -> np.ndarray:
     """Reduce a small numpy array over ``comm`` and return the result (a new array)."""
     values = np.ascontiguousarray(values)
     if comm.Get_size() == 1:
         return values.copy()
     out = np.empty_like(values)
-    comm.Allreduce(values, out, op=op)
+    watchdog.wait(comm.Iallreduce(values, out, op=op), phase)
     return out
 
 
-def agree_flags(flags: Sequence[bool], comm: Any) -> list[bool]:
+def agree_flags(flags: Sequence[bool], comm: Any, phase: str = "stop-flag agreement") -> list[bool]:
     """Several agreements in one collective: flag i is true everywhere if it is true on any rank."""
     local = np.array([int(bool(f)) for f in flags], dtype=np.int32)
-    return [bool(x) for x in allreduce_array(local, comm, MPI.MAX)]
+    if comm.Get_size() == 1:
+        return [bool(x) for x in local]
+    return [bool(x) for x in allreduce_array(local, comm, MPI.MAX, phase)]
 
 
 def tensor_fingerprints(tensors: Sequence[torch.Tensor]) -> np.ndarray:
@@ -58,8 +66,8 @@ def first_divergent(fingerprints: np.ndarray, comm: Any) -> int | None:
     """Index of the first tensor whose fingerprint differs between ranks of ``comm``, else None."""
     if comm.Get_size() == 1:
         return None
-    lo = allreduce_array(fingerprints, comm, MPI.MIN)
-    hi = allreduce_array(fingerprints, comm, MPI.MAX)
+    lo = allreduce_array(fingerprints, comm, MPI.MIN, "replica check")
+    hi = allreduce_array(fingerprints, comm, MPI.MAX, "replica check")
     differ = np.flatnonzero(lo != hi)
     return int(differ[0]) if differ.size else None
 

@@ -101,6 +101,10 @@ class TrainConfig:
     """Polyak coefficient applied every update when < 1; 1 means hard updates."""
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     """Epsilon-greedy schedule."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/Inf loss or gradient on any rank (agreed by all ranks before the optimizer step): "skip" the
+    update and count it (scalar ``nonfinite_skipped``), or "stop": record the event in the run log, keep
+    the last good checkpoint (none is written) and exit with code 3."""
 
 
 @dataclass
@@ -116,6 +120,11 @@ class ParallelConfig:
     """torch intra-op threads per rank (ranks are processes; oversubscription hurts)."""
     sync_check_interval: int = 500
     """Updates between checks that all replicas hold bit-identical parameters (0 = never)."""
+    collective_timeout_s: float = 600.0
+    """Watchdog: a collective of the training loop (gradient Allreduce, stop-flag agreement, pipeline
+    send/recv, checkpoint and log gathers) that does not complete within this many seconds aborts the
+    job with one line naming the rank, the phase and the step, exit code 5 (0 disables the watchdog).
+    Must exceed the longest legitimate wait, e.g. another rank's evaluation or checkpoint write."""
 
 
 @dataclass
@@ -351,6 +360,8 @@ def validate(cfg: Config) -> None:
                  f"parallel.pipeline_stages={p.pipeline_stages} needs {p.pipeline_stages - 1} split point(s), "
                  f"got {len(p.split_points)}")
     _require(p.torch_threads >= 1, "parallel.torch_threads", f"must be >= 1, got {p.torch_threads}")
+    _require(p.collective_timeout_s >= 0 and math.isfinite(p.collective_timeout_s), "parallel.collective_timeout_s",
+             f"must be >= 0 (0 disables the watchdog), got {p.collective_timeout_s}")
     _require(p.sync_check_interval >= 0, "parallel.sync_check_interval", f"must be >= 0, got {p.sync_check_interval}")
     _require(cfg.checkpoint.interval_steps >= 0, "checkpoint.interval_steps", "must be >= 0")
     _require(cfg.checkpoint.interval_minutes >= 0, "checkpoint.interval_minutes", "must be >= 0")

@@ -6,6 +6,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
+from mpidqn import watchdog
 from mpidqn.envs import make_env
 
 _EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training streams of the same root seed
@@ -95,6 +96,7 @@ def evaluate_group_policy(
 def summarize(mine: list[tuple[int, float, int]], comm: Any, step: int) -> dict[str, Any]:
     """Every rank's (episode, return, length) rows -> the evaluation result, the same on every rank."""
     size = comm.Get_size()
+    watchdog.fence(comm, "evaluation gather")
     rows = sorted(r for part in (comm.allgather(mine) if size > 1 else [mine]) for r in part)
     returns = np.array([r[1] for r in rows], dtype=np.float64)
     return {

@@ -13,11 +13,8 @@ from torch import nn
 from mpidqn import comm as C
 from mpidqn.actor import NumpyActor
 from mpidqn.dqn import polyak_update_, td_loss, td_targets
+from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
 from mpidqn.h5tree import Json
-
-
-class ReplicaDivergenceError(RuntimeError):
-    """Data-parallel replicas no longer hold bit-identical parameters."""
 
 
 @dataclass
@@ -32,13 +29,14 @@ class Hyper:
     target_update_interval: int = 10
     tau: float = 1.0
     sync_check_interval: int = 500
+    nonfinite: str = "skip"  # "skip" the update (and count it) or "stop" on a NaN/Inf loss or gradient
 
     @classmethod
     def from_config(cls, train: Any, sync_check_interval: int, lr: float) -> "Hyper":
         return cls(
             lr=lr, adam_eps=train.adam_eps, max_grad_norm=train.max_grad_norm, loss=train.loss,
             double_dqn=train.double_dqn, target_update_interval=train.target_update_interval,
-            tau=train.tau, sync_check_interval=sync_check_interval,
+            tau=train.tau, sync_check_interval=sync_check_interval, nonfinite=train.nonfinite,
         )
 
 
@@ -82,6 +80,9 @@ class Learner:
         layers = list(online.children()) if isinstance(online, nn.Sequential) else []
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
         self._loads = 0
+        self.nonfinite_skipped = 0  # updates skipped for a NaN/Inf loss or gradient (train.nonfinite=skip)
+        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
+        self._local_nonfinite = False
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -109,10 +110,17 @@ class Learner:
         q = self.online(obs)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
         loss = td_loss(q_taken, targets, self.hyper.loss)
+        if self.poison_loss:
+            loss = loss * float("nan")
         self.flat_grad.zero_()
         loss.backward()
-        self._q_sum += q_taken.detach().mean()
-        return loss.detach()
+        loss = loss.detach()
+        self._local_nonfinite = not bool(torch.isfinite(loss))
+        if self._local_nonfinite:  # poison the sum: every replica then sees it after the Allreduce
+            self.flat_grad.fill_(float("nan"))
+        else:
+            self._q_sum += q_taken.detach().mean()
+        return loss
 
     def reduce_gradients(self) -> None:
         """Average ``flat_grad`` over the data-parallel replicas (one buffer, one Allreduce)."""
@@ -121,10 +129,17 @@ class Learner:
         self.comm_seconds += time.perf_counter() - t0
 
     def step(self) -> None:
-        """Clip the averaged gradient, apply Adam, update the target network."""
+        """Clip the averaged gradient, apply Adam, update the target network.
+
+        A NaN/Inf in any replica's gradient (or loss, see ``backward``) is in every replica's sum, so
+        the norm of the reduced buffer is non-finite on all of them: skip-or-stop is agreed for free.
+        """
         h = self.hyper
+        norm = torch.linalg.vector_norm(self.flat_grad)
+        if not bool(torch.isfinite(norm)):
+            self._nonfinite_update()
+            return
         if h.max_grad_norm is not None:
-            norm = torch.linalg.vector_norm(self.flat_grad)
             self.flat_grad.mul_(torch.clamp(h.max_grad_norm / (norm + 1e-6), max=1.0))
         self.optimizer.step()
         self.updates += 1
@@ -157,9 +172,24 @@ class Learner:
                 loss = self.backward(obs[sl], actions[sl], targets[j * size : (j + 1) * size])
                 self.reduce_gradients()
                 self.step()
-                self._loss_sum += loss
-                self._metric_count += 1
+                if not self._local_nonfinite:
+                    self._loss_sum += loss
+                    self._metric_count += 1
             i += span
+
+    def _nonfinite_update(self) -> None:
+        """Skip this update (count it) or, with train.nonfinite=stop, raise on every replica in lockstep."""
+        if self.hyper.nonfinite == "stop":
+            from mpidqn import watchdog
+
+            watchdog.fence(self.comm, "non-finite diagnosis")
+            flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+            ranks = [r for r, bad in enumerate(flags) if bad]
+            where = f"non-finite loss on rank(s) {ranks}" if ranks else "finite losses, non-finite gradient"
+            raise NonFiniteError(f"NaN/Inf in the loss or gradients at update {self.updates + 1} ({where}); "
+                                 "train.nonfinite=stop")
+        self.flat_grad.zero_()
+        self.nonfinite_skipped += 1
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -171,6 +201,7 @@ class Learner:
         out = {
             "loss": float(self._loss_sum) / n if n else float("nan"),
             "q_mean": float(self._q_sum) / n if n else float("nan"),
+            "nonfinite_skipped": float(self.nonfinite_skipped),
         }
         self._loss_sum.zero_()
         self._q_sum.zero_()
@@ -197,6 +228,7 @@ class Learner:
             "adam": {self.param_names[i]: dict(st) for i, st in opt["state"].items()},
             "adam_hparams": Json(hparams),
             "updates": self.updates,
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,3 +243,4 @@ class Learner:
             "param_groups": [{**hparams, "params": list(range(len(self.params)))}],
         })
         self.updates = int(state["updates"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

@@ -153,6 +153,24 @@ def read_log(path: str | Path) -> LogData:
     return LogData(attrs, tables)
 
 
+def check_log_version(path: str | Path) -> None:
+    """Raise ValueError when ``path`` is a log of a NEWER format than this code writes.
+
+    Such a log must be neither extended nor moved aside (a newer mpidqn can still use it), so a run
+    dir holding one is refused. A missing or unreadable file passes: it is no newer log.
+    """
+    if not Path(path).exists():
+        return
+    try:
+        with _open_for_reading(path) as f:
+            version = f.attrs.get("format_version")
+    except OSError:
+        return
+    if version is not None and int(version) > FORMAT_VERSION:
+        raise ValueError(f"{Path(path).name} has format_version {int(version)}, newer than {FORMAT_VERSION} "
+                         "(written by a newer mpidqn); use that mpidqn or a new --run-dir")
+
+
 def _open_for_reading(path: str | Path) -> h5py.File:
     """Open a log read-only: plainly if it was closed cleanly, else as a SWMR reader.
 
@@ -309,6 +327,7 @@ class RunLog:
         """The log being resumed; a log that cannot be read is moved aside, not overwritten."""
         if not self.path.exists():
             return None
+        check_log_version(self.path)  # a newer log is refused, never moved aside
         try:
             return read_log(self.path)
         except (OSError, ValueError, KeyError):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpidqn import watchdog
+
 # Cost of a parameter-free layer (Flatten, activation): tiny but positive, so ties between otherwise
 # equal partitions are broken towards giving such layers to the lighter stage.
 FREE_LAYER_COST = 1e-3
@@ -100,7 +102,8 @@ class StageLink:
     Sends are non-blocking (Isend) so a stage computes the next micro-batch while its output travels;
     the caller keeps the returned request (which holds the buffer alive) until ``wait_all``.
     Time blocked in receives and waits is counted in ``wait_seconds`` (the pipeline bubble plus
-    transfer time).
+    transfer time). Receives and waits go through the collective watchdog (phases "pipeline recv" and
+    "pipeline send"), so a dead neighbour ends the job instead of hanging it.
     """
 
     def __init__(self, comm: Any) -> None:
@@ -119,7 +122,7 @@ class StageLink:
     def _recv(self, shape: tuple[int, ...], source: int, tag: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=torch.float32)
         t0 = time.perf_counter()
-        self.comm.Recv(buf.numpy(), source=source, tag=tag)
+        watchdog.wait(self.comm.Irecv(buf.numpy(), source=source, tag=tag), "pipeline recv")
         self.wait_seconds += time.perf_counter() - t0
         return buf
 
@@ -138,10 +141,8 @@ class StageLink:
     def wait_all(self) -> None:
         if not self._pending:
             return
-        from mpi4py import MPI
-
         t0 = time.perf_counter()
-        MPI.Request.Waitall([r for r, _ in self._pending])
+        watchdog.wait_all([r for r, _ in self._pending], "pipeline send")
         self.wait_seconds += time.perf_counter() - t0
         self._pending = []
 

@@ -19,6 +19,7 @@ is the GLOBAL one: squared stage norms summed over ``pp_comm``.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,9 +30,11 @@ from mpi4py import MPI
 from torch import nn
 
 from mpidqn import comm as C
+from mpidqn import watchdog
 from mpidqn.dqn import polyak_update_, td_loss, td_targets
 from mpidqn.h5tree import Json
-from mpidqn.learner import Hyper, ReplicaDivergenceError
+from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
+from mpidqn.learner import Hyper
 from mpidqn.pipeline import (
     StageLink, boundary_shapes, gpipe_backward, layer_costs, partition_layers, pipelined_forward, split_sizes,
 )
@@ -94,6 +97,9 @@ class PipelineLearner:
         self.updates = 0
         self._collective_seconds = 0.0  # gathers, Allreduce, norm; the stage link counts its own waits
         self._metrics = torch.zeros(3, dtype=torch.float64)  # loss sum, q sum, count (last stage)
+        self.nonfinite_skipped = 0  # updates skipped for a NaN/Inf loss or gradient (train.nonfinite=skip)
+        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
+        self._local_nonfinite = False
 
     # ------------------------------------------------------------------ description
     @property
@@ -125,7 +131,7 @@ class PipelineLearner:
         """
         obs = np.ascontiguousarray(obs, dtype=np.float32).reshape(-1, *self.obs_shape)
         counts = np.zeros(self.stages, dtype=np.int64)
-        self.pp_comm.Allgather(np.array([len(obs)], dtype=np.int64), counts)
+        watchdog.wait(self.pp_comm.Iallgather(np.array([len(obs)], dtype=np.int64), counts), "pipeline gather")
         total = int(counts.sum())
         if total == 0:
             return np.zeros(0, dtype=np.int64), 0
@@ -134,14 +140,15 @@ class PipelineLearner:
         x = None
         if self.link.first:
             x = torch.empty((total, *self.obs_shape), dtype=torch.float32)
-            self.pp_comm.Gatherv(obs, [x.numpy(), (counts * width, displs * width), MPI.FLOAT], root=0)
+            watchdog.wait(self.pp_comm.Igatherv(obs, [x.numpy(), (counts * width, displs * width), MPI.FLOAT],
+                                                root=0), "pipeline gather")
         else:
-            self.pp_comm.Gatherv(obs, None, root=0)
+            watchdog.wait(self.pp_comm.Igatherv(obs, None, root=0), "pipeline gather")
         q = pipelined_forward([self.online], self.link, x, [total], self.shapes[self.stage])
         mine = np.empty(len(obs), dtype=np.int64)
         best = q[0].argmax(dim=1).numpy().astype(np.int64) if q is not None else None
-        self.pp_comm.Scatterv(None if best is None else [best, (counts, displs), MPI.INT64_T], mine,
-                              root=self.stages - 1)
+        watchdog.wait(self.pp_comm.Iscatterv(None if best is None else [best, (counts, displs), MPI.INT64_T], mine,
+                                             root=self.stages - 1), "pipeline scatter")
         return mine, total
 
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
@@ -154,7 +161,7 @@ class PipelineLearner:
         if self.stages == 1:
             return torch.from_numpy(arr)
         out = np.empty((self.stages, *arr.shape), dtype=arr.dtype) if self.stage == root else None
-        self.pp_comm.Gather(arr, out, root=root)
+        watchdog.wait(self.pp_comm.Igather(arr, out, root=root), "pipeline gather")
         if out is None:
             return None
         rows = arr.shape[0] // num_updates
@@ -197,13 +204,23 @@ class PipelineLearner:
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
-            self._metrics[0] += float(loss.detach())
-            self._metrics[1] += float(q_taken.detach().sum()) / total
+            if self.poison_loss:
+                loss = loss * float("nan")
+            value = float(loss.detach())
+            if math.isfinite(value):
+                self._metrics[0] += value
+                self._metrics[1] += float(q_taken.detach().sum()) / total
+            else:
+                self._local_nonfinite = True
             return loss
 
+        self._local_nonfinite = False
         self.flat_grad.zero_()
         gpipe_backward(self.online, self.link, x, self._sizes(total), self.shapes[self.stage], loss_of)
-        self._metrics[2] += 1
+        if self._local_nonfinite:  # poison the sum so every replica and stage agrees to skip or stop
+            self.flat_grad.fill_(float("nan"))
+        else:
+            self._metrics[2] += 1
 
     def reduce_gradients(self) -> None:
         """Average ``flat_grad`` over the replicas of this stage (one buffer, one Allreduce)."""
@@ -214,14 +231,20 @@ class PipelineLearner:
     def global_grad_norm(self) -> float:
         """Norm of the whole network's gradient: squared stage norms summed over the group."""
         sq = np.array([float(torch.sum(self.flat_grad.double() ** 2))])
-        return float(np.sqrt(C.allreduce_array(sq, self.pp_comm)[0]))
+        return float(np.sqrt(C.allreduce_array(sq, self.pp_comm, phase="gradient norm")[0]))
 
     def step(self) -> None:
+        """Clip by the global norm and step. The norm is a sum over the group of the stages' norms of
+        their dp-reduced gradients, so a NaN/Inf anywhere (a poisoned loss included) makes it non-finite
+        on every rank of every group: the skip-or-stop decision is agreed without another collective."""
         h = self.hyper
+        t0 = time.perf_counter()
+        norm = self.global_grad_norm()
+        self._collective_seconds += time.perf_counter() - t0
+        if not math.isfinite(norm):
+            self._nonfinite_update()
+            return
         if h.max_grad_norm is not None:
-            t0 = time.perf_counter()
-            norm = self.global_grad_norm()
-            self._collective_seconds += time.perf_counter() - t0
             self.flat_grad.mul_(min(1.0, h.max_grad_norm / (norm + 1e-6)))
         self.updates += 1
         if self.optimizer is not None:  # None: a stage of parameter-free layers
@@ -261,18 +284,39 @@ class PipelineLearner:
         """Mean loss and Q(s, a) since the last call, computed on the last stage, known by the group."""
         m = self._metrics.numpy().copy()
         if self.stages > 1:
-            self.pp_comm.Bcast(m, root=self.stages - 1)
+            watchdog.wait(self.pp_comm.Ibcast(m, root=self.stages - 1), "pipeline metrics")
         self._metrics.zero_()
         n = m[2]
-        return {"loss": m[0] / n if n else float("nan"), "q_mean": m[1] / n if n else float("nan")}
+        return {"loss": m[0] / n if n else float("nan"), "q_mean": m[1] / n if n else float("nan"),
+                "nonfinite_skipped": float(self.nonfinite_skipped)}
+
+    def _nonfinite_update(self) -> None:
+        """Skip this update (count it) or, with train.nonfinite=stop, raise on every rank in lockstep."""
+        if self.hyper.nonfinite == "stop":
+            watchdog.fence(self.comm, "non-finite diagnosis")
+            flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+            watchdog.fence(self.pp_comm, "non-finite diagnosis")
+            per_stage = self.pp_comm.allgather(flags) if self.stages > 1 else [flags]
+            groups = [g for g, bad in enumerate(per_stage[-1]) if bad]  # the last stage computes the loss
+            where = (f"non-finite loss on the last stage of pipeline group(s) {groups}" if groups
+                     else "finite losses, non-finite gradient")
+            raise NonFiniteError(f"NaN/Inf in the loss or gradients at update {self.updates + 1} ({where}); "
+                                 "train.nonfinite=stop")
+        self.flat_grad.zero_()
+        self.nonfinite_skipped += 1
 
     def check_replicas(self) -> None:
+        """Collective over the stage's replicas, then agreed over the group: every rank raises together."""
         bad = C.first_divergent(C.tensor_fingerprints(self.params), self.comm)
-        if bad is not None:
-            raise ReplicaDivergenceError(
-                f"data-parallel replicas of pipeline stage {self.stage} diverged after {self.updates} updates: "
-                f"parameter {self.param_names[bad]!r} differs between ranks"
-            )
+        msg = None if bad is None else (
+            f"data-parallel replicas of pipeline stage {self.stage} diverged after {self.updates} updates: "
+            f"parameter {self.param_names[bad]!r} differs between ranks")
+        if self.stages > 1:
+            watchdog.fence(self.pp_comm, "replica check")
+            found = [m for m in self.pp_comm.allgather(msg) if m is not None]
+            msg = found[0] if found else None
+        if msg is not None:
+            raise ReplicaDivergenceError(msg)
 
     # ------------------------------------------------------------------ state
     def _adam_hparams(self) -> dict[str, Any]:
@@ -295,6 +339,7 @@ class PipelineLearner:
             "adam": adam,
             "adam_hparams": Json(self._adam_hparams()),
             "updates": self.updates,
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -315,3 +360,4 @@ class PipelineLearner:
             })
         self._lr = float(hparams.get("lr", self._lr))
         self.updates = int(state["updates"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

@@ -24,9 +24,10 @@ from mpidqn.checkpoint import FORMAT_VERSION, CheckpointManager, find_latest, wr
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
 from mpidqn.console import ConsoleReporter, SilentReporter
 from mpidqn.h5tree import flatten
-from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, UserError
+from mpidqn.logs import check_log_version
+from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 
-RESUMABLE_PREFIXES = ("train.total_steps", "checkpoint.", "eval.", "log.", "parallel.")
+RESUMABLE_PREFIXES = ("train.total_steps", "train.nonfinite", "checkpoint.", "eval.", "log.", "parallel.")
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +81,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"--run-dir {run_dir}: not empty and holds no config.yaml (not an mpidqn run directory)")
+    try:
+        check_log_version(run_dir / "log.h5")
+    except ValueError as e:
+        raise UserError(f"--run-dir {run_dir}: {e}") from None
     if resume and find_latest(run_dir / "checkpoints") is None:
         raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     try:
@@ -119,9 +124,18 @@ class Run:
                 step = self.trainer.counters.env_steps
                 self.reporter.event(step, "signal", f"mpidqn: stopped on a signal at step {step:,} after "
                                     f"checkpointing; exit {EXIT_REQUEUE} = resubmit me (resumes from {self.run_dir})")
+        except AgreedFailure as e:  # raised on every rank together: stop cleanly, no abort, no checkpoint
+            return self._failed(e)
         finally:
             self.reporter.close()
         return EXIT_REQUEUE if outcome == "signal" else EXIT_OK
+
+    def _failed(self, e: AgreedFailure) -> int:
+        step = self.trainer.counters.env_steps
+        ckpt = find_latest(self.run_dir / "checkpoints") if self.trainer.topo.is_root else None
+        kept = f"newest complete checkpoint: {ckpt.path}" if ckpt else "no complete checkpoint"
+        self.reporter.event(step, e.kind, f"mpidqn: error: stopped at step {step:,}: {e}; {kept}; exit {e.exit_code}")
+        return e.exit_code
 
 
 def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
@@ -134,6 +148,10 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     collective(comm, lambda: check_run_dir(run_dir, cfg, resume) if root else None)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if root else (lambda s: None)
     ckpt_path = comm.bcast(_latest_path(run_dir, say) if root else None, root=0)
+    if ckpt_path is not None:  # before anything in the run dir is written or rebuilt
+        from mpidqn.checkpoint import verify
+
+        collective(comm, lambda: check_compatible(verify(Path(ckpt_path), check_crc=False), cfg) if root else None)
     meta = run_metadata(cfg, topo)
     if root:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
@@ -157,7 +175,6 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
         from mpidqn.checkpoint import verify
 
         ckpt = verify(Path(ckpt_path), check_crc=False)  # rank 0 verified the checksums
-        collective(comm, lambda: check_compatible(ckpt, cfg))
         mode = trainer.load_checkpoint(ckpt)
         manager.last_step = ckpt.step
         reporter.message(f"mpidqn: resumed ({mode}) from {ckpt.path} at step {ckpt.step:,} "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mpidqn import comm as C
-from mpidqn import signals
+from mpidqn import signals, watchdog
 from mpidqn.config import Config
 from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon
 from mpidqn.envs import env_reset_seeds, make_vector_env, spawn_seeds, true_next_obs
@@ -26,7 +26,7 @@ from mpidqn.timing import PhaseTimer
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
 TIMING_NAMES = (*PHASES, "idle")  # idle: wall time of the process outside every phase
 SCALAR_NAMES = ("loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
-                "updates_per_s", "comm_share", "replay_size", "updates", "episodes")
+                "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped")
 
 
 @dataclass
@@ -79,19 +79,27 @@ def crossed(prev: int, cur: int, interval: int) -> bool:
     return interval > 0 and prev // interval != cur // interval
 
 
-@dataclass(frozen=True)
+@dataclass
 class FaultInjection:
     """TEST-ONLY fault injection, from ``MPIDQN_FAULT=<kind>:<rank>:<global step>``. Never set it in
     real runs. Kinds, each firing on ``rank`` once the global step reaches ``step``:
 
     * ``raise``: an exception in the loop (an error on one rank must end every rank);
     * ``stop``: behave as if SIGUSR1 arrived (checkpoint, exit 75) at a deterministic step;
-    * ``kill_in_checkpoint``: SIGKILL this process in the middle of writing a checkpoint.
+    * ``kill_in_checkpoint``: SIGKILL this process in the middle of writing a checkpoint;
+    * ``kill``: SIGKILL this process in the loop (a rank dies mid-training);
+    * ``hang``: this rank sleeps forever (the others' watchdog must end the job);
+    * ``nan``: this rank's loss is NaN from then on (train.nonfinite decides: skip or stop);
+    * ``perturb``: add 1e-3 to this rank's first parameter once (the replica check must see it);
+    * ``enospc``: writing this rank's checkpoint file fails with "No space left on device".
     """
+
+    KINDS = ("raise", "stop", "kill_in_checkpoint", "kill", "hang", "nan", "perturb", "enospc")
 
     kind: str
     rank: int
     step: int
+    done: bool = False  # a one-shot fault (perturb) has fired
 
     @classmethod
     def from_env(cls) -> "FaultInjection | None":
@@ -99,6 +107,8 @@ class FaultInjection:
         if not spec:
             return None
         kind, rank, step = spec.split(":")
+        if kind not in cls.KINDS:
+            raise ValueError(f"MPIDQN_FAULT={spec}: unknown kind {kind!r} (one of {', '.join(cls.KINDS)})")
         return cls(kind, int(rank), int(step))
 
     def fires(self, kind: str, rank: int, step: int) -> bool:
@@ -110,6 +120,17 @@ class FaultInjection:
             raise RuntimeError(f"injected fault (MPIDQN_FAULT) at step {step}")
         if self.fires("stop", rank, step):
             signals.request(signal.SIGUSR1)
+        if self.fires("kill", rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fires("hang", rank, step):
+            while True:
+                time.sleep(3600)
+        if self.fires("nan", rank, step):
+            trainer.learner.poison_loss = True
+        if self.fires("perturb", rank, step) and not self.done:
+            self.done = True
+            with torch.no_grad():
+                next(p for p in trainer.learner.params if p.numel()).view(-1)[0] += 1e-3
 
 
 class Trainer:
@@ -147,6 +168,8 @@ class Trainer:
         self.fault = FaultInjection.from_env()
         self._last_report_step = -1
         self._last_checkpoint_time = time.monotonic()
+        self.watchdog = watchdog.install(
+            watchdog.Watchdog(cfg.parallel.collective_timeout_s, self.rank, abort=topo.comm.Abort))
 
     # ------------------------------------------------------------------ acting
     def epsilon(self) -> float:
@@ -207,6 +230,7 @@ class Trainer:
             self.counters.env_steps += self.steps_per_iteration
             self.counters.iterations += 1
             cur = self.counters.env_steps
+            self.watchdog.step = cur
             if self.fault is not None:
                 self.fault.maybe_fire(self)
             if cur >= cfg.train.learning_starts and crossed(prev, cur, cfg.train.train_freq):
@@ -245,6 +269,7 @@ class Trainer:
     def report_progress(self, wall: float) -> None:
         self._last_report_step = self.counters.env_steps
         with self.timer("log"):
+            watchdog.fence(self.topo.comm, "log gather")
             gathered = self.topo.comm.allgather(self.episodes.pop())  # small: episodes since last report
             for rows in gathered:
                 self.recent_returns.extend(rows[:, 1].tolist())
