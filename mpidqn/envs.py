@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Any
 
 import gymnasium as gym
@@ -91,6 +92,14 @@ def make_vector_env(env: str | EnvSpec, num_envs: int, max_episode_steps: int | 
     if asynchronous:
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def pickle_envs(envs: gym.vector.VectorEnv) -> bytes:
+    """The pickled vector env for an exact checkpoint; empty for async envs (they live in subprocesses
+    and cannot be pickled: a resume then starts new episodes)."""
+    if isinstance(envs, gym.vector.AsyncVectorEnv):
+        return b""
+    return pickle.dumps(envs)
 
 
 def true_next_obs(next_obs: np.ndarray, done: np.ndarray, info: dict[str, Any]) -> np.ndarray:

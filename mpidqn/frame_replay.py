@@ -280,6 +280,11 @@ class FrameReplayShard:
         self._fresh[:] = done  # the autoreset obs of the next call starts a new chain
         return self._write_rows(rows["obs"], rows["next_obs"], rows["actions"], rows["rewards"], rows["discounts"])
 
+    def drop_pending(self) -> None:
+        """Forget pending n-step steps and start new frame chains (envs restarted, see ReplayShard)."""
+        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
+        self._fresh[:] = True
+
     def _write_rows(self, obs_idx: np.ndarray, next_idx: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
                     discounts: np.ndarray, need: np.ndarray | None = None) -> int:
         k = len(actions)
