@@ -209,11 +209,18 @@ def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> d
             ring = h["replay/ring"]
             cap, pos, size = (int(ring.attrs[k]) for k in ("capacity", "pos", "size"))
             slots = ((pos - size) % cap + rows[mine]) % cap  # oldest-first row -> physical slot
-            parts.append({k: ring[k][()][slots] for k in FIELDS})  # one old shard in memory at a time
+            if "frames" in h["replay"]:  # frame-deduplicated shard: rows travel with their frames only
+                from mpidqn.frame_replay import frame_rows_from_state
+
+                parts.append(frame_rows_from_state(read_tree(h["replay"]), rows[mine]))
+            else:
+                parts.append({k: ring[k][()][slots] for k in FIELDS})  # one old shard in memory at a time
         order.append(mine)
     if not parts:
         return None
     where = np.argsort(np.concatenate(order), kind="stable")
+    if not isinstance(parts[0], dict):
+        return type(parts[0]).concat(parts).take(where)
     return {k: np.concatenate([p[k] for p in parts])[where] for k in FIELDS}
 
 

@@ -94,9 +94,10 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
             raise UserError(str(e)) from None
 
     topo = collective(comm, build_topology)
+    from mpidqn.env_presets import spec_from_config
     from mpidqn.envs import check_env_id
 
-    collective(comm, lambda: check_env_id(cfg.env.id))  # before anything is written to the run dir
+    collective(comm, lambda: check_env_id(spec_from_config(cfg.env)))  # before anything is written to the run dir
     run = prepare_run(cfg, topo, args.run_dir, args.resume, collective)
     return run.train()
 

@@ -36,11 +36,35 @@ class EnvConfig:
     num_envs: int = 1
     """Environment copies per rank, stepped as one synchronous vector env."""
     max_episode_steps: int | None = None
-    """Override of the environment's time limit (None keeps the registered one)."""
+    """Override of the environment's time limit (None keeps the registered one); for Atari it counts
+    agent steps (4 frames each)."""
+    preset: Literal["auto", "none", "atari", "minatar"] = "auto"
+    """Wrappers around the env. auto: "atari" for ``ALE/...`` ids, "minatar" for ``MinAtar/...``,
+    else "none". atari: DQN preprocessing (no-op reset, frame skip 4, 84x84 gray, uint8);
+    minatar: (C, 10, 10) uint8 channel-first observations. See mpidqn/env_presets.py."""
+    frame_stack: int | None = None
+    """Observations stacked along a new first axis (FrameStackObservation, padded with the reset frame);
+    None: 4 for Atari, 1 (no stacking) otherwise."""
+    terminal_on_life_loss: bool = False
+    """Atari: an episode ends when a life is lost (gymnasium's AtariPreprocessing semantics). Training
+    only; evaluation always plays full games."""
+    clip_rewards: bool | None = None
+    """Clip training rewards to [-1, 1] (ClipReward); None: on for Atari, off otherwise. Evaluation
+    reports unclipped returns; training episode returns are the clipped ones."""
+    sticky_actions: float | None = None
+    """Probability of repeating the previous action (Atari repeat_action_probability, MinAtar
+    sticky_action_prob); None keeps the env's default (ALE v5: 0.25, MinAtar: 0.1)."""
+    async_envs: bool = False
+    """Step the num_envs copies in subprocesses (gymnasium AsyncVectorEnv) instead of in-process.
+    Checkpoints then cannot hold the envs: a resume starts new episodes (replay and model are exact)."""
 
 
 @dataclass
 class NetworkConfig:
+    kind: Literal["mlp", "nature_cnn", "minatar_cnn"] = "mlp"
+    """Q-network: an MLP on flat observations; the Nature DQN CNN (3 conv + 512 FC) for (C, 84, 84)
+    Atari frames; the MinAtar CNN (16 3x3 conv + 128 FC) for (C, 10, 10). CNNs scale uint8 inputs by
+    1/255 in their first layer; ``hidden`` and ``activation`` apply to the MLP only."""
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     """Widths of the hidden layers of the MLP Q-network."""
     activation: Literal["relu", "tanh", "gelu"] = "relu"
@@ -99,6 +123,13 @@ class TrainConfig:
     """Hard target update every this many updates (ignored when tau < 1)."""
     tau: float = 1.0
     """Polyak coefficient applied every update when < 1; 1 means hard updates."""
+    replay_storage: Literal["auto", "transitions", "frames"] = "auto"
+    """transitions: every row holds obs and next_obs. frames: image observations are stored one frame
+    per env step and stacks are rebuilt at sampling (about 7 KB instead of 56 KB per Atari transition).
+    auto: frames for uint8 observations of 2 or more dimensions, transitions otherwise."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner's networks and batches live: cuda:<node-local rank % GPUs> when CUDA is
+    available (auto) or required (cuda); replay stays in host memory. Pipelines run on the CPU."""
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     """Epsilon-greedy schedule."""
     nonfinite: Literal["skip", "stop"] = "skip"
@@ -125,6 +156,11 @@ class ParallelConfig:
     send/recv, checkpoint and log gathers) that does not complete within this many seconds aborts the
     job with one line naming the rank, the phase and the step, exit code 5 (0 disables the watchdog).
     Must exceed the longest legitimate wait, e.g. another rank's evaluation or checkpoint write."""
+    overlap_allreduce: bool = False
+    """Reduce gradients in buckets with non-blocking Iallreduce started from gradient hooks during
+    backward (overlapping communication with computation); false: one fused Allreduce after backward."""
+    bucket_mb: float = 2.0
+    """Bucket size in MB for overlap_allreduce (buckets follow reverse parameter order)."""
 
 
 @dataclass
@@ -327,6 +363,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.env.num_envs >= 1, "env.num_envs", f"must be >= 1, got {cfg.env.num_envs}")
     if cfg.env.max_episode_steps is not None:
         _require(cfg.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
+    if cfg.env.frame_stack is not None:
+        _require(cfg.env.frame_stack >= 1, "env.frame_stack", f"must be >= 1, got {cfg.env.frame_stack}")
+    if cfg.env.sticky_actions is not None:
+        _require(0.0 <= cfg.env.sticky_actions <= 1.0, "env.sticky_actions",
+                 f"must be in [0, 1], got {cfg.env.sticky_actions}")
+    _require(cfg.parallel.bucket_mb > 0, "parallel.bucket_mb", f"must be > 0, got {cfg.parallel.bucket_mb}")
     _require(len(cfg.network.hidden) >= 1, "network.hidden", "needs at least one hidden layer")
     _require(all(w >= 1 for w in cfg.network.hidden), "network.hidden", f"widths must be >= 1, got {cfg.network.hidden}")
     _require(t.total_steps >= 1, "train.total_steps", f"must be >= 1, got {t.total_steps}")

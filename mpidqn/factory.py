@@ -9,18 +9,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mpidqn.cnn_networks import q_network_layers
 from mpidqn.errors import UserError
 from mpidqn.evaluation import evaluate_group_policy, evaluate_policy
 from mpidqn.learner import Hyper, Learner
-from mpidqn.networks import build_q_network, mlp_layers, parameter_count
+from mpidqn.learner_ext import make_dp_learner
+from mpidqn.networks import parameter_count
+from mpidqn.env_presets import spec_from_config
 from mpidqn.pipeline_learner import PipelineLearner
-
-
-def _in_features(obs_shape: Sequence[int]) -> int:
-    n = 1
-    for d in obs_shape:
-        n *= int(d)
-    return n
 
 
 def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int, lr: float,
@@ -32,10 +28,13 @@ def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int,
     identically on every rank (the partition is a pure function of the config).
     """
     hyper = Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr)
-    if topo.pipeline_stages == 1:
-        return Learner(build_q_network(obs_shape, n_actions, cfg.network), hyper, topo.dp_comm)
     net = cfg.network
-    layers = mlp_layers(_in_features(obs_shape), n_actions, net.hidden, net.activation, net.dueling)
+    try:
+        layers = q_network_layers(obs_shape, n_actions, net)
+    except ValueError as e:
+        raise UserError(f"network.kind: {e}") from None
+    if topo.pipeline_stages == 1:
+        return make_dp_learner(torch.nn.Sequential(*layers), hyper, cfg, topo)
     try:
         learner = PipelineLearner(layers, obs_shape, hyper, topo.pp_comm, topo.dp_comm,
                                   cfg.parallel.micro_batches, cfg.parallel.split_points)
@@ -62,7 +61,7 @@ def evaluate_learner(learner: Any, cfg: Any, topo: Any, step: int) -> dict[str, 
     e = cfg.eval
     if isinstance(learner, PipelineLearner):
         with torch.no_grad():
-            return evaluate_group_policy(learner.group_greedy, cfg.env.id, e.episodes, cfg.seed, topo.comm,
+            return evaluate_group_policy(learner.group_greedy, spec_from_config(cfg.env, evaluation=True), e.episodes, cfg.seed, topo.comm,
                                          cfg.env.max_episode_steps, step=step)
-    return evaluate_policy(learner.greedy_actions, cfg.env.id, e.episodes, cfg.seed, topo.dp_comm,
+    return evaluate_policy(learner.greedy_actions, spec_from_config(cfg.env, evaluation=True), e.episodes, cfg.seed, topo.dp_comm,
                            cfg.env.max_episode_steps, step=step)

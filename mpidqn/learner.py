@@ -40,10 +40,17 @@ class Hyper:
         )
 
 
-def _as_tensors(batch: Any) -> tuple[torch.Tensor, ...]:
-    """numpy Batch -> tensors sharing memory (no copies; obs cast to float32 if stored as uint8)."""
+def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """numpy Batch -> tensors sharing memory (no copies; obs cast to float32 if stored as uint8).
+
+    With a ``device`` the arrays are copied there first (uint8 obs travel as uint8, cast there)."""
     obs = torch.from_numpy(batch.obs)
     next_obs = torch.from_numpy(batch.next_obs)
+    if device is not None and device.type != "cpu":
+        obs, next_obs = obs.to(device, non_blocking=True), next_obs.to(device, non_blocking=True)
+        return (obs.float(), torch.from_numpy(batch.actions).to(device).long(),
+                torch.from_numpy(batch.rewards).to(device), next_obs.float(),
+                torch.from_numpy(batch.discounts).to(device))
     if obs.dtype != torch.float32:
         obs, next_obs = obs.float(), next_obs.float()
     return (obs, torch.from_numpy(batch.actions).long(), torch.from_numpy(batch.rewards),
@@ -54,6 +61,7 @@ class Learner:
     """Owns the networks and the optimizer; every replica of ``comm`` takes the identical step."""
 
     collective_acting = False  # greedy_actions is local (a pipeline's is a collective over its group)
+    device: torch.device | None = None  # None: CPU, uint8 obs cast to float here (see learner_ext)
 
     def __init__(self, online: nn.Module, hyper: Hyper, comm: Any) -> None:
         self.online = online
@@ -157,7 +165,7 @@ class Learner:
         two target updates, so the targets of all minibatches up to the next target update are
         computed in one batched forward pass (same values, far fewer small matmuls).
         """
-        obs, actions, rewards, next_obs, discounts = _as_tensors(batch)
+        obs, actions, rewards, next_obs, discounts = _as_tensors(batch, self.device)
         size = obs.shape[0] // num_updates
         h = self.hyper
         batch_targets = not h.double_dqn and h.tau >= 1.0

@@ -13,7 +13,8 @@ from mpidqn.checkpoint import Checkpoint, read_model, resolve
 from mpidqn.config import config_from_yaml_text
 from mpidqn.envs import make_env
 from mpidqn.evaluation import evaluate_policy
-from mpidqn.networks import build_q_network
+from mpidqn.cnn_networks import build_network
+from mpidqn.env_presets import spec_from_config
 
 
 def checkpoint_config(ckpt: Checkpoint) -> Any:
@@ -24,8 +25,8 @@ def checkpoint_config(ckpt: Checkpoint) -> Any:
 def load_policy(ckpt: Checkpoint) -> tuple[Any, torch.nn.Module]:
     """The config and the full online Q-network of a checkpoint (all pipeline stages merged)."""
     cfg = checkpoint_config(ckpt)
-    env = make_env(cfg.env.id, cfg.env.max_episode_steps)
-    net = build_q_network(env.observation_space.shape, int(env.action_space.n), cfg.network)
+    env = make_env(spec_from_config(cfg.env, evaluation=True))
+    net = build_network(env.observation_space.shape, int(env.action_space.n), cfg.network)
     env.close()
     net.load_state_dict(read_model(ckpt)["online"])
     return cfg, net.eval()
@@ -49,7 +50,7 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
         return net(torch.from_numpy(np.asarray(obs, dtype=np.float32))).argmax(dim=1).numpy()
 
     seed = cfg.seed if args.seed is None else args.seed
-    result = evaluate_policy(policy, cfg.env.id, args.episodes, seed, max_episode_steps=cfg.env.max_episode_steps,
+    result = evaluate_policy(policy, spec_from_config(cfg.env, evaluation=True), args.episodes, seed, max_episode_steps=cfg.env.max_episode_steps,
                              step=ckpt.step)
     result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed)
     if args.json:

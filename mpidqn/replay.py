@@ -400,6 +400,10 @@ class ReplayShard:
             np.take(arrays[k], idx, axis=0, out=dst, mode="clip")
         return out
 
+    def drop_pending(self) -> None:
+        """Forget the pending n-step steps (their episodes will not continue, e.g. envs restarted)."""
+        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
+
     def transitions(self) -> Transitions:
         """Stored transitions, oldest first (copies)."""
         idx = self._ring.oldest_first()

@@ -17,7 +17,9 @@ from mpidqn import comm as C
 from mpidqn import signals, watchdog
 from mpidqn.config import Config
 from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon
-from mpidqn.envs import env_reset_seeds, make_vector_env, spawn_seeds, true_next_obs
+from mpidqn.env_presets import spec_from_config
+from mpidqn.envs import env_reset_seeds, make_vector_env, pickle_envs, spawn_seeds, true_next_obs
+from mpidqn.frame_replay import make_replay_shard
 from mpidqn.h5tree import Json, flatten, unflatten
 from mpidqn.factory import build_learner, evaluate_learner, total_parameters
 from mpidqn.replay import ReplayShard
@@ -141,17 +143,18 @@ class Trainer:
         torch.set_num_threads(cfg.parallel.torch_threads)
         self.world, self.rank = topo.world, topo.rank
         self.seeds = spawn_seeds(cfg.seed, self.world, self.rank)
-        self.envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.max_episode_steps)
+        self.env_spec = spec_from_config(cfg.env)
+        self.envs = make_vector_env(self.env_spec, cfg.env.num_envs, asynchronous=cfg.env.async_envs)
         self.obs_shape = self.envs.single_observation_space.shape
         self.n_actions = int(self.envs.single_action_space.n)
         torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
         lr = cfg.train.lr * {"none": 1.0, "linear": topo.dp, "sqrt": math.sqrt(topo.dp)}[cfg.train.lr_scaling]
         self.base_lr = lr
         self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message)
-        self.replay = ReplayShard(
-            capacity=ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
-            obs_shape=self.obs_shape, obs_dtype=np.float32, num_envs=cfg.env.num_envs,
-            n_step=cfg.train.n_step, gamma=cfg.train.gamma,
+        self.replay = make_replay_shard(  # the env's obs dtype: uint8 images stay uint8
+            cfg.train.replay_storage, ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
+            self.obs_shape, self.envs.single_observation_space.dtype, cfg.env.num_envs,
+            cfg.train.n_step, cfg.train.gamma, self.env_spec.frame_stack,
         )
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
@@ -304,7 +307,7 @@ class Trainer:
                          "episodes": self.counters.episodes},
             "rng": {"explore": Json(self.explore_rng.bit_generator.state),
                     "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state()},
-            "envs": {"pickle": pickle.dumps(self.envs), "obs": np.asarray(self.obs)},
+            "envs": {"pickle": pickle_envs(self.envs), "obs": np.asarray(self.obs)},
             "episodes": self.episodes.state_dict(),
             "stats": {"timer": self.timer.totals(), "recent_returns": np.array(self.recent_returns, dtype=np.float64)},
         }
@@ -324,12 +327,17 @@ class Trainer:
             self.explore_rng.bit_generator.state = state["rng"]["explore"]
             self.replay_rng.bit_generator.state = state["rng"]["replay"]
             torch.set_rng_state(state["rng"]["torch"])
-            self.envs.close()
-            self.envs = pickle.loads(state["envs"]["pickle"])
-            self.obs = state["envs"]["obs"]
+            if len(state["envs"]["pickle"]):
+                self.envs.close()
+                self.envs = pickle.loads(state["envs"]["pickle"])
+                self.obs = state["envs"]["obs"]
+            else:  # async envs live in subprocesses and were not saved: new episodes start
+                self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
             self.episodes.load_state_dict(state["episodes"])
             if "replay" in state:
                 self.replay.load_state_dict(flatten(state["replay"]))
+                if not len(state["envs"]["pickle"]):
+                    self.replay.drop_pending()  # pending n-step steps belong to episodes not resumed
             return "exact"
         # Elastic: counters and model carry over; every rank's streams are re-derived from
         # (seed, resumed step) and its envs start new episodes; replay shards are re-partitioned.
