@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from mpidqn import errors

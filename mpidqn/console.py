@@ -6,7 +6,6 @@ other ranks get :class:`SilentReporter`, so the loop has no scattered ``if rank 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
 import numpy as np

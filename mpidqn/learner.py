@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,23 @@ def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.T
         obs, next_obs = obs.float(), next_obs.float()
     return (obs, torch.from_numpy(batch.actions).long(), torch.from_numpy(batch.rewards),
             next_obs, torch.from_numpy(batch.discounts))
+
+
+def apply_update(learner: Any, norm: float) -> None:
+    """The step every learner shares once its reduced gradient is known to be finite: clip to the
+    global ``norm``, Adam, count, target update, periodic replica check."""
+    h = learner.hyper
+    if h.max_grad_norm is not None:
+        learner.flat_grad.mul_(min(1.0, h.max_grad_norm / (norm + 1e-6)))
+    learner.updates += 1
+    if learner.optimizer is not None:  # None: a pipeline stage of parameter-free layers
+        learner.optimizer.step()
+        if h.tau < 1.0:
+            polyak_update_(learner.target.parameters(), learner.params, h.tau)
+        elif learner.updates % h.target_update_interval == 0:
+            polyak_update_(learner.target.parameters(), learner.params, 1.0)
+    if h.sync_check_interval and learner.updates % h.sync_check_interval == 0:
+        learner.check_replicas()
 
 
 class Learner:
@@ -142,21 +160,11 @@ class Learner:
         A NaN/Inf in any replica's gradient (or loss, see ``backward``) is in every replica's sum, so
         the norm of the reduced buffer is non-finite on all of them: skip-or-stop is agreed for free.
         """
-        h = self.hyper
-        norm = torch.linalg.vector_norm(self.flat_grad)
-        if not bool(torch.isfinite(norm)):
+        norm = float(torch.linalg.vector_norm(self.flat_grad))
+        if not math.isfinite(norm):
             self._nonfinite_update()
             return
-        if h.max_grad_norm is not None:
-            self.flat_grad.mul_(torch.clamp(h.max_grad_norm / (norm + 1e-6), max=1.0))
-        self.optimizer.step()
-        self.updates += 1
-        if h.tau < 1.0:
-            polyak_update_(self.target.parameters(), self.params, h.tau)
-        elif self.updates % h.target_update_interval == 0:
-            polyak_update_(self.target.parameters(), self.params, 1.0)
-        if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
-            self.check_replicas()
+        apply_update(self, norm)
 
     def update_many(self, batch: Any, num_updates: int) -> None:
         """``num_updates`` updates on consecutive equal slices of a batch from ``sample_many``.

@@ -31,10 +31,10 @@ from torch import nn
 
 from mpidqn import comm as C
 from mpidqn import watchdog
-from mpidqn.dqn import polyak_update_, td_loss, td_targets
+from mpidqn.dqn import td_loss, td_targets
 from mpidqn.h5tree import Json
 from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
-from mpidqn.learner import Hyper
+from mpidqn.learner import Hyper, apply_update
 from mpidqn.pipeline import (
     StageLink, boundary_shapes, gpipe_backward, layer_costs, partition_layers, pipelined_forward, split_sizes,
 )
@@ -237,24 +237,13 @@ class PipelineLearner:
         """Clip by the global norm and step. The norm is a sum over the group of the stages' norms of
         their dp-reduced gradients, so a NaN/Inf anywhere (a poisoned loss included) makes it non-finite
         on every rank of every group: the skip-or-stop decision is agreed without another collective."""
-        h = self.hyper
         t0 = time.perf_counter()
         norm = self.global_grad_norm()
         self._collective_seconds += time.perf_counter() - t0
         if not math.isfinite(norm):
             self._nonfinite_update()
             return
-        if h.max_grad_norm is not None:
-            self.flat_grad.mul_(min(1.0, h.max_grad_norm / (norm + 1e-6)))
-        self.updates += 1
-        if self.optimizer is not None:  # None: a stage of parameter-free layers
-            self.optimizer.step()
-            if h.tau < 1.0:
-                polyak_update_(self.target.parameters(), self.params, h.tau)
-            elif self.updates % h.target_update_interval == 0:
-                polyak_update_(self.target.parameters(), self.params, 1.0)
-        if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
-            self.check_replicas()
+        apply_update(self, norm)
 
     def update_many(self, batch: Any, num_updates: int) -> None:
         """``num_updates`` pipelined updates; like Learner.update_many, targets are batched between

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from mpidqn import __version__
-from mpidqn.checkpoint import FORMAT_VERSION, CheckpointManager, find_latest, write_text_atomic
+from mpidqn.checkpoint import FORMAT_VERSION, CheckpointManager, find_latest, verify, write_text_atomic
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
 from mpidqn.console import ConsoleReporter, SilentReporter
 from mpidqn.h5tree import flatten
@@ -148,10 +148,10 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     collective(comm, lambda: check_run_dir(run_dir, cfg, resume) if root else None)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if root else (lambda s: None)
     ckpt_path = comm.bcast(_latest_path(run_dir, say) if root else None, root=0)
-    if ckpt_path is not None:  # before anything in the run dir is written or rebuilt
-        from mpidqn.checkpoint import verify
-
-        collective(comm, lambda: check_compatible(verify(Path(ckpt_path), check_crc=False), cfg) if root else None)
+    # rank 0 verified the checksums; the others only read the manifest
+    ckpt = verify(Path(ckpt_path), check_crc=False) if ckpt_path is not None else None
+    if ckpt is not None:  # before anything in the run dir is written or rebuilt
+        collective(comm, lambda: check_compatible(ckpt, cfg) if root else None)
     meta = run_metadata(cfg, topo)
     if root:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
@@ -171,10 +171,7 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
         say=reporter.message,
     )
     trainer = collective(comm, lambda: Trainer(cfg, topo, reporter, manager))
-    if ckpt_path is not None:
-        from mpidqn.checkpoint import verify
-
-        ckpt = verify(Path(ckpt_path), check_crc=False)  # rank 0 verified the checksums
+    if ckpt is not None:
         mode = trainer.load_checkpoint(ckpt)
         manager.last_step = ckpt.step
         reporter.message(f"mpidqn: resumed ({mode}) from {ckpt.path} at step {ckpt.step:,} "

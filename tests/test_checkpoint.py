@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -79,7 +78,7 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny, n):
     assert 1100 <= stopped < 2400
     second = mpidqn(n, ["--run-dir", str(b), "--resume", *args], timeout=180)
     assert second.returncode == 0, second.stderr
-    assert f"resumed (exact)" in second.stdout + second.stderr
+    assert "resumed (exact)" in second.stdout + second.stderr
     (ca, ma), (cb, mb) = _model_tensors(a), _model_tensors(b)
     assert ca.step == cb.step == 2400 and ma["updates"] == mb["updates"]
     for part in ("online", "target"):

@@ -12,12 +12,10 @@ import shutil
 import time
 
 import h5py
-import numpy as np
 import pytest
 import yaml
 
 from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun
-from mpidqn.checkpoint import MARKER
 from mpidqn.errors import (
     EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_NONFINITE, EXIT_WATCHDOG,
 )

@@ -1,0 +1,59 @@
+"""Weak scaling: the same work per rank at 1, 2, 4, ... ranks; throughput and efficiency.
+
+    python benchmarks/scaling.py [--ranks 1 2 4] [--steps-per-rank 10000] [--config configs/cartpole.yaml] [KEY=VALUE ...]
+
+Each world size W trains `--steps-per-rank * W` global env steps (one env per rank, the config's
+per-replica batch), with updates every `train_freq * W` global steps so every rank does the same
+number of updates at every W. Prints global env-steps/s (from the run log: env steps over the
+training wall time) and weak-scaling efficiency = throughput(W) / (W * throughput(1)). Run dirs
+stay under --out for `python -m mpidqn report` (which draws the scaling plot).
+On a machine with fewer cores than ranks the efficiency is bounded by cores / W.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mpidqn.analysis import load_run
+from mpidqn.config import load_config
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/cartpole.yaml")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--steps-per-rank", type=int, default=10_000)
+    p.add_argument("--out", default="runs/scaling")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    base = load_config(args.config, args.overrides)
+    rows = []
+    for w in args.ranks:
+        run_dir = Path(args.out) / f"world{w}"
+        cmd = ["mpiexec", "-n", str(w), sys.executable, "-m", "mpidqn", "train", "--config", args.config,
+               "--run-dir", str(run_dir), "log.progress=none", "eval.interval_steps=0", "eval.episodes=1",
+               "checkpoint.interval_steps=0", "env.num_envs=1", f"train.total_steps={args.steps_per_rank * w}",
+               f"train.learning_starts={base.train.learning_starts * w}", f"train.train_freq={base.train.train_freq * w}",
+               f"log.interval_steps={base.log.interval_steps * w}", *args.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+        run = load_run(run_dir)
+        s = run.scalars
+        wall = float(s["wall_time"].iloc[-1])
+        rows.append((w, args.steps_per_rank * w / wall))
+        print(f"world {w}: {rows[-1][1]:,.0f} global env-steps/s", flush=True)
+    t1 = rows[0][1] / rows[0][0]
+    print(f"{'ranks':>6} {'env-steps/s':>12} {'speedup':>8} {'efficiency':>10}")
+    for w, thr in rows:
+        print(f"{w:>6} {thr:>12,.0f} {thr / (rows[0][1]):>8.2f} {thr / (w * t1):>10.0%}")
+    print(f"cores on this machine: {os.cpu_count()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
