@@ -8,12 +8,14 @@ timeout this rank prints ONE line naming itself, the phase and the step, and abo
 
     mpidqn: rank 0: watchdog: allreduce did not complete within 600 s at step 12,800 (a rank is hung or dead)
 
-Polling spins on ``Test`` for 0.1 s before it sleeps (with a growing pause, capped at 1 ms), so a
-collective that completes quickly pays no sleep latency. The spin is long on purpose: MPICH advances a
-non-blocking collective only while its ranks call into MPI, so a rank asleep after a millisecond of
-jitter delays its partners, which then sleep too (measured: 3 ms per 18 kB Allreduce instead of
-30 us on a loaded 2-core node). A blocking ``Wait`` spins just the same; after 0.1 s the other rank
-is busy with something long (evaluation, checkpoint, a hang) and sleeping frees the core. Small pickled collectives (log and
+The waiting itself is a plain blocking ``Wait`` (MPI's own progress loop, which behaves well when
+ranks outnumber cores); a daemon thread checks every fraction of the timeout whether this rank has
+been inside one wait for longer than the timeout, and if so prints the line and calls ``Abort`` (MPI
+is initialised with MPI_THREAD_MULTIPLE by mpi4py, so the thread may). An earlier design polled the
+requests with ``Test`` from the main thread, spinning 0.1 s before sleeping: with 4 ranks on 2 cores
+the spinning ranks starved the ones they waited for and throughput fell 4.8x (459 against 2,209
+env-steps/s, ``benchmarks/scaling.py``). If MPI has a lower thread level, polling is the fallback.
+Small pickled collectives (log and
 checkpoint gathers) are preceded by :meth:`Watchdog.fence`, a watched ``Ibarrier``: once every rank
 has passed it, the blocking collective that follows cannot wait on an absent rank.
 
@@ -23,12 +25,13 @@ timeout of 0) :func:`wait` is a plain blocking ``Wait``.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
 from mpidqn.errors import EXIT_WATCHDOG
 
-SPIN_S = 0.1  # busy-poll this long before the first sleep (see the module docstring)
+SPIN_S = 0.1  # fallback polling (no MPI_THREAD_MULTIPLE): busy-poll this long before the first sleep
 MAX_SLEEP_S = 1e-3  # the pause between polls grows to this
 
 
@@ -48,6 +51,10 @@ class Watchdog:
         self.abort = abort
         self.say = say
         self.step = 0  # the trainer keeps it current: the global env step named in the message
+        self._phase: str | None = None  # the collective this rank is blocked in, if any
+        self._since = 0.0
+        self._monitor: threading.Thread | None = None
+        self._thread_level_ok: bool | None = None
 
     @property
     def enabled(self) -> bool:
@@ -60,7 +67,7 @@ class Watchdog:
             return
         if request.Test():  # the common case: already done
             return
-        self._poll(request.Test, phase)
+        self._watched(request.Wait, request.Test, phase)
 
     def wait_all(self, requests: Sequence[Any], phase: str) -> None:
         """Complete several requests (e.g. pipeline Isends) or abort the job."""
@@ -68,13 +75,49 @@ class Watchdog:
 
         if not requests:
             return
-        if not self.enabled:
-            MPI.Request.Waitall(list(requests))
-            return
         reqs = list(requests)
+        if not self.enabled:
+            MPI.Request.Waitall(reqs)
+            return
         if MPI.Request.Testall(reqs):
             return
-        self._poll(lambda: MPI.Request.Testall(reqs), phase)
+        self._watched(lambda: MPI.Request.Waitall(reqs), lambda: MPI.Request.Testall(reqs), phase)
+
+    def _watched(self, block: Callable[[], Any], test: Callable[[], bool], phase: str) -> None:
+        """Block in MPI while the monitor thread holds the deadline (polling without threads)."""
+        if not self._threads_ok():
+            self._poll(test, phase)
+            return
+        self._ensure_monitor()
+        self._phase, self._since = phase, time.monotonic()
+        try:
+            block()
+        finally:
+            self._phase = None
+
+    def _threads_ok(self) -> bool:
+        if self._thread_level_ok is None:
+            try:
+                from mpi4py import MPI
+
+                self._thread_level_ok = MPI.Is_initialized() and MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+            except ImportError:
+                self._thread_level_ok = False
+        return self._thread_level_ok
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is None:
+            self._monitor = threading.Thread(target=self._watch, name="mpidqn-watchdog", daemon=True)
+            self._monitor.start()
+
+    def _watch(self) -> None:
+        period = min(1.0, self.timeout_s / 4)
+        while True:
+            time.sleep(period)
+            phase, since = self._phase, self._since
+            if phase is not None and time.monotonic() - since >= self.timeout_s:
+                self.expire(phase)
+                return
 
     def fence(self, comm: Any, phase: str) -> None:
         """A watched barrier before a blocking (pickled) collective on ``comm``."""

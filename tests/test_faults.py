@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 import time
 
 import h5py
@@ -38,16 +39,32 @@ def _events(run_dir) -> list[tuple[int, str, str]]:
 
 
 class _NeverDone:
+    """A request that completes only when the job is aborted (as MPI_Abort would end the process)."""
+
+    def __init__(self) -> None:
+        self.aborted = threading.Event()
+
     def Test(self) -> bool:
-        return False
+        return self.aborted.is_set()
+
+    def Wait(self) -> None:
+        assert self.aborted.wait(10), "the watchdog did not fire"
 
 
-def test_watchdog_expires_with_one_line_and_aborts():
+@pytest.mark.parametrize("threads", [True, False])
+def test_watchdog_expires_with_one_line_and_aborts(threads):
     said, aborted = [], []
-    wd = Watchdog(0.05, rank=3, abort=aborted.append, say=said.append)
+    request = _NeverDone()
+
+    def abort(code):
+        aborted.append(code)
+        request.aborted.set()
+
+    wd = Watchdog(0.05, rank=3, abort=abort, say=said.append)
+    wd._thread_level_ok = threads  # monitor thread + blocking Wait, or the polling fallback
     wd.step = 12800
     t0 = time.monotonic()
-    wd.wait(_NeverDone(), "gradient allreduce")
+    wd.wait(request, "gradient allreduce")
     assert 0.05 <= time.monotonic() - t0 < 5
     assert said == ["mpidqn: rank 3: watchdog: gradient allreduce did not complete within 0.05 s at step 12,800 "
                     "(a rank is hung or dead)"]
