@@ -117,6 +117,13 @@ class Checkpoint:
     def model_files(self) -> list[Path]:
         return [self.path / f"model_s{s}.h5" for s in range(self.pipeline_stages)]
 
+    def config(self) -> Any:
+        """The resolved config of the run that wrote this checkpoint."""
+        from mpidqn.config import config_from_yaml_text
+
+        with h5py.File(self.model_files()[0], "r") as h:
+            return config_from_yaml_text(str(h.attrs["config"]))
+
 
 def verify(path: Path, check_crc: bool = True) -> Checkpoint:
     """Return the Checkpoint at ``path`` or raise ValueError saying what is wrong with it."""

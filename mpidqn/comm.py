@@ -30,7 +30,9 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], comm: Any, root: int = 0
     """Broadcast tensors from ``root`` in the given (fixed) order as one flat buffer."""
     if comm.Get_size() == 1 or not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    dtypes = {t.dtype for t in tensors}  # one common dtype travels exactly (float32 params: no upcast)
+    dtype = dtypes.pop() if len(dtypes) == 1 and torch.bfloat16 not in dtypes else torch.float64
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
     comm.Bcast(flat.numpy(), root=root)
     offset = 0
     with torch.no_grad():

@@ -10,21 +10,15 @@ import numpy as np
 import torch
 
 from mpidqn.checkpoint import Checkpoint, read_model, resolve
-from mpidqn.config import config_from_yaml_text
 from mpidqn.envs import make_env
 from mpidqn.evaluation import evaluate_policy
 from mpidqn.cnn_networks import build_network
 from mpidqn.env_presets import spec_from_config
 
 
-def checkpoint_config(ckpt: Checkpoint) -> Any:
-    with h5py.File(ckpt.model_files()[0], "r") as h:
-        return config_from_yaml_text(str(h.attrs["config"]))
-
-
 def load_policy(ckpt: Checkpoint) -> tuple[Any, torch.nn.Module]:
     """The config and the full online Q-network of a checkpoint (all pipeline stages merged)."""
-    cfg = checkpoint_config(ckpt)
+    cfg = ckpt.config()
     env = make_env(spec_from_config(cfg.env, evaluation=True))
     net = build_network(env.observation_space.shape, int(env.action_space.n), cfg.network)
     env.close()
@@ -67,7 +61,7 @@ def inspect_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> 
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     ckpt = resolve(args.target)  # verifies sizes and checksums
-    cfg = checkpoint_config(ckpt)
+    cfg = ckpt.config()
     model = read_model(ckpt)
     params = int(sum(t.numel() for t in model["online"].values()))
     replay = 0

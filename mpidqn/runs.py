@@ -191,12 +191,8 @@ def _latest_path(run_dir: Path, say: Callable[[str], None]) -> str | None:
 
 
 def check_compatible(ckpt: Any, cfg: Config) -> None:
-    """A checkpoint resumes only into the same environment and network shape."""
-    import h5py
-
-    with h5py.File(ckpt.model_files()[0], "r") as h:
-        old = config_from_yaml_text(str(h.attrs["config"]))
-    a, b = _flat(to_dict(old)), _flat(to_dict(cfg))
-    for key in ("env.id", "network.hidden", "network.activation", "network.dueling"):
+    """A checkpoint resumes only into the same environment and network (every ``network.*`` key)."""
+    a, b = _flat(to_dict(ckpt.config())), _flat(to_dict(cfg))
+    for key in ["env.id", *(k for k in a if k.startswith("network."))]:
         if a[key] != b[key]:
             raise UserError(f"checkpoint {ckpt.path} is incompatible: {key} is {a[key]!r} there and {b[key]!r} here")

@@ -8,7 +8,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,14 +61,17 @@ class EpisodeTracker:
             self.returns[i] = 0.0
             self.lengths[i] = 0
 
+    def finished_rows(self) -> np.ndarray:
+        """Finished episodes not yet reported, as (global step, return, length) rows."""
+        return np.array(self.finished, dtype=np.float64).reshape(-1, 3)
+
     def pop(self) -> np.ndarray:
-        out = np.array(self.finished, dtype=np.float64).reshape(-1, 3)
+        out = self.finished_rows()
         self.finished = []
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        finished = np.array(self.finished, dtype=np.float64).reshape(-1, 3)
-        return {"returns": self.returns.copy(), "lengths": self.lengths.copy(), "finished": finished}
+        return {"returns": self.returns.copy(), "lengths": self.lengths.copy(), "finished": self.finished_rows()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.returns[:] = state["returns"]
@@ -220,7 +223,7 @@ class Trainer:
         self.timer.move("learn", "comm", comm)  # the Allreduce ran inside update_many
 
     # ------------------------------------------------------------------ loop
-    def run(self, should_stop: Callable[[], bool] | None = None) -> str:
+    def run(self) -> str:
         """Train until total_steps (returns "done") or an agreed stop signal (returns "signal")."""
         cfg = self.cfg
         signals.install()  # normally done by the CLI already; harmless twice
@@ -246,7 +249,7 @@ class Trainer:
                 self.save_checkpoint()
             if self.counters.iterations % agree_every == 0:
                 stop, due = C.agree_flags(
-                    [signals.received() is not None or bool(should_stop and should_stop()), self._checkpoint_due()],
+                    [signals.received() is not None, self._checkpoint_due()],
                     self.topo.comm)
                 if stop:
                     self.report_progress(time.perf_counter() - t_start)
