@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from mpidqn.errors import EXIT_WATCHDOG
 
 SPIN_S = 0.1  # fallback polling (no MPI_THREAD_MULTIPLE): busy-poll this long before the first sleep
+ABORT_GRACE_S = 1.0  # pause between the watchdog's message and the abort (see Watchdog.expire)
 MAX_SLEEP_S = 1e-3  # the pause between polls grows to this
 
 
@@ -142,6 +143,10 @@ class Watchdog:
     def expire(self, phase: str) -> None:
         self.say(f"mpidqn: rank {self.rank}: watchdog: {phase} did not complete within {self.timeout_s:g} s "
                  f"at step {self.step:,} (a rank is hung or dead)")
+        if self._monitor is not None:
+            # Abort from the monitor thread can tear the job down before the launcher forwards the
+            # line just printed (seen in CI): give it a moment. Only ever paid on a timeout.
+            time.sleep(ABORT_GRACE_S)
         self.abort(EXIT_WATCHDOG)
 
 
