@@ -2,7 +2,8 @@
 
 Layout of ``RUN_DIR/checkpoints/step_<global env steps, 12 digits>/``::
 
-    model_s<stage>.h5   online + target parameters and Adam state, keyed by global parameter name
+    model_s<stage>.h5   online + target parameters and optimizer state (Adam or RMSprop, under the
+                        historical key ``adam``), keyed by global parameter name
                         (``<layer index>.<name>``); written by the first data-parallel rank of each
                         pipeline stage, so a checkpoint of S stages loads with any S'.
     rank_<rank>.h5      everything else that rank needs to continue exactly: counters, numpy/torch
@@ -184,7 +185,8 @@ def resolve(target: str | Path) -> Checkpoint:
 
 
 def read_model(ckpt: Checkpoint) -> dict[str, Any]:
-    """Merge the stage files into one model state: online, target, adam (by global name), updates."""
+    """Merge the stage files into one model state: online, target, adam (the optimizer state, Adam or
+    RMSprop, by global name), updates."""
     merged: dict[str, Any] = {"online": {}, "target": {}, "adam": {}}
     for f in ckpt.model_files():
         with h5py.File(f, "r") as h:

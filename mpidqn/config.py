@@ -106,13 +106,26 @@ class TrainConfig:
     n_step: int = 1
     """n-step returns (1 = classic one-step TD)."""
     lr: float = 2.3e-3
-    """Adam learning rate."""
+    """Learning rate (of whichever ``optimizer`` is chosen)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """How lr scales with the number of data-parallel replicas dp."""
     lr_final_fraction: float = 0.05
     """Learning rate decays linearly to lr * lr_final_fraction at the end of training (1 = constant)."""
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    """adam: Adam (fused kernel) with ``adam_eps``. rmsprop: RMSprop with ``rmsprop_alpha``, ``rmsprop_eps``
+    and ``rmsprop_centered`` (the MinAtar reference and Nature DQN optimizer). A checkpoint resumes
+    only with the optimizer it was written with."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
+    rmsprop_alpha: float = 0.95
+    """RMSprop decay of the squared-gradient average (the "squared gradient momentum" 0.95 of Nature
+    DQN and the MinAtar reference)."""
+    rmsprop_eps: float = 0.01
+    """RMSprop epsilon (the "min squared gradient" 0.01 of Nature DQN and the MinAtar reference); torch,
+    like MinAtar's PyTorch reference, adds it outside the square root, Nature DQN inside."""
+    rmsprop_centered: bool = True
+    """Centered RMSprop: normalise by the variance of the gradient (mean of squares minus the squared
+    mean) instead of the mean of squares, as Nature DQN and the MinAtar reference do."""
     max_grad_norm: float | None = 10.0
     """Clip the global gradient norm (after averaging) to this; None disables clipping."""
     loss: Literal["huber", "mse"] = "huber"
@@ -385,6 +398,9 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")
     _require(0.0 < t.lr_final_fraction <= 1.0, "train.lr_final_fraction", f"must be in (0, 1], got {t.lr_final_fraction}")
     _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
+    _require(0.0 < t.rmsprop_alpha < 1.0, "train.rmsprop_alpha", f"must be in (0, 1), got {t.rmsprop_alpha}")
+    _require(t.rmsprop_eps > 0 and math.isfinite(t.rmsprop_eps), "train.rmsprop_eps",
+             f"must be > 0, got {t.rmsprop_eps}")
     if t.max_grad_norm is not None:
         _require(t.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {t.max_grad_norm}")
     _require(t.target_update_interval >= 1, "train.target_update_interval", f"must be >= 1, got {t.target_update_interval}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from mpidqn import comm as C
 from mpidqn import watchdog
-from mpidqn.learner import Hyper, Learner
+from mpidqn.learner import Hyper, Learner, make_optimizer
 
 
 def bucket_bounds(sizes: Sequence[int], bucket_elems: int) -> list[tuple[int, int, list[int]]]:
@@ -150,7 +150,7 @@ class ExtLearner(Learner):
             p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self.host_grad = torch.zeros(self.flat_grad.numel(), pin_memory=True)
-        self.optimizer = torch.optim.Adam(self.params, lr=self.hyper.lr, eps=self.hyper.adam_eps, fused=True)
+        self.optimizer = make_optimizer(self.params, self.hyper)
         self._loss_sum = torch.zeros((), device=dev)
         self._q_sum = torch.zeros((), device=dev)
 

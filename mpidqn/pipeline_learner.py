@@ -34,12 +34,12 @@ from mpidqn import watchdog
 from mpidqn.dqn import td_loss, td_targets
 from mpidqn.h5tree import Json
 from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
-from mpidqn.learner import Hyper, apply_update
+from mpidqn.learner import Hyper, apply_update, load_optimizer_state, make_optimizer, optimizer_hparams
 from mpidqn.pipeline import (
     StageLink, boundary_shapes, gpipe_backward, layer_costs, partition_layers, pipelined_forward, split_sizes,
 )
 
-BYTES_PER_PARAM = 4 * 5  # float32: online, gradient, two Adam moments, target
+BYTES_PER_PARAM = 4 * 5  # float32: online, gradient, two optimizer moments (Adam, centered RMSprop), target
 
 
 def stage_module(layers: Sequence[nn.Module], start: int, end: int) -> nn.Sequential:
@@ -63,7 +63,7 @@ class GroupBatch:
 
 
 class PipelineLearner:
-    """One pipeline stage of the online and target networks, Adam, dp + pp gradient reduction."""
+    """One pipeline stage of the online and target networks, its optimizer, dp + pp gradient reduction."""
 
     collective_acting = True  # greedy_actions is a collective over the pipeline group
 
@@ -90,9 +90,8 @@ class PipelineLearner:
         for p in self.params:
             p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-        # A stage of parameter-free layers has nothing to optimise (torch refuses an empty Adam).
-        self.optimizer = (torch.optim.Adam(self.params, lr=hyper.lr, eps=hyper.adam_eps, fused=True)
-                          if self.params else None)
+        # A stage of parameter-free layers has nothing to optimise (torch refuses an empty optimizer).
+        self.optimizer = make_optimizer(self.params, hyper) if self.params else None
         self._lr = hyper.lr
         self.updates = 0
         self._collective_seconds = 0.0  # gathers, Allreduce, norm; the stage link counts its own waits
@@ -110,7 +109,7 @@ class PipelineLearner:
         start, end = self.layer_span
         n = self.stage_parameters
         return (f"stage {self.stage}: layers {start}..{end - 1} ({', '.join(self.layer_names)}), "
-                f"{n:,} parameters ({n * BYTES_PER_PARAM / 2**20:.3g} MiB incl. gradient, Adam state and target)")
+                f"{n:,} parameters ({n * BYTES_PER_PARAM / 2**20:.3g} MiB incl. gradient, optimizer state and target)")
 
     @property
     def comm_seconds(self) -> float:
@@ -309,16 +308,15 @@ class PipelineLearner:
 
     # ------------------------------------------------------------------ state
     def _adam_hparams(self) -> dict[str, Any]:
+        """The optimizer's hyper-parameters (stored as "adam_hparams" whichever optimizer it is)."""
         if self.optimizer is not None:
-            group = self.optimizer.state_dict()["param_groups"][0]
-        else:  # ask torch for Adam's defaults on a throw-away tensor
-            dummy = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=self._lr, eps=self.hyper.adam_eps,
-                                     fused=True)
-            group = dummy.state_dict()["param_groups"][0]
-        return {k: v for k, v in group.items() if k != "params"}
+            return optimizer_hparams(self.optimizer)
+        # a parameter-free stage: ask torch for the chosen optimizer's hparams on a throw-away tensor
+        return optimizer_hparams(make_optimizer([torch.zeros(1, requires_grad=True)], self.hyper, lr=self._lr))
 
     def state_dict(self) -> dict[str, Any]:
-        """This stage's parameters and Adam state under GLOBAL parameter names (re-partitionable)."""
+        """This stage's parameters and optimizer state under GLOBAL parameter names (re-partitionable),
+        under the keys "adam" and "adam_hparams" whichever optimizer it is (see Learner.state_dict)."""
         adam = {}
         if self.optimizer is not None:
             adam = {self.param_names[i]: dict(st) for i, st in self.optimizer.state_dict()["state"].items()}
@@ -337,16 +335,12 @@ class PipelineLearner:
         missing = [k for k in mine if k not in state["online"]]
         if missing:
             raise KeyError(f"model state lacks parameters {missing} of pipeline stage {self.stage}")
-        self.online.load_state_dict({k: state["online"][k] for k in mine})
-        self.target.load_state_dict({k: state["target"][k] for k in mine})
         hparams = state["adam_hparams"]
         hparams = hparams.value if isinstance(hparams, Json) else hparams
         if self.optimizer is not None:
-            adam = state["adam"]
-            self.optimizer.load_state_dict({
-                "state": {i: adam[n] for i, n in enumerate(self.param_names) if n in adam},
-                "param_groups": [{**hparams, "params": list(range(len(self.params)))}],
-            })
+            load_optimizer_state(self.optimizer, self.hyper, self.param_names, state["adam"], hparams)
+        self.online.load_state_dict({k: state["online"][k] for k in mine})
+        self.target.load_state_dict({k: state["target"][k] for k in mine})
         self._lr = float(hparams.get("lr", self._lr))
         self.updates = int(state["updates"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

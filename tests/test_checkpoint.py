@@ -35,10 +35,13 @@ def test_tree_round_trip_preserves_types(tmp_path):
     assert back["g"]["ring"]["obs"].shape == (0, 4)
 
 
-def test_learner_state_round_trip_through_hdf5(tmp_path):
+@pytest.mark.parametrize("optimizer, keys", [("adam", {"step", "exp_avg", "exp_avg_sq"}),
+                                             ("rmsprop", {"step", "square_avg", "grad_avg"})])
+def test_learner_state_round_trip_through_hdf5(tmp_path, optimizer, keys):
     def make(seed):
         torch.manual_seed(seed)
-        return Learner(torch.nn.Sequential(*mlp_layers(3, 2, [8], dueling=True)), Hyper(lr=1e-2), MPI.COMM_SELF)
+        return Learner(torch.nn.Sequential(*mlp_layers(3, 2, [8], dueling=True)),
+                       Hyper(lr=1e-2, optimizer=optimizer), MPI.COMM_SELF)
 
     a = make(0)
     x = torch.randn(5, 3)
@@ -49,9 +52,12 @@ def test_learner_state_round_trip_through_hdf5(tmp_path):
         write_tree(f, {"model": a.state_dict()})
     with h5py.File(tmp_path / "m.h5", "r") as f:
         state = read_tree(f["model"])
+    assert all(set(st) == keys for st in state["adam"].values())  # historical key, any optimizer
     b = make(1)
     b.load_state_dict(state)
     assert b.updates == 3
+    groups = [json.dumps(m.optimizer.state_dict()["param_groups"]) for m in (a, b)]  # Adam's betas: tuple -> list
+    assert groups[0] == groups[1]
     for (n, p), q in zip(a.online.named_parameters(), b.online.parameters()):
         assert torch.equal(p, q), n
     # identical next step => optimizer state (moments, step count) came back too
@@ -60,6 +66,19 @@ def test_learner_state_round_trip_through_hdf5(tmp_path):
         m.step()
     for p, q in zip(a.online.parameters(), b.online.parameters()):
         assert torch.equal(p, q)
+
+
+def test_optimizer_state_of_the_other_kind_is_refused():
+    def make(optimizer):
+        torch.manual_seed(0)
+        return Learner(torch.nn.Sequential(*mlp_layers(3, 2, [8])), Hyper(optimizer=optimizer), MPI.COMM_SELF)
+
+    adam = make("adam")
+    x = torch.randn(4, 3)
+    adam.backward(x, torch.zeros(4, dtype=torch.long), torch.ones(4))
+    adam.step()
+    with pytest.raises(ValueError, match="holds adam optimizer state, but train.optimizer is rmsprop"):
+        make("rmsprop").load_state_dict(adam.state_dict())
 
 
 def _model_tensors(run_dir):

@@ -36,6 +36,11 @@ def test_yaml_file_and_dotted_overrides(tmp_path):
     ("train.gamma=1.5", "train.gamma"),
     ("parallel.pipeline_stages=0", "parallel.pipeline_stages"),
     ("checkpoint.keep=0", "checkpoint.keep"),
+    ("train.optimizer=sgd", "train.optimizer"),
+    ("train.rmsprop_alpha=1.5", "train.rmsprop_alpha"),
+    ("train.rmsprop_alpha=0", "train.rmsprop_alpha"),
+    ("train.rmsprop_eps=0", "train.rmsprop_eps"),
+    ("train.rmsprop_centered=maybe", "train.rmsprop_centered"),
     ("no_equals_sign", "no_equals_sign"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):
@@ -65,6 +70,16 @@ def test_yaml_round_trip_and_every_field_documented():
     for name, f in iter_fields(Config):
         leaf = name.split(".")[-1]
         assert f'{leaf}:' in source and '"""' in source, name
+
+
+def test_rmsprop_options_reach_the_learner():
+    from mpidqn.learner import Hyper
+
+    cfg = load_config(None, ["train.optimizer=rmsprop", "train.rmsprop_alpha=0.9", "train.rmsprop_eps=1e-3",
+                             "train.rmsprop_centered=false"])
+    h = Hyper.from_config(cfg.train, 0, cfg.train.lr)
+    assert (h.optimizer, h.rmsprop_alpha, h.rmsprop_eps, h.rmsprop_centered) == ("rmsprop", 0.9, 1e-3, False)
+    assert load_config().train.optimizer == "adam"
 
 
 @pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander"])

@@ -64,3 +64,44 @@ def test_true_next_obs_uses_final_observation_of_finished_envs():
     info = {"final_obs": np.array([None, np.array([9.0])], dtype=object)}
     out = true_next_obs(next_obs, np.array([False, True]), info)
     assert out.tolist() == [[1.0], [9.0]] and next_obs.tolist() == [[1.0], [2.0]]
+
+
+def test_rmsprop_learner_update_equals_torch_rmsprop_on_the_same_loss():
+    """train.optimizer=rmsprop: the learner's updates are centered RMSprop (alpha 0.95, eps 0.01), the
+    MinAtar reference optimizer, applied to the plain DQN loss of a hand-written training loop."""
+    import copy
+
+    from mpi4py import MPI
+
+    from mpidqn.learner import Hyper, Learner
+    from mpidqn.networks import mlp_layers
+    from mpidqn.replay import Batch
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(*mlp_layers(4, 3, [16]))
+    ref, ref_target = copy.deepcopy(net), copy.deepcopy(net)
+    hyper = Hyper(lr=1e-2, optimizer="rmsprop", max_grad_norm=None, double_dqn=False, target_update_interval=1000,
+                  sync_check_interval=0)
+    learner = Learner(net, hyper, MPI.COMM_SELF)
+    assert isinstance(learner.optimizer, torch.optim.RMSprop)
+    opt = torch.optim.RMSprop(ref.parameters(), lr=1e-2, alpha=0.95, eps=0.01, centered=True)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        b = Batch(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(3, size=8),
+                  rng.normal(size=8).astype(np.float32), rng.normal(size=(8, 4)).astype(np.float32),
+                  np.full(8, 0.99, np.float32))
+        learner.update_many(b, 1)
+        obs, next_obs = torch.from_numpy(b.obs), torch.from_numpy(b.next_obs)
+        with torch.no_grad():
+            y = torch.from_numpy(b.rewards) + torch.from_numpy(b.discounts) * ref_target(next_obs).max(dim=1).values
+        q = ref(obs).gather(1, torch.from_numpy(b.actions).long().unsqueeze(1)).squeeze(1)
+        opt.zero_grad()
+        torch.nn.functional.smooth_l1_loss(q, y).backward()
+        opt.step()
+    assert learner.updates == 4
+    moved = False
+    for (name, p), q, p0 in zip(learner.online.named_parameters(), ref.parameters(), ref_target.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (name, (p - q).abs().max().item())
+        moved |= not torch.equal(p, p0)
+    assert moved
+    assert set(learner.state_dict()["adam"]["1.weight"]) == {"step", "square_avg", "grad_avg"}

@@ -1,4 +1,5 @@
-"""The layer partition and micro-batch arithmetic of the pipeline (pure functions, no MPI)."""
+"""The layer partition and micro-batch arithmetic of the pipeline (pure functions, no MPI), and a
+one-stage PipelineLearner on MPI.COMM_SELF against the plain learner."""
 from __future__ import annotations
 
 import pytest
@@ -95,3 +96,37 @@ def test_stages_keep_global_parameter_names_and_compose_to_the_full_network():
     assert torch.equal(y, full(x))
     shapes = boundary_shapes(layers, (5,), ranges)
     assert len(shapes) == 4 and shapes[0] == (5,) and shapes[-1] == (3,)
+
+
+def test_one_stage_pipeline_with_rmsprop_matches_the_plain_learner():
+    """Same updates as Learner with train.optimizer=rmsprop; the optimizer hparams it records (also those
+    a parameter-free stage records from a throw-away optimizer) are RMSprop's."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from mpidqn.learner import Hyper, Learner
+    from mpidqn.pipeline_learner import PipelineLearner
+    from mpidqn.replay import Batch
+
+    def layers():
+        torch.manual_seed(5)
+        return mlp_layers(4, 3, [16, 8], dueling=True)
+
+    hyper = Hyper(lr=1e-2, optimizer="rmsprop", max_grad_norm=0.5, target_update_interval=2, sync_check_interval=1)
+    pipe = PipelineLearner(layers(), (4,), hyper, MPI.COMM_SELF, MPI.COMM_SELF, micro_batches=3)
+    ref = Learner(torch.nn.Sequential(*layers()), hyper, MPI.COMM_SELF)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        rows = 2 * 10
+        b = Batch(rng.normal(size=(rows, 4)).astype(np.float32), rng.integers(3, size=rows),
+                  rng.normal(size=rows).astype(np.float32), rng.normal(size=(rows, 4)).astype(np.float32),
+                  np.full(rows, 0.99, np.float32))
+        pipe.update_many(b, 2)
+        ref.update_many(b, 2)
+    for (name, p), q in zip(pipe.online.named_parameters(), ref.params):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+    hparams = pipe.state_dict()["adam_hparams"].value
+    assert hparams == ref.state_dict()["adam_hparams"].value
+    assert (hparams["alpha"], hparams["eps"], hparams["centered"]) == (0.95, 0.01, True)
+    pipe.optimizer = None  # as on a stage of parameter-free layers
+    assert pipe.state_dict()["adam_hparams"].value == hparams
