@@ -191,8 +191,9 @@ def _latest_path(run_dir: Path, say: Callable[[str], None]) -> str | None:
 
 
 def check_compatible(ckpt: Any, cfg: Config) -> None:
-    """A checkpoint resumes only into the same environment and network (every ``network.*`` key)."""
+    """A checkpoint resumes only into the same environment, network (every ``network.*`` key) and
+    optimizer (Adam moments are no RMSprop averages)."""
     a, b = _flat(to_dict(ckpt.config())), _flat(to_dict(cfg))
-    for key in ["env.id", *(k for k in a if k.startswith("network."))]:
+    for key in ["env.id", *(k for k in a if k.startswith("network.")), "train.optimizer"]:
         if a[key] != b[key]:
             raise UserError(f"checkpoint {ckpt.path} is incompatible: {key} is {a[key]!r} there and {b[key]!r} here")

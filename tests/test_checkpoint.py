@@ -81,6 +81,21 @@ def test_optimizer_state_of_the_other_kind_is_refused():
         make("rmsprop").load_state_dict(adam.state_dict())
 
 
+def test_resume_with_another_optimizer_is_refused():
+    from types import SimpleNamespace
+
+    from mpidqn.config import load_config
+    from mpidqn.errors import UserError
+    from mpidqn.runs import check_compatible
+
+    ckpt = SimpleNamespace(path="run/checkpoints/step_000000001200", config=lambda: load_config())  # Adam
+    check_compatible(ckpt, load_config(None, ["train.adam_eps=1e-6"]))  # other hyper-parameters are fine
+    with pytest.raises(UserError) as e:
+        check_compatible(ckpt, load_config(None, ["train.optimizer=rmsprop"]))
+    assert str(e.value) == ("checkpoint run/checkpoints/step_000000001200 is incompatible: train.optimizer is "
+                            "'adam' there and 'rmsprop' here")
+
+
 def _model_tensors(run_dir):
     ckpt = find_latest(run_dir / "checkpoints")
     return ckpt, read_model(ckpt)
