@@ -82,6 +82,15 @@ def test_rmsprop_options_reach_the_learner():
     assert load_config().train.optimizer == "adam"
 
 
+@pytest.mark.parametrize("name", ["minatar-breakout", "minatar-space-invaders"])
+def test_minatar_configs_use_the_reference_rmsprop(name):
+    from conftest import ROOT
+
+    t = load_config(ROOT / "configs" / f"{name}.yaml").train
+    assert (t.optimizer, t.lr, t.rmsprop_alpha, t.rmsprop_eps, t.rmsprop_centered) == ("rmsprop", 2.5e-4, 0.95, 0.01,
+                                                                                         True)
+
+
 @pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander"])
 def test_shipped_configs_load(name):
     from conftest import ROOT
