@@ -28,6 +28,7 @@ class Hyper:
     rmsprop_alpha: float = 0.95
     rmsprop_eps: float = 0.01
     rmsprop_centered: bool = True
+    compile_optimizer: bool = False  # torch.compile the RMSprop step (see make_optimizer)
     max_grad_norm: float | None = 10.0
     loss: str = "huber"
     double_dqn: bool = True
@@ -41,7 +42,7 @@ class Hyper:
         return cls(
             lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps, rmsprop_alpha=train.rmsprop_alpha,
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
-            max_grad_norm=train.max_grad_norm, loss=train.loss,
+            compile_optimizer=train.compile_optimizer, max_grad_norm=train.max_grad_norm, loss=train.loss,
             double_dqn=train.double_dqn, target_update_interval=train.target_update_interval,
             tau=train.tau, sync_check_interval=sync_check_interval, nonfinite=train.nonfinite,
         )
@@ -52,21 +53,42 @@ def make_optimizer(params: list[torch.Tensor], hyper: Hyper, lr: float | None = 
 
     Adam uses the fused kernel: one kernel over all tensors (about 2.5x faster than foreach on CPU at
     this size). torch has no fused RMSprop; its multi-tensor (foreach) kernels are a little faster than
-    the per-tensor loop on CPU (and the usual choice on CUDA), so RMSprop uses those.
+    the per-tensor loop on CPU (and the usual choice on CUDA), so RMSprop uses those, unless
+    ``hyper.compile_optimizer``: then its step is compiled by ``torch.compile`` into one fused loop (the
+    instance's ``step`` is replaced; the optimizer's state and checkpoints are unchanged). The learning
+    rate is then a tensor, so changing it (``set_optimizer_lr``) reuses the compiled step.
     """
     lr = hyper.lr if lr is None else lr
     if hyper.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, eps=hyper.adam_eps, fused=True)
-    if hyper.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=hyper.rmsprop_alpha, eps=hyper.rmsprop_eps,
-                                   centered=hyper.rmsprop_centered, foreach=True)
-    raise ValueError(f"unknown optimizer {hyper.optimizer!r} (adam or rmsprop)")
+    if hyper.optimizer != "rmsprop":
+        raise ValueError(f"unknown optimizer {hyper.optimizer!r} (adam or rmsprop)")
+    compiled = hyper.compile_optimizer
+    device = params[0].device if params else None
+    optimizer = torch.optim.RMSprop(params, lr=torch.tensor(lr, device=device) if compiled else lr,
+                                    alpha=hyper.rmsprop_alpha, eps=hyper.rmsprop_eps,
+                                    centered=hyper.rmsprop_centered, foreach=not compiled)
+    if compiled:
+        # The class's step without torch's profiling wrapper (whose record_function torch.compile
+        # cannot trace); an instance attribute, so every caller of optimizer.step() gets it.
+        plain_step = type(optimizer).step.__wrapped__
+        optimizer.step = torch.compile(lambda: plain_step(optimizer))  # type: ignore[method-assign]
+    return optimizer
+
+
+def set_optimizer_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate in place (a tensor lr stays the same tensor: no recompilation)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The hyper-parameters of the (single) parameter group, as stored in checkpoints."""
     group = optimizer.state_dict()["param_groups"][0]
-    return {k: v for k, v in group.items() if k != "params"}
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, hyper: Hyper, param_names: list[str],
@@ -78,10 +100,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, hyper: Hyper, param_n
     if stored != hyper.optimizer:
         raise ValueError(f"the model state holds {stored} optimizer state, but train.optimizer is "
                          f"{hyper.optimizer}")
+    lr = optimizer.param_groups[0]["lr"]
+    tensor_lr = isinstance(lr, torch.Tensor)
     optimizer.load_state_dict({
         "state": {i: state[n] for i, n in enumerate(param_names) if n in state},
         "param_groups": [{**hparams, "params": list(range(len(param_names)))}],
     })
+    if tensor_lr:  # checkpoints store a float; a compiled step wants its tensor back
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=lr.device)
 
 
 def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
@@ -250,8 +277,7 @@ class Learner:
         self.nonfinite_skipped += 1
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_optimizer_lr(self.optimizer, lr)
 
     def pop_metrics(self) -> dict[str, float]:
         """Mean loss and mean Q(s, a) of this replica since the last call (NaN when no update ran)."""

@@ -34,7 +34,8 @@ from mpidqn import watchdog
 from mpidqn.dqn import td_loss, td_targets
 from mpidqn.h5tree import Json
 from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
-from mpidqn.learner import Hyper, apply_update, load_optimizer_state, make_optimizer, optimizer_hparams
+from mpidqn.learner import (Hyper, apply_update, load_optimizer_state, make_optimizer, optimizer_hparams,
+                            set_optimizer_lr)
 from mpidqn.pipeline import (
     StageLink, boundary_shapes, gpipe_backward, layer_costs, partition_layers, pipelined_forward, split_sizes,
 )
@@ -265,8 +266,7 @@ class PipelineLearner:
     def set_lr(self, lr: float) -> None:
         self._lr = lr
         if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_optimizer_lr(self.optimizer, lr)
 
     def pop_metrics(self) -> dict[str, float]:
         """Mean loss and Q(s, a) since the last call, computed on the last stage, known by the group."""

@@ -16,7 +16,7 @@ from mpi4py import MPI
 from conftest import MPI_SCRIPTS, _env, inspect_json, mpidqn, mpirun, run
 from mpidqn.checkpoint import MARKER, find_latest, read_model
 from mpidqn.h5tree import Json, read_tree, write_tree
-from mpidqn.learner import Hyper, Learner
+from mpidqn.learner import Hyper, Learner, optimizer_hparams
 from mpidqn.networks import mlp_layers
 
 
@@ -35,13 +35,14 @@ def test_tree_round_trip_preserves_types(tmp_path):
     assert back["g"]["ring"]["obs"].shape == (0, 4)
 
 
-@pytest.mark.parametrize("optimizer, keys", [("adam", {"step", "exp_avg", "exp_avg_sq"}),
-                                             ("rmsprop", {"step", "square_avg", "grad_avg"})])
-def test_learner_state_round_trip_through_hdf5(tmp_path, optimizer, keys):
+@pytest.mark.parametrize("optimizer, compiled, keys", [("adam", False, {"step", "exp_avg", "exp_avg_sq"}),
+                                                       ("rmsprop", False, {"step", "square_avg", "grad_avg"}),
+                                                       ("rmsprop", True, {"step", "square_avg", "grad_avg"})])
+def test_learner_state_round_trip_through_hdf5(tmp_path, optimizer, compiled, keys):
     def make(seed):
         torch.manual_seed(seed)
         return Learner(torch.nn.Sequential(*mlp_layers(3, 2, [8], dueling=True)),
-                       Hyper(lr=1e-2, optimizer=optimizer), MPI.COMM_SELF)
+                       Hyper(lr=1e-2, optimizer=optimizer, compile_optimizer=compiled), MPI.COMM_SELF)
 
     a = make(0)
     x = torch.randn(5, 3)
@@ -56,8 +57,10 @@ def test_learner_state_round_trip_through_hdf5(tmp_path, optimizer, keys):
     b = make(1)
     b.load_state_dict(state)
     assert b.updates == 3
-    groups = [json.dumps(m.optimizer.state_dict()["param_groups"]) for m in (a, b)]  # Adam's betas: tuple -> list
+    groups = [json.dumps(optimizer_hparams(m.optimizer)) for m in (a, b)]  # Adam's betas: tuple -> list
     assert groups[0] == groups[1]
+    # a compiled step keeps its tensor learning rate across a load (a float would recompile it)
+    assert isinstance(b.optimizer.param_groups[0]["lr"], torch.Tensor) == compiled
     for (n, p), q in zip(a.online.named_parameters(), b.online.parameters()):
         assert torch.equal(p, q), n
     # identical next step => optimizer state (moments, step count) came back too

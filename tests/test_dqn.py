@@ -66,9 +66,11 @@ def test_true_next_obs_uses_final_observation_of_finished_envs():
     assert out.tolist() == [[1.0], [9.0]] and next_obs.tolist() == [[1.0], [2.0]]
 
 
-def test_rmsprop_learner_update_equals_torch_rmsprop_on_the_same_loss():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rmsprop_learner_update_equals_torch_rmsprop_on_the_same_loss(compiled):
     """train.optimizer=rmsprop: the learner's updates are centered RMSprop (alpha 0.95, eps 0.01), the
-    MinAtar reference optimizer, applied to the plain DQN loss of a hand-written training loop."""
+    MinAtar reference optimizer, applied to the plain DQN loss of a hand-written training loop; also
+    with train.compile_optimizer, through a learning-rate change."""
     import copy
 
     from mpi4py import MPI
@@ -81,12 +83,15 @@ def test_rmsprop_learner_update_equals_torch_rmsprop_on_the_same_loss():
     net = torch.nn.Sequential(*mlp_layers(4, 3, [16]))
     ref, ref_target = copy.deepcopy(net), copy.deepcopy(net)
     hyper = Hyper(lr=1e-2, optimizer="rmsprop", max_grad_norm=None, double_dqn=False, target_update_interval=1000,
-                  sync_check_interval=0)
+                  sync_check_interval=0, compile_optimizer=compiled)
     learner = Learner(net, hyper, MPI.COMM_SELF)
     assert isinstance(learner.optimizer, torch.optim.RMSprop)
     opt = torch.optim.RMSprop(ref.parameters(), lr=1e-2, alpha=0.95, eps=0.01, centered=True)
     rng = np.random.default_rng(0)
-    for _ in range(4):
+    for i in range(4):
+        if i == 2:  # a learning-rate schedule step
+            learner.set_lr(5e-3)
+            opt.param_groups[0]["lr"] = 5e-3
         b = Batch(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(3, size=8),
                   rng.normal(size=8).astype(np.float32), rng.normal(size=(8, 4)).astype(np.float32),
                   np.full(8, 0.99, np.float32))
