@@ -95,7 +95,10 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     from mpidqn.env_presets import spec_from_config
     from mpidqn.envs import check_env_id
 
+    from mpidqn.learner import check_compile_optimizer
+
     collective(comm, lambda: check_env_id(spec_from_config(cfg.env)))  # before anything is written to the run dir
+    collective(comm, lambda: check_compile_optimizer(cfg.train))
     run = prepare_run(cfg, topo, args.run_dir, args.resume, collective)
     return run.train()
 

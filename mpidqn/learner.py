@@ -76,6 +76,23 @@ def make_optimizer(params: list[torch.Tensor], hyper: Hyper, lr: float | None = 
     return optimizer
 
 
+def check_compile_optimizer(train: Any) -> None:
+    """Raise UserError (one line) when ``train.compile_optimizer`` cannot work on this machine:
+    torch.compile builds CPU kernels with the C++ compiler ``$CXX`` (default g++). Checked before
+    training starts, instead of failing at the first update."""
+    if not (train.optimizer == "rmsprop" and train.compile_optimizer):
+        return
+    import os
+    import shutil
+
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        from mpidqn.errors import UserError
+
+        raise UserError(f"train.compile_optimizer: torch.compile needs a C++ compiler and {cxx!r} was not found "
+                        "(install one, point $CXX at it, or set train.compile_optimizer=false)")
+
+
 def set_optimizer_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate in place (a tensor lr stays the same tensor: no recompilation)."""
     for group in optimizer.param_groups:
