@@ -3,6 +3,7 @@ at equal frames, side by side (the two run at the same time, one process each, p
 
     pip install -e ".[minatar]"
     python benchmarks/minatar_learning.py [--game breakout] [--frames 1000000] [--seeds 0 1] [--ranks 1]
+                                          [--reuse-reference] [KEY=VALUE ...]
 
 The reference settings are those of the MinAtar paper's DQN (Young & Tian 2019): one 3x3 conv layer of
 16 filters and 128 hidden units, replay 100k, batch 32, one update per frame from frame 5000 on,
@@ -11,7 +12,10 @@ plain DQN target, target network every 1000 updates, epsilon 1 until replay star
 over 100k frames, sticky actions 0.1, minimal action set. The reference loop below is ~80 lines of
 plain torch on ``minatar.Environment``, independent of mpidqn's code; mpidqn runs
 ``configs/minatar-<game>.yaml`` with the run shortened to ``--frames`` (its epsilon schedule is stretched
-to end at the same frame, 105k).
+to end at the same frame, 105k). With ``--ranks R`` it keeps one update per global env step on every
+replica (train_freq R, gradient_steps R) unless KEY=VALUE overrides say otherwise (e.g.
+``train.gradient_steps=1``: R times fewer updates, each on R x 32 samples). ``--reuse-reference``
+reads the reference curve of an earlier run with the same --out instead of running it again.
 
 Compared: the mean return of the training episodes (epsilon-greedy, as MinAtar's own curves) that end
 in each tenth of the run, averaged over seeds. Writes ``<out>/curves.csv`` and, with matplotlib,
@@ -114,7 +118,10 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=1, help="MPI ranks of the mpidqn run")
     p.add_argument("--bins", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("runs/minatar-learning"))
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="use reference-s<seed>.npy from an earlier run in --out instead of running it")
     p.add_argument("--reference-run", type=int, metavar="SEED", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the mpidqn run")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.reference_run is not None:
@@ -130,16 +137,18 @@ def main() -> int:
                 "--run-dir", str(run_dir), f"seed={seed}", "log.progress=none", f"train.total_steps={args.frames}",
                 f"train.gradient_steps={gradient_steps}", f"train.train_freq={args.ranks}",
                 f"train.exploration.eps_fraction={min(1.0, (START + ANNEAL) / args.frames)}", "eval.interval_steps=0",
-                f"checkpoint.interval_steps={args.frames}"]
+                f"checkpoint.interval_steps={args.frames}", *args.overrides]
         ref = [sys.executable, __file__, "--game", args.game, "--frames", str(args.frames), "--out", str(args.out),
                "--reference-run", str(seed)]
         t0 = time.perf_counter()
-        procs = {"mpidqn": subprocess.Popen(ours), "reference": subprocess.Popen(ref)}
+        reuse = args.reuse_reference and (args.out / f"reference-s{seed}.npy").exists()
+        procs = {"mpidqn": subprocess.Popen(ours), **({} if reuse else {"reference": subprocess.Popen(ref)})}
         codes = {name: proc.wait() for name, proc in procs.items()}
         if any(codes.values()):
             print(f"seed {seed}: a run failed: {codes}", file=sys.stderr)
             return 1
-        print(f"seed {seed}: both runs of {args.frames:,} frames done in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"seed {seed}: {' and '.join(procs)} ({args.frames:,} frames) done in {time.perf_counter() - t0:.0f} s",
+              flush=True)
         curves["reference"].append(binned(np.load(args.out / f"reference-s{seed}.npy"), args.frames, args.bins))
         curves["mpidqn"].append(binned(mpidqn_episodes(run_dir), args.frames, args.bins))
 
