@@ -128,7 +128,7 @@ class TrainConfig:
     mean) instead of the mean of squares, as Nature DQN and the MinAtar reference do."""
     compile_optimizer: bool = False
     """RMSprop only: compile its step with ``torch.compile`` into one fused loop over the parameters
-    (about 5-8x faster per step on CPU than torch's multi-tensor RMSprop; Adam already runs one fused
+    (about 8x faster per step on CPU than torch's multi-tensor RMSprop; Adam already runs one fused
     kernel). Costs 10-40 s of compilation when the first update runs and needs a C++ compiler on CPU."""
     max_grad_norm: float | None = 10.0
     """Clip the global gradient norm (after averaging) to this; None disables clipping."""
