@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +16,7 @@ from torch import nn
 from mpidqn import comm as C
 from mpidqn.actor import NumpyActor
 from mpidqn.dqn import polyak_update_, td_loss, td_targets
-from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
+from mpidqn.errors import NonFiniteError, ReplicaDivergenceError, UserError
 from mpidqn.h5tree import Json
 
 
@@ -82,13 +84,8 @@ def check_compile_optimizer(train: Any) -> None:
     training starts, instead of failing at the first update."""
     if not (train.optimizer == "rmsprop" and train.compile_optimizer):
         return
-    import os
-    import shutil
-
     cxx = os.environ.get("CXX") or "g++"
     if shutil.which(cxx) is None:
-        from mpidqn.errors import UserError
-
         raise UserError(f"train.compile_optimizer: torch.compile needs a C++ compiler and {cxx!r} was not found "
                         "(install one, point $CXX at it, or set train.compile_optimizer=false)")
 
