@@ -18,8 +18,9 @@ replica (train_freq R, gradient_steps R) unless KEY=VALUE overrides say otherwis
 reads the reference curve of an earlier run with the same --out instead of running it again.
 
 Compared: the mean return of the training episodes (epsilon-greedy, as MinAtar's own curves) that end
-in each tenth of the run, averaged over seeds. Writes ``<out>/curves.csv`` and, with matplotlib,
-``<out>/curves.png``; mpidqn's run dirs stay under ``<out>`` for ``mpidqn report``.
+in each tenth of the run, averaged over seeds. Writes ``<out>/curves-w<ranks>.csv`` and, with
+matplotlib, ``<out>/curves-w<ranks>.png`` (runs at other world sizes do not overwrite them); mpidqn's run
+dirs stay under ``<out>`` for ``mpidqn report``.
 """
 from __future__ import annotations
 
@@ -132,10 +133,9 @@ def main() -> int:
     curves: dict[str, list[np.ndarray]] = {"reference": [], "mpidqn": []}
     for seed in args.seeds:
         run_dir = args.out / f"mpidqn-w{args.ranks}-s{seed}"
-        gradient_steps = args.ranks  # one update per global env step, as the reference
         ours = ["mpiexec", "-n", str(args.ranks), sys.executable, "-m", "mpidqn", "train", "--config", config,
                 "--run-dir", str(run_dir), f"seed={seed}", "log.progress=none", f"train.total_steps={args.frames}",
-                f"train.gradient_steps={gradient_steps}", f"train.train_freq={args.ranks}",
+                f"train.gradient_steps={args.ranks}", f"train.train_freq={args.ranks}",  # 1 update per step
                 f"train.exploration.eps_fraction={min(1.0, (START + ANNEAL) / args.frames)}", "eval.interval_steps=0",
                 f"checkpoint.interval_steps={args.frames}", *args.overrides]
         ref = [sys.executable, __file__, "--game", args.game, "--frames", str(args.frames), "--out", str(args.out),
@@ -154,7 +154,8 @@ def main() -> int:
 
     ends = np.linspace(0, args.frames, args.bins + 1)[1:].astype(int)
     mean = {k: np.nanmean(np.stack(v), axis=0) for k, v in curves.items()}
-    with open(args.out / "curves.csv", "w") as f:
+    stem = args.out / f"curves-w{args.ranks}"
+    with open(stem.with_suffix(".csv"), "w") as f:
         f.write("frames,reference,mpidqn\n")
         for e, r, m in zip(ends, mean["reference"], mean["mpidqn"]):
             f.write(f"{e},{r:.4f},{m:.4f}\n")
@@ -172,13 +173,14 @@ def main() -> int:
         return 0
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in curves.items():
-        for i, c in enumerate(runs):
-            ax.plot(ends, c, alpha=0.35, color="C0" if name == "mpidqn" else "C1")
-        ax.plot(ends, mean[name], lw=2, color="C0" if name == "mpidqn" else "C1", label=name)
+        color = "C0" if name == "mpidqn" else "C1"
+        for c in runs:
+            ax.plot(ends, c, alpha=0.35, color=color)
+        ax.plot(ends, mean[name], lw=2, color=color, label=name)
     ax.set(xlabel="frames", ylabel="training episode return", title=f"MinAtar {args.game}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "curves.png", dpi=120)
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
     return 0
 
 
