@@ -21,7 +21,7 @@ _ACTIVATIONS: dict[type, Callable[[np.ndarray], np.ndarray]] = {
 
 
 class NumpyActor:
-    """Greedy actions of an MLP ([Flatten], Linear, activation, ..., Linear | DuelingHead)."""
+    """Greedy actions of an MLP ([Flatten], Linear, [LayerNorm], activation, ..., Linear | DuelingHead)."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = list(layers)
@@ -31,7 +31,7 @@ class NumpyActor:
     @classmethod
     def supports(cls, layers: Sequence[nn.Module]) -> bool:
         body, head = list(layers)[:-1], list(layers)[-1]
-        known = (nn.Flatten, nn.Linear, *_ACTIVATIONS)
+        known = (nn.Flatten, nn.Linear, nn.LayerNorm, *_ACTIVATIONS)
         return all(isinstance(m, known) for m in body) and isinstance(head, (nn.Linear, DuelingHead))
 
     def refresh(self, version: object) -> None:
@@ -47,9 +47,24 @@ class NumpyActor:
         b = m.bias.detach().numpy().copy()
         return lambda x: x @ w + b
 
+    @staticmethod
+    def _layer_norm(m: nn.LayerNorm) -> Callable[[np.ndarray], np.ndarray]:
+        w = m.weight.detach().numpy().copy()
+        b = m.bias.detach().numpy().copy()
+        eps = m.eps
+
+        def layer_norm(x: np.ndarray) -> np.ndarray:
+            mean = x.mean(axis=1, keepdims=True)
+            var = x.var(axis=1, keepdims=True)
+            return (x - mean) / np.sqrt(var + eps) * w + b
+
+        return layer_norm
+
     def _op(self, m: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
         if isinstance(m, nn.Linear):
             return self._linear(m)
+        if isinstance(m, nn.LayerNorm):
+            return self._layer_norm(m)
         if isinstance(m, DuelingHead):
             value, advantage = self._linear(m.value), self._linear(m.advantage)
 

@@ -68,7 +68,7 @@ def q_network_layers(obs_shape: Sequence[int], n_actions: int, cfg: "object") ->
         n = 1
         for d in obs_shape:
             n *= int(d)
-        return mlp_layers(n, n_actions, cfg.hidden, cfg.activation, cfg.dueling)
+        return mlp_layers(n, n_actions, cfg.hidden, cfg.activation, cfg.dueling, getattr(cfg, "layer_norm", False))
     build = {"nature_cnn": nature_cnn_layers, "minatar_cnn": minatar_cnn_layers}[kind]
     if len(obs_shape) != 3:
         raise ValueError(f"{kind} needs (C, H, W) observations, got shape {tuple(obs_shape)}")

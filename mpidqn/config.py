@@ -71,6 +71,9 @@ class NetworkConfig:
     """Hidden-layer activation."""
     dueling: bool = False
     """Dueling head: Q = V + A - mean(A)."""
+    layer_norm: bool = False
+    """MLP only: LayerNorm after every hidden Linear, before the activation (as in PQN, Gallici et al.
+    2024): it bounds the features the TD targets bootstrap from and steadies late training."""
 
 
 @dataclass

@@ -23,14 +23,15 @@ class DuelingHead(nn.Module):
 
 
 def mlp_layers(
-    in_features: int, n_actions: int, hidden: Sequence[int], activation: str = "relu", dueling: bool = False
+    in_features: int, n_actions: int, hidden: Sequence[int], activation: str = "relu", dueling: bool = False,
+    layer_norm: bool = False,
 ) -> list[nn.Module]:
-    """The ordered layers of an MLP Q-network: [Flatten, Linear, act, ..., head]."""
+    """The ordered layers of an MLP Q-network: [Flatten, Linear, (LayerNorm,) act, ..., head]."""
     act = ACTIVATIONS[activation]
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for h in hidden:
-        layers += [nn.Linear(width, h), act()]
+        layers += [nn.Linear(width, h), *([nn.LayerNorm(h)] if layer_norm else []), act()]
         width = h
     layers.append(DuelingHead(width, n_actions) if dueling else nn.Linear(width, n_actions))
     return layers
@@ -41,7 +42,8 @@ def build_q_network(obs_shape: Sequence[int], n_actions: int, cfg: "object") -> 
     in_features = 1
     for d in obs_shape:
         in_features *= int(d)
-    return nn.Sequential(*mlp_layers(in_features, n_actions, cfg.hidden, cfg.activation, cfg.dueling))
+    return nn.Sequential(*mlp_layers(in_features, n_actions, cfg.hidden, cfg.activation, cfg.dueling,
+                                     getattr(cfg, "layer_norm", False)))
 
 
 def parameter_count(module: nn.Module) -> int:

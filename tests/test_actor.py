@@ -10,10 +10,17 @@ from mpidqn.learner import Hyper, Learner
 from mpidqn.networks import mlp_layers
 
 
-@pytest.mark.parametrize("activation, dueling", [("relu", False), ("tanh", True)])
-def test_numpy_actor_matches_the_torch_network(activation, dueling):
+@pytest.mark.parametrize("activation, dueling, layer_norm", [("relu", False, False), ("tanh", True, False),
+                                                             ("relu", True, True)])
+def test_numpy_actor_matches_the_torch_network(activation, dueling, layer_norm):
     torch.manual_seed(0)
-    layers = mlp_layers(6, 5, [32, 16], activation, dueling)
+    layers = mlp_layers(6, 5, [32, 16], activation, dueling, layer_norm)
+    if layer_norm:  # non-trivial affine parameters, so a mirror that ignored them would differ
+        for m in layers:
+            if isinstance(m, torch.nn.LayerNorm):
+                torch.nn.init.normal_(m.weight)
+                torch.nn.init.normal_(m.bias)
+    assert NumpyActor.supports(layers)
     net = torch.nn.Sequential(*layers)
     actor = NumpyActor(layers)
     actor.refresh(0)
