@@ -12,6 +12,9 @@ Layout of ``RUN_DIR/checkpoints/step_<global env steps, 12 digits>/``::
     COMPLETE            JSON manifest written LAST by rank 0 once every file is fsynced and renamed
                         into place: step, world, stages, format version, and size + CRC32 of each file.
 
+``RUN_DIR/checkpoints/BEST`` (JSON: step, score, episodes, dir) names the checkpoint of the best
+evaluation so far; pruning never removes it, whatever ``checkpoint.keep`` says.
+
 A directory without a valid ``COMPLETE`` does not exist as a checkpoint. Every HDF5 file carries
 root attributes ``format_version``, ``step``, ``world_size``, ``pipeline_stages``, ``config`` (YAML)
 and ``mpidqn_version`` so plain h5py can read it (see h5tree.py for the node mapping).
@@ -40,6 +43,7 @@ from mpidqn.h5tree import read_tree, write_tree
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
+BEST = "BEST"
 _STEP_DIR = re.compile(r"^step_(\d{12})$")
 
 
@@ -168,11 +172,30 @@ def find_latest(root: Path, warn: Callable[[str], None] = lambda s: None) -> Che
     return None
 
 
-def resolve(target: str | Path) -> Checkpoint:
-    """A run dir (newest intact checkpoint) or a checkpoint dir -> Checkpoint, else UserError."""
+def read_best(root: Path) -> dict[str, Any] | None:
+    """The BEST record of a checkpoints directory (step, score, episodes, dir), or None."""
+    try:
+        record = json.loads((Path(root) / BEST).read_text())
+        return record if isinstance(record, dict) and "step" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve(target: str | Path, best: bool = False) -> Checkpoint:
+    """A run dir (newest intact checkpoint, or with ``best`` the one of the best evaluation) or a
+    checkpoint dir -> Checkpoint, else UserError."""
     p = Path(target)
     if not p.exists():
         raise UserError(f"{p}: no such run directory or checkpoint")
+    if best:
+        record = read_best(p / "checkpoints")
+        if record is None:
+            raise UserError(f"{p}: no best checkpoint recorded (no {p / 'checkpoints' / BEST}; "
+                            "evaluations record one as the run goes)")
+        try:
+            return verify(p / "checkpoints" / step_dir_name(int(record["step"])))
+        except ValueError as e:
+            raise UserError(f"{p}: the best checkpoint (step {int(record['step']):,}) is damaged: {e}") from None
     if (p / MARKER).exists() or _STEP_DIR.match(p.name):
         try:
             return verify(p)
@@ -263,6 +286,18 @@ class CheckpointManager:
         self.say = say
         self.last_step: int | None = None
         self.last_pause_s = 0.0
+        best = read_best(self.root) if comm.Get_rank() == 0 else None
+        self.best_step: int | None = int(best["step"]) if best else None
+
+    def mark_best(self, step: int, score: float, episodes: int) -> None:
+        """Rank 0: record the complete checkpoint of ``step`` as the best evaluation so far (written
+        after that checkpoint is sealed); the previous best becomes prunable like any other."""
+        if self.comm.Get_rank() != 0:
+            return
+        record = {"step": step, "score": score, "episodes": episodes, "dir": step_dir_name(step)}
+        write_text_atomic(self.root / BEST, json.dumps(record))
+        self.best_step = step
+        self.prune()
 
     def save(self, trainer: Any) -> Path | None:
         """Write this rank's files; rank 0 seals the checkpoint once every rank succeeded.
@@ -332,12 +367,13 @@ class CheckpointManager:
         self.prune()
 
     def prune(self) -> None:
-        """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial dirs."""
+        """Keep the newest ``keep`` complete checkpoints and the best one; drop older ones and stale
+        partial dirs."""
         complete = 0
-        for _, path in list_step_dirs(self.root):
+        for step, path in list_step_dirs(self.root):
             if (path / MARKER).exists():
                 complete += 1
-                if complete > self.keep:
+                if complete > self.keep and step != self.best_step:
                     shutil.rmtree(path, ignore_errors=True)
             elif complete:  # a partial dir older than a complete one is garbage from a crash
                 shutil.rmtree(path, ignore_errors=True)

@@ -8,11 +8,17 @@ Step counting (the same whatever the world size):
     the epsilon schedule count GLOBAL environment steps: transitions collected by all ranks together.
     Every loop iteration each rank steps its ``env.num_envs`` envs once, so the global counter
     advances by ``world * env.num_envs`` per iteration.
-  * Every ``train.train_freq`` global steps, every replica does ``train.gradient_steps`` updates in
-    lockstep. The number of updates in a run therefore does not depend on the world size.
-  * ``train.batch_size`` is per data-parallel replica: an update averages gradients over
-    ``dp * batch_size`` transitions. ``train.lr`` is used as given unless ``train.lr_scaling`` says
-    otherwise (``linear``: lr * dp, ``sqrt``: lr * sqrt(dp)).
+  * Every multiple of ``train.train_freq`` global steps (from ``train.learning_starts`` on) gets one
+    round of ``train.gradient_steps`` updates, done by every replica in lockstep; an iteration that
+    crosses several multiples does several rounds. Updates per global env step are therefore
+    ``gradient_steps / train_freq`` whatever the world size and ``env.num_envs``.
+  * The global batch of an update is the transitions its gradient averages over, summed over all
+    ranks. ``train.batch_scope: global`` (default): it is ``train.batch_size``, and every rank samples
+    ``batch_size / world`` from its shard (a remainder is refused), so N ranks do exactly the updates
+    of 1 rank on the same global batch. ``per_rank``: every rank samples ``batch_size``, the global
+    batch is ``world * batch_size`` (data parallel and pipelines alike).
+  * ``train.lr`` is used as given unless ``train.lr_scaling`` scales it with k = global batch /
+    ``batch_size`` (1 in global scope, world in per_rank scope): ``linear`` lr * k, ``sqrt`` lr * sqrt(k).
 """
 from __future__ import annotations
 
@@ -83,7 +89,8 @@ class ExplorationConfig:
     eps_end: float = 0.04
     """Epsilon after the decay."""
     eps_fraction: float = 0.16
-    """Fraction of train.total_steps over which epsilon decays linearly."""
+    """Fraction of train.total_steps over which epsilon decays linearly (a resume that changes total_steps
+    continues the decay from the current epsilon)."""
     per_rank: bool = False
     """Ape-X style: rank r of W explores with eps_end ** (1 + alpha * r / (W - 1)) after the decay."""
     per_rank_alpha: float = 7.0
@@ -95,15 +102,23 @@ class TrainConfig:
     total_steps: int = 50_000
     """Global environment steps (all ranks together) to train for."""
     learning_starts: int = 1_000
-    """Global environment steps collected before the first update."""
+    """Global environment steps collected before the first update (at least world * num_envs * n_step, so
+    every shard holds a transition). After a resume whose checkpoint holds fewer transitions (a light
+    checkpoint, checkpoint.replay false), updates wait until the replay has refilled to this many."""
     buffer_size: int = 100_000
     """Global replay capacity in transitions; each rank holds a shard of about buffer_size / world."""
     batch_size: int = 64
-    """Minibatch size per data-parallel replica (global batch = dp * batch_size)."""
+    """Transitions per update: the global batch over all ranks (batch_scope global) or per rank."""
+    batch_scope: Literal["global", "per_rank"] = "global"
+    """global: ``batch_size`` is the global batch and each rank samples batch_size / world of it, so the
+    learning per env step does not depend on the world size. per_rank: each rank samples batch_size and
+    the global batch grows with the world (world * batch_size)."""
     train_freq: int = 256
-    """Global environment steps between rounds of updates."""
+    """Global environment steps between rounds of updates: every multiple of it gets its round, also when
+    one iteration of all ranks crosses several."""
     gradient_steps: int = 128
-    """Updates per round (every replica does each of them in lockstep)."""
+    """Updates per round (every replica does each of them in lockstep). The replay ratio is
+    gradient_steps * global batch / train_freq sampled transitions per global env step."""
     gamma: float = 0.99
     """Discount factor."""
     n_step: int = 1
@@ -111,9 +126,10 @@ class TrainConfig:
     lr: float = 2.3e-3
     """Learning rate (of whichever ``optimizer`` is chosen)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-    """How lr scales with the number of data-parallel replicas dp."""
+    """How lr scales with k = global batch / batch_size (k = 1 in batch_scope global, world in per_rank)."""
     lr_final_fraction: float = 0.05
-    """Learning rate decays linearly to lr * lr_final_fraction at the end of training (1 = constant)."""
+    """Learning rate decays linearly to lr * lr_final_fraction at the end of training (1 = constant). A
+    resume that changes total_steps continues the decay from the current value to the new end."""
     optimizer: Literal["adam", "rmsprop"] = "adam"
     """adam: Adam (fused kernel) with ``adam_eps``. rmsprop: RMSprop with ``rmsprop_alpha``, ``rmsprop_eps``
     and ``rmsprop_centered`` (the MinAtar reference and Nature DQN optimizer). A checkpoint resumes
@@ -368,6 +384,23 @@ def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[s
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def samples_per_rank(train: TrainConfig, world: int) -> int:
+    """Transitions every rank samples per update (see ``train.batch_scope``); raises ConfigError when the
+    global batch does not divide over the world."""
+    if train.batch_scope == "per_rank":
+        return train.batch_size
+    _require(train.batch_size % world == 0, "train.batch_size",
+             f"{train.batch_size} is not divisible by the world size {world} (train.batch_scope=global: every "
+             f"rank samples batch_size / world); use a multiple of {world} or train.batch_scope=per_rank")
+    return train.batch_size // world
+
+
+def lr_batch_factor(train: TrainConfig, world: int) -> float:
+    """The learning-rate multiplier of ``train.lr_scaling`` for this world size."""
+    k = world if train.batch_scope == "per_rank" else 1
+    return {"none": 1.0, "linear": float(k), "sqrt": math.sqrt(k)}[train.lr_scaling]
 
 
 def _require(ok: bool, key: str, message: str) -> None:

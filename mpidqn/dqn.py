@@ -1,6 +1,7 @@
 """The mathematics of DQN as pure functions: TD targets, losses, schedules, target updates."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -47,6 +48,54 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
 def epsilon_at(step: int, total_steps: int, eps_start: float, eps_end: float, fraction: float) -> float:
     """Epsilon after ``step`` global env steps: linear decay over ``fraction * total_steps``."""
     return linear_schedule(eps_start, eps_end, fraction * total_steps, step)
+
+
+@dataclass(frozen=True)
+class LinearSchedule:
+    """``start_value`` at ``start_step``, linear to ``end_value`` at ``end_step``, constant after.
+
+    Schedules are anchored in global env steps, so a resume that changes ``train.total_steps`` can
+    re-anchor them (:meth:`extended`) without a jump.
+    """
+
+    start_step: float
+    start_value: float
+    end_step: float
+    end_value: float
+
+    def __call__(self, step: float) -> float:
+        return linear_schedule(self.start_value, self.end_value, self.end_step - self.start_step,
+                               step - self.start_step)
+
+    def extended(self, step: float, end_step: float) -> "LinearSchedule":
+        """The schedule continued from ``step`` (at its current value) to ``end_value`` at ``end_step``.
+
+        When ``end_step`` is not after ``step`` the new horizon would force a jump, so the schedule
+        is kept as it is (a shortened run finishes on the old slope)."""
+        if end_step <= step:
+            return self
+        return LinearSchedule(step, self(step), end_step, self.end_value)
+
+    def as_array(self) -> list[float]:
+        return [self.start_step, self.start_value, self.end_step, self.end_value]
+
+    @classmethod
+    def from_array(cls, values: Iterable[float]) -> "LinearSchedule":
+        a, b, c, d = (float(v) for v in values)
+        return cls(a, b, c, d)
+
+
+def update_rounds(prev: int, cur: int, train_freq: int, start: int) -> int:
+    """Rounds of updates due when the global step advances from ``prev`` to ``cur``: one for every
+    multiple of ``train_freq`` in ``(prev, cur]`` that is at least ``start``.
+
+    A loop iteration advances the step by ``world * num_envs``, which may cross several multiples;
+    each gets its round, so the number of updates per env step does not depend on the world size.
+    """
+    if cur < start:
+        return 0
+    lo = max(prev, start - 1)
+    return max(0, cur // train_freq - lo // train_freq)
 
 
 def per_rank_epsilon(eps: float, rank: int, world: int, alpha: float) -> float:

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import torch
 
-from mpidqn.checkpoint import Checkpoint, read_model, resolve
+from mpidqn.checkpoint import Checkpoint, read_best, read_model, resolve
 from mpidqn.envs import make_env
 from mpidqn.evaluation import evaluate_policy
 from mpidqn.cnn_networks import build_network
@@ -31,11 +31,13 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
+    p.add_argument("--best", action="store_true",
+                   help="the checkpoint of the run's best evaluation instead of the newest one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
-    ckpt = resolve(args.target)
+    ckpt = resolve(args.target, best=args.best)
     cfg, net = load_policy(ckpt)
     torch.set_num_threads(1)
 
@@ -76,6 +78,7 @@ def inspect_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> 
         "total_steps": cfg.train.total_steps, "network": cfg.network.hidden, "parameters": params,
         "replay_transitions": replay, "bytes": int(sum(f["bytes"] for f in ckpt.manifest["files"].values())),
         "format_version": ckpt.manifest["format_version"], "mpidqn_version": ckpt.manifest["mpidqn_version"],
+        "best": read_best(ckpt.path.parent),
     }
     if args.json:
         print(json.dumps(info))

@@ -15,14 +15,15 @@ import torch
 
 from mpidqn import comm as C
 from mpidqn import signals, watchdog
-from mpidqn.config import Config
-from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon
+from mpidqn.config import Config, lr_batch_factor, samples_per_rank
+from mpidqn.dqn import per_rank_epsilon, update_rounds
 from mpidqn.env_presets import spec_from_config
 from mpidqn.envs import env_reset_seeds, make_vector_env, pickle_envs, spawn_seeds, true_next_obs
 from mpidqn.frame_replay import make_replay_shard
 from mpidqn.h5tree import Json, flatten, unflatten
 from mpidqn.factory import build_learner, evaluate_learner, total_parameters
 from mpidqn.replay import ReplayShard
+from mpidqn.schedules import Schedules
 from mpidqn.timing import PhaseTimer
 
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
@@ -151,8 +152,13 @@ class Trainer:
         self.obs_shape = self.envs.single_observation_space.shape
         self.n_actions = int(self.envs.single_action_space.n)
         torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
-        lr = cfg.train.lr * {"none": 1.0, "linear": topo.dp, "sqrt": math.sqrt(topo.dp)}[cfg.train.lr_scaling]
+        lr = cfg.train.lr * lr_batch_factor(cfg.train, self.world)
         self.base_lr = lr
+        self.batch_per_rank = samples_per_rank(cfg.train, self.world)
+        self.schedules = Schedules.from_config(cfg.train)
+        # every env has emitted a transition (n-step ones after n steps) before the first sample
+        self.min_fill = self.world * cfg.env.num_envs * cfg.train.n_step
+        self.updates_start = max(cfg.train.learning_starts, self.min_fill)
         self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message)
         self.replay = make_replay_shard(  # the env's obs dtype: uint8 images stay uint8
             cfg.train.replay_storage, ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
@@ -170,6 +176,7 @@ class Trainer:
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], cfg.env.num_envs))
         self.steps_per_iteration = self.world * cfg.env.num_envs
         self.last_eval: dict[str, float] | None = None
+        self.best = (-1, -math.inf)  # (step, mean return) of the best evaluation so far
         self.parameter_count = total_parameters(self.learner)
         self.fault = FaultInjection.from_env()
         self._last_report_step = -1
@@ -180,7 +187,7 @@ class Trainer:
     # ------------------------------------------------------------------ acting
     def epsilon(self) -> float:
         x = self.cfg.train.exploration
-        eps = epsilon_at(self.counters.env_steps, self.cfg.train.total_steps, x.eps_start, x.eps_end, x.eps_fraction)
+        eps = self.schedules.epsilon(self.counters.env_steps)
         if x.per_rank:
             eps = per_rank_epsilon(eps, self.rank, self.world, x.per_rank_alpha)
         return eps
@@ -210,15 +217,13 @@ class Trainer:
         self.obs = next_obs
 
     # ------------------------------------------------------------------ learning
-    def learn(self) -> None:
-        t = self.cfg.train
-        frac = self.counters.env_steps / t.total_steps
-        self.learner.set_lr(self.base_lr * linear_schedule(1.0, t.lr_final_fraction, 1.0, frac))
+    def learn(self, num_updates: int) -> None:
+        self.learner.set_lr(self.base_lr * self.schedules.lr_factor(self.counters.env_steps))
         with self.timer("replay"):
-            batch = self.replay.sample_many(t.gradient_steps, t.batch_size, self.replay_rng)
+            batch = self.replay.sample_many(num_updates, self.batch_per_rank, self.replay_rng)
         comm_before = self.learner.comm_seconds
         with self.timer("learn"):
-            self.learner.update_many(batch, t.gradient_steps)
+            self.learner.update_many(batch, num_updates)
         comm = self.learner.comm_seconds - comm_before
         self.timer.move("learn", "comm", comm)  # the Allreduce ran inside update_many
 
@@ -239,8 +244,9 @@ class Trainer:
             self.watchdog.step = cur
             if self.fault is not None:
                 self.fault.maybe_fire(self)
-            if cur >= cfg.train.learning_starts and crossed(prev, cur, cfg.train.train_freq):
-                self.learn()
+            rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)
+            if rounds:
+                self.learn(rounds * cfg.train.gradient_steps)
             if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
                 self.evaluate()
             if crossed(prev, cur, cfg.log.interval_steps):
@@ -270,6 +276,11 @@ class Trainer:
             result = evaluate_learner(self.learner, self.cfg, self.topo, self.counters.env_steps)
         self.last_eval = result
         self.reporter.evaluation(self, result, final)
+        if result["mean"] > self.best[1]:  # the same result on every rank: all save together
+            self.best = (self.counters.env_steps, float(result["mean"]))
+            if self.checkpoints is not None:
+                self.save_checkpoint()
+                self.checkpoints.mark_best(self.best[0], self.best[1], int(result["episodes"]))
         return result
 
     def report_progress(self, wall: float) -> None:
@@ -312,7 +323,9 @@ class Trainer:
                     "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state()},
             "envs": {"pickle": pickle_envs(self.envs), "obs": np.asarray(self.obs)},
             "episodes": self.episodes.state_dict(),
-            "stats": {"timer": self.timer.totals(), "recent_returns": np.array(self.recent_returns, dtype=np.float64)},
+            "schedules": self.schedules.state_dict(),
+            "stats": {"timer": self.timer.totals(), "recent_returns": np.array(self.recent_returns, dtype=np.float64),
+                      "best": np.array(self.best, dtype=np.float64)},
         }
         if self.cfg.checkpoint.replay:
             state["replay"] = unflatten(self.replay.state_dict())
@@ -324,6 +337,8 @@ class Trainer:
         from mpidqn.replay import partition_plan
 
         self.learner.load_state_dict(read_model(ckpt))
+        self._resume_schedules(ckpt)
+        self._resume_warmup(ckpt)
         if ckpt.world == self.world and ckpt.pipeline_stages == self.topo.pipeline_stages:
             state = read_rank(ckpt, self.rank)
             self._load_counters(state)
@@ -356,7 +371,28 @@ class Trainer:
                 self.replay.extend(rows)
         return "elastic"
 
+    def _resume_schedules(self, ckpt: Any) -> None:
+        """Epsilon and lr continue from their checkpointed values, re-anchored if total_steps changed."""
+        from mpidqn.checkpoint import read_rank
+
+        saved = read_rank(ckpt, 0, ("schedules",)).get("schedules")
+        # checkpoints before schedules were saved: the schedules of the config they were written with
+        before = Schedules.from_state_dict(saved) if saved else Schedules.from_config(ckpt.config().train)
+        self.schedules = before.resumed(ckpt.step, self.cfg.train)
+
+    def _resume_warmup(self, ckpt: Any) -> None:
+        """A checkpoint without (enough) replay: collect until the replay holds learning_starts again."""
+        from mpidqn.checkpoint import replay_lengths
+
+        restored = sum(replay_lengths(ckpt) or [])
+        missing = self.cfg.train.learning_starts - restored
+        if missing > 0 or restored == 0:
+            self.updates_start = max(self.updates_start, ckpt.step + max(missing, self.min_fill))
+
     def _load_counters(self, state: dict[str, Any]) -> None:
         c = state["counters"]
         self.counters = Counters(int(c["env_steps"]), int(c["iterations"]), int(c["episodes"]))
         self.recent_returns.extend(np.asarray(state["stats"]["recent_returns"]).tolist())
+        if "best" in state["stats"]:
+            step, score = state["stats"]["best"]
+            self.best = (int(step), float(score))

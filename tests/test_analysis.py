@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 
 from mpidqn.analysis import load_run, report_main, summary, tidy
-from mpidqn.analysis.curves import bootstrap_band
-from mpidqn.analysis.tables import group_by_settings, scaling_problem, time_breakdown
+from mpidqn.analysis.curves import iqm_band
+from mpidqn.analysis.tables import aggregate, group_by_settings, scaling_problem, time_breakdown
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK
 from mpidqn.logs import RunLog, read_log
 
 STEPS = 2000
-PLOTS = ["eval_return_vs_steps.png", "eval_return_vs_wall_time.png", "throughput.png", "scaling.png"]
+PLOTS = ["eval_return_vs_steps.png", "eval_return_vs_wall_time.png", "training_return_vs_steps.png",
+         "loss_vs_steps.png", "throughput.png", "scaling.png"]
 
 
 def make_run(run_dir: Path, seed: int, world: int, env_id: str = "CartPole-v1") -> Path:
@@ -64,17 +65,32 @@ def test_tidy_and_summary_hold_what_the_log_holds(runs: list[Path]) -> None:
     assert table.loc["seed0_world1", "final_eval_return"] == loaded[0].evaluations["mean"].iloc[-1]
 
 
-def test_bootstrap_band() -> None:
+def test_iqm_band() -> None:
     x = np.array([0.0, 10.0, 20.0])
-    one = bootstrap_band([(x, np.array([1.0, 2.0, 3.0]))])
-    assert one.n == 1 and np.array_equal(one.low, one.mean) and np.array_equal(one.high, one.mean)
+    one = iqm_band([(x, np.array([1.0, 2.0, 3.0]))])
+    assert one.n == 1 and np.array_equal(one.low, one.center) and np.array_equal(one.high, one.center)
     # different x grids: only the range both cover, each curve interpolated onto every x
     curves = [(x, np.array([0.0, 10.0, 20.0])), (np.array([5.0, 25.0]), np.array([5.0, 25.0]))]
-    band = bootstrap_band(curves)
-    assert np.array_equal(band.x, [5.0, 10.0, 20.0]) and np.allclose(band.mean, band.x)
-    spread = bootstrap_band([(x, np.zeros(3)), (x, np.ones(3)), (x, np.full(3, 2.0))])
-    assert np.allclose(spread.mean, 1.0) and (spread.low < 1.0).all() and (spread.high > 1.0).all()
-    assert np.array_equal(spread.low, bootstrap_band([(x, np.zeros(3)), (x, np.ones(3)), (x, np.full(3, 2.0))]).low)
+    band = iqm_band(curves)
+    assert np.array_equal(band.x, [5.0, 10.0, 20.0]) and np.allclose(band.center, band.x)
+    flat = [(x, np.full(3, float(v))) for v in range(8)]
+    spread = iqm_band(flat)
+    assert np.allclose(spread.center, 3.5) and (spread.low < 3.5).all() and (spread.high > 3.5).all()
+    assert np.array_equal(spread.low, iqm_band(flat).low)  # seeded: reproducible
+    # the IQM ignores one wild seed where the mean does not
+    wild = iqm_band([*flat[:7], (x, np.full(3, 1000.0))])
+    assert np.all(wild.center < 5.0)
+
+
+def test_aggregate_shows_the_worst_seed(runs: list[Path]) -> None:
+    loaded = [load_run(r) for r in runs]
+    table = summary(loaded)
+    agg = aggregate(group_by_settings(loaded), table).set_index("setting")
+    assert list(agg["runs"]) == [2, 2]
+    one = table[table["world_size"] == 1]["final_eval_return"]
+    assert agg.loc["world_size=1", "final_eval_min"] == one.min()
+    assert agg.loc["world_size=1", "final_eval_ci_low"] <= agg.loc["world_size=1", "final_eval_iqm"] \
+        <= agg.loc["world_size=1", "final_eval_ci_high"]
 
 
 def test_grouping_and_scaling_condition(runs: list[Path], tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import torch
 from mpi4py import MPI
 
 from conftest import MPI_SCRIPTS, _env, inspect_json, mpidqn, mpirun, run
-from mpidqn.checkpoint import MARKER, find_latest, read_model
+from mpidqn.checkpoint import MARKER, CheckpointManager, find_latest, read_best, read_model, step_dir_name
+from mpidqn.logs import read_log
 from mpidqn.h5tree import Json, read_tree, write_tree
 from mpidqn.learner import Hyper, Learner, optimizer_hparams
 from mpidqn.networks import mlp_layers
@@ -155,8 +156,11 @@ def test_kill_9_during_checkpoint_write_leaves_previous_loadable(tmp_path, tiny)
     resumed = mpidqn(2, ["--run-dir", str(run_dir), *args], timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed (exact)" in resumed.stdout and inspect_json(run_dir)["step"] == 2400
-    # the stale partial directory is gone, and only `keep` complete checkpoints remain
-    assert sorted(d.name for d in (run_dir / "checkpoints").iterdir()) == ["step_000000001600", "step_000000002400"]
+    # the stale partial directory is gone, and only `keep` complete checkpoints remain (TINY evaluates
+    # only at the end, so the best evaluation's checkpoint is the newest one)
+    steps = sorted(d.name for d in (run_dir / "checkpoints").iterdir() if d.name.startswith("step_"))
+    assert steps == ["step_000000001600", "step_000000002400"]
+    assert read_best(run_dir / "checkpoints")["step"] == 2400
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate"])
@@ -228,3 +232,35 @@ def test_wall_clock_checkpoints_and_plain_h5py_readability(tmp_path, tiny):
         "print('plain h5py OK')\n")
     out = run([sys.executable, "-c", script])
     assert out.returncode == 0 and "plain h5py OK" in out.stdout, out.stderr
+
+
+def test_pruning_never_removes_the_best_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (100, 200, 300, 400):
+        (root / step_dir_name(step)).mkdir(parents=True)
+        (root / step_dir_name(step) / MARKER).write_text("{}")
+    manager = CheckpointManager(tmp_path, MPI.COMM_SELF, keep=1, attrs={}, say=print)
+    manager.mark_best(200, 321.0, 10)
+    assert sorted(p.name for p in root.iterdir()) == ["BEST", step_dir_name(200), step_dir_name(400)]
+    assert read_best(root) == {"step": 200, "score": 321.0, "episodes": 10, "dir": step_dir_name(200)}
+    again = CheckpointManager(tmp_path, MPI.COMM_SELF, keep=1, attrs={}, say=print)  # a resumed job
+    assert again.best_step == 200
+    manager.mark_best(400, 500.0, 10)  # a better evaluation: the old best becomes prunable
+    assert sorted(p.name for p in root.iterdir()) == ["BEST", step_dir_name(400)]
+
+
+def test_best_evaluation_checkpoint_is_kept_and_served(tmp_path, tiny):
+    run_dir = tmp_path / "r"
+    args = [*tiny, "train.total_steps=3000", "eval.interval_steps=300", "checkpoint.interval_steps=600",
+            "checkpoint.keep=1"]
+    assert mpidqn(1, ["--run-dir", str(run_dir), *args], timeout=240).returncode == 0
+    evals = read_log(run_dir / "log.h5").tables["evaluations"]
+    first_best = evals[int(np.argmax(evals["mean"]))]
+    best = read_best(run_dir / "checkpoints")
+    assert best["step"] == first_best["step"] and best["score"] == pytest.approx(first_best["mean"])
+    assert (run_dir / "checkpoints" / best["dir"] / MARKER).exists()  # complete, whatever keep says
+    info = inspect_json(run_dir)
+    assert info["step"] == 3000 and info["best"]["step"] == best["step"]
+    p = run([sys.executable, "-m", "mpidqn", "evaluate", str(run_dir), "--best", "--json", "--episodes", "2"])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["step"] == best["step"]

@@ -5,7 +5,7 @@ this package does not import them, so the command line can always import :func:`
 
     runs.py    Run, load_run: one run directory -> metadata, config and DataFrames
     tables.py  tidy, summary, per-rank time breakdown, grouping of runs that differ only by seed
-    curves.py  seed aggregation: common grid and bootstrap confidence band (numpy only)
+    curves.py  seed aggregation: interquartile mean and bootstrap interval (scipy.stats.bootstrap)
     plots.py   the PNG plots (matplotlib Figure objects, no pyplot state)
     report.py  ``python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]``
 """
@@ -36,7 +36,7 @@ def report_main(argv: list[str]) -> int:
     try:
         from mpidqn.analysis.report import main
     except ImportError as err:
-        if (err.name or "").split(".")[0] not in ("pandas", "matplotlib"):
+        if (err.name or "").split(".")[0] not in ("pandas", "matplotlib", "scipy"):
             raise
         print(f"mpidqn report: needs {err.name}: pip install 'mpidqn[report]'", file=sys.stderr)
         return EXIT_FAILURE

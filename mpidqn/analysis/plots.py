@@ -6,13 +6,13 @@ needs a display nor touches the backend of a notebook that imports this module.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mpidqn.analysis.curves import CONFIDENCE, bootstrap_band
+from mpidqn.analysis.curves import CONFIDENCE, iqm_band, smooth
 from mpidqn.analysis.runs import Run
 from mpidqn.analysis.tables import time_breakdown
 
@@ -24,28 +24,56 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def eval_return_plot(groups: dict[str, list[Run]], x: str, path: Path) -> Path | None:
-    """Mean evaluation return of each group of seeds against ``x`` ("step" or "wall_time"),
-    with a bootstrap confidence band over the seeds."""
+def seed_curves_plot(groups: dict[str, list[Run]], curve: Callable[[Run], tuple[np.ndarray, np.ndarray]],
+                     x: str, ylabel: str, path: Path) -> Path | None:
+    """One line per group of seeds against ``x`` ("step" or "wall_time"): the IQM over the seeds of
+    ``curve(run)``, with a bootstrap confidence band when a group has two seeds or more."""
     fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
-    plotted = False
+    sizes = []
     for label, runs in groups.items():
-        curves = [(r.evaluations[x].to_numpy(), r.evaluations["mean"].to_numpy())
-                  for r in runs if len(r.evaluations)]
-        band = bootstrap_band(curves)
+        band = iqm_band([c for c in map(curve, runs) if len(c[0])])
         if not band.n or not len(band.x):
             continue
-        line, = ax.plot(band.x, band.mean, label=f"{label} (n={band.n})")
-        ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.25, linewidth=0)
-        plotted = True
-    if not plotted:
+        line, = ax.plot(band.x, band.center, label=f"{label} (n={band.n})")
+        if band.n > 1:
+            ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.25, linewidth=0)
+        sizes.append(band.n)
+    if not sizes:
         return None
-    ax.set(xlabel=_X_LABELS[x], ylabel="evaluation return",
-           title=f"evaluation return: mean over seeds, {CONFIDENCE:.0%} bootstrap band")
+    how = (f"IQM over seeds, {CONFIDENCE:.0%} bootstrap band" if max(sizes) > 1
+           else "one seed per setting (no band)")
+    ax.set(xlabel=_X_LABELS[x], ylabel=ylabel, title=f"{ylabel}: {how}")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def eval_return_plot(groups: dict[str, list[Run]], x: str, path: Path) -> Path | None:
+    """Greedy evaluation return of each group of seeds against ``x``."""
+    def curve(r: Run) -> tuple[np.ndarray, np.ndarray]:
+        e = r.evaluations
+        return (e[x].to_numpy(), e["mean"].to_numpy()) if len(e) else (np.empty(0), np.empty(0))
+
+    return seed_curves_plot(groups, curve, x, "evaluation return", path)
+
+
+def training_return_plot(groups: dict[str, list[Run]], path: Path) -> Path | None:
+    """Return of the training episodes (exploring, all ranks), binned over env steps."""
+    def curve(r: Run) -> tuple[np.ndarray, np.ndarray]:
+        e = r.episodes.sort_values("step") if len(r.episodes) else r.episodes
+        return smooth(e["step"].to_numpy(), e["return"].to_numpy()) if len(e) else (np.empty(0), np.empty(0))
+
+    return seed_curves_plot(groups, curve, "step", "training episode return", path)
+
+
+def loss_plot(groups: dict[str, list[Run]], path: Path) -> Path | None:
+    """TD loss (mean over the updates between log rows) against env steps."""
+    def curve(r: Run) -> tuple[np.ndarray, np.ndarray]:
+        s = r.scalars[["step", "loss"]].dropna() if "loss" in r.scalars else r.scalars
+        return (s["step"].to_numpy(), s["loss"].to_numpy()) if len(s) else (np.empty(0), np.empty(0))
+
+    return seed_curves_plot(groups, curve, "step", "TD loss", path)
 
 
 def throughput(run: Run) -> pd.DataFrame:

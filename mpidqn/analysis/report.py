@@ -11,7 +11,7 @@ import pandas as pd
 
 from mpidqn.analysis import plots
 from mpidqn.analysis.runs import Run, RunLoadError, load_run
-from mpidqn.analysis.tables import group_by_settings, scaling_problem, summary, tidy
+from mpidqn.analysis.tables import aggregate, group_by_settings, scaling_problem, summary, tidy
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 
 PROG = "mpidqn report"
@@ -20,7 +20,8 @@ PROG = "mpidqn report"
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Summary tables (CSV) and plots (PNG) of one or more runs. Runs whose "
-        "config differs only in the seed are averaged, with a bootstrap 95% confidence band.")
+        "config differs only in the seed are aggregated: interquartile mean (IQM) with a 95% bootstrap "
+        "confidence interval over the seeds.")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory (holds log.h5)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="where to write (default: RUN_DIR/report for one run, ./report for several)")
@@ -39,6 +40,8 @@ def main(argv: Sequence[str]) -> int:
     out = args.out or (args.run_dirs[0] / "report" if len(args.run_dirs) == 1 else Path("report"))
     table = summary(runs)
     print(format_table(table))
+    print()
+    print(format_table(aggregate(group_by_settings(runs), table)))
     print()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -85,9 +88,11 @@ def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
 
 def write_report(runs: Sequence[Run], table: pd.DataFrame, out: Path) -> tuple[list[Path], list[str]]:
     """Write CSVs and PNGs into ``out``; return the paths written and notes on what was skipped."""
-    written = [out / "summary.csv", out / "tidy.csv"]
+    groups = group_by_settings(runs)
+    written = [out / "summary.csv", out / "aggregate.csv", out / "tidy.csv"]
     table.to_csv(written[0], index=False)
-    tidy(runs).to_csv(written[1], index=False)
+    aggregate(groups, table).to_csv(written[1], index=False)
+    tidy(runs).to_csv(written[2], index=False)
     notes: list[str] = []
 
     def keep(path: Path | None, what: str) -> None:
@@ -96,10 +101,11 @@ def write_report(runs: Sequence[Run], table: pd.DataFrame, out: Path) -> tuple[l
         else:
             written.append(path)
 
-    groups = group_by_settings(runs)
     keep(plots.eval_return_plot(groups, "step", out / "eval_return_vs_steps.png"), "eval return vs steps")
     keep(plots.eval_return_plot(groups, "wall_time", out / "eval_return_vs_wall_time.png"),
          "eval return vs wall time")
+    keep(plots.training_return_plot(groups, out / "training_return_vs_steps.png"), "training return")
+    keep(plots.loss_plot(groups, out / "loss_vs_steps.png"), "loss")
     keep(plots.throughput_plot(runs, out / "throughput.png"), "throughput")
     for run in runs:
         keep(plots.time_breakdown_plot(run, out / f"time_breakdown_{_file_safe(run.name)}.png"),

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from mpidqn.analysis.curves import iqm_interval
 from mpidqn.analysis.runs import Run, settings
 
 TIDY_COLUMNS = ["run", "seed", "world", "step", "metric", "value"]
@@ -59,6 +60,31 @@ def summary(runs: Sequence[Run]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     table["env_steps"] = table["env_steps"].astype("Int64")  # a count; NaN-able for an empty log
     return table
+
+
+AGGREGATE_COLUMNS = ["setting", "runs", "final_eval_iqm", "final_eval_ci_low", "final_eval_ci_high",
+                     "final_eval_mean", "final_eval_min", "best_eval_iqm", "env_steps_per_s"]
+
+
+def aggregate(groups: dict[str, list[Run]], table: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of runs that differ only in the seed: the interquartile mean of the final
+    (and best) evaluation over the seeds with a 95 % bootstrap interval, plus the mean and the worst
+    seed so a failure is not averaged away."""
+    by_run = table.set_index("run")
+    rows = []
+    for label, runs in groups.items():
+        t = by_run.loc[[r.name for r in runs]]
+        final = t["final_eval_return"].dropna().to_numpy()
+        best = t["best_eval_return"].dropna().to_numpy()
+        center, low, high = iqm_interval(final) if len(final) else (np.nan, np.nan, np.nan)
+        rows.append({
+            "setting": label, "runs": len(runs), "final_eval_iqm": float(center), "final_eval_ci_low": float(low),
+            "final_eval_ci_high": float(high), "final_eval_mean": final.mean() if len(final) else np.nan,
+            "final_eval_min": final.min() if len(final) else np.nan,
+            "best_eval_iqm": float(iqm_interval(best)[0]) if len(best) else np.nan,
+            "env_steps_per_s": t["env_steps_per_s"].mean(),
+        })
+    return pd.DataFrame(rows, columns=AGGREGATE_COLUMNS)
 
 
 def _largest(run: Run, column: str) -> float:
