@@ -83,6 +83,9 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
     cfg = collective(comm, lambda: load_config(args.config, args.overrides))
     collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    from mpidqn.config import samples_per_rank
+
+    collective(comm, lambda: samples_per_rank(cfg.train, comm.Get_size()))  # the global batch must divide
     from mpidqn.topology import Topology
 
     def build_topology() -> Topology:

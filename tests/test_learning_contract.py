@@ -81,6 +81,17 @@ def test_schedules_resume_unchanged_when_total_steps_is_unchanged():
     assert back == s
 
 
+def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "r"
+    p = mpidqn(3, ["--run-dir", str(run_dir), "train.batch_size=64"], timeout=120)
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if "error" in line]
+    assert lines == ["mpidqn: error: train.batch_size: 64 is not divisible by the world size 3 (train.batch_scope="
+                     "global: every rank samples batch_size / world); use a multiple of 3 or "
+                     "train.batch_scope=per_rank"], p.stderr
+    assert not run_dir.exists()
+
+
 # ------------------------------------------------------------------ the real loop at several world sizes
 
 RATIO = ["train.total_steps=600", "train.learning_starts=100", "train.train_freq=1", "train.gradient_steps=1",
