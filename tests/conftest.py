@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi"
 TINY = [
-    "train.total_steps=1200", "train.learning_starts=200", "train.train_freq=100", "train.gradient_steps=4",
+    "train.total_steps=1200", "train.learning_starts=200", "train.n_step=1", "train.train_freq=100", "train.gradient_steps=4",
     "train.batch_size=12", "train.buffer_size=2000", "network.hidden=[32,32]", "eval.interval_steps=0",
     "eval.episodes=2", "log.interval_steps=400", "log.progress=lines", "env.max_episode_steps=100",
 ]
