@@ -7,6 +7,7 @@ that rank's traceback once and aborts the whole MPI job, so no rank is left wait
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import traceback
@@ -17,6 +18,21 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect")
+USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume] [KEY=VALUE ...]
+       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
+       python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
+       python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
+       python -m mpidqn --version
+
+MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N python -m mpidqn ...
+
+commands:
+  train      train (the default command); resumes when --run-dir holds a checkpoint
+  evaluate   greedy evaluation of a run's newest checkpoint
+  report     summary tables (CSV) and plots (PNG) of one or more runs
+  inspect    describe a run's newest checkpoint
+
+`python -m mpidqn COMMAND --help` shows the options of a command."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,8 +147,51 @@ def _abort(comm: Any, exc: BaseException) -> int:
     return errors.EXIT_FAILURE
 
 
+def _launcher_rank() -> int:
+    """This process's rank as the launcher announced it (0 when not launched by one), read before
+    MPI starts so that top-level messages are printed once, not once per rank."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def unknown_command(word: str) -> str | None:
+    """The error for a first argument that is neither a command, an option nor KEY=VALUE."""
+    if word.startswith("-") or "=" in word or word in COMMANDS:
+        return None
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}; overrides are KEY=VALUE"
+    return f"unknown command '{word}' ({hint})"
+
+
+def _top_level(argv: list[str]) -> int | None:
+    """``--help``, ``--version`` and mistyped commands; None when a command should run."""
+    first = argv[0] if argv else ""
+    if first in ("-h", "--help"):
+        if _launcher_rank() == 0:
+            print(USAGE)
+        return EXIT_OK
+    if first == "--version":
+        from mpidqn import __version__
+
+        if _launcher_rank() == 0:
+            print(f"mpidqn {__version__}")
+        return EXIT_OK
+    problem = unknown_command(first) if first else None
+    if problem is not None:
+        if _launcher_rank() == 0:
+            _say(f"mpidqn: error: {problem}")
+        return EXIT_BAD_INPUT
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    done = _top_level(argv)
+    if done is not None:
+        return done
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train":
         from mpidqn import signals

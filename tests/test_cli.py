@@ -94,3 +94,70 @@ def test_compile_optimizer_without_a_compiler_is_refused_before_training(tmp_pat
         "mpidqn: error: train.compile_optimizer: torch.compile needs a C++ compiler and 'no-such-c++' was not found "
         "(install one, point $CXX at it, or set train.compile_optimizer=false)"]
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def _cli(args: list[str], **kw):
+    return run([sys.executable, "-m", "mpidqn", *args], **kw)
+
+
+def test_help_lists_the_commands_and_version_prints_once():
+    p = _cli(["--help"])
+    assert p.returncode == 0
+    for command in ("train", "evaluate", "report", "inspect", "--version"):
+        assert command in p.stdout
+    from mpidqn import __version__
+
+    v = _cli(["--version"])
+    assert (v.returncode, v.stdout.strip()) == (0, f"mpidqn {__version__}")
+
+
+def test_mistyped_command_is_named_with_a_suggestion(tmp_path):
+    p = _cli(["evalute", str(tmp_path)])
+    assert p.returncode == 2
+    assert p.stderr.strip() == "mpidqn: error: unknown command 'evalute' (did you mean evaluate?)"
+    p = mpidqn(2, ["frobnicate"])
+    assert p.returncode == 2
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [  # once, not once per rank
+        "mpidqn: error: unknown command 'frobnicate' (commands: train, evaluate, report, inspect; "
+        "overrides are KEY=VALUE)"]
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\ntrain:\n  lr: [1\n  total_steps: 2\n")
+    p = _cli(["--config", str(bad), "--run-dir", str(tmp_path / "r")])
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"mpidqn: error: --config {bad}:4:14: not valid YAML (")
+    assert not (tmp_path / "r").exists()
+
+
+SHADOWING_FINDER = '''
+import sys
+from importlib.machinery import PathFinder
+from importlib.util import spec_from_file_location
+from pathlib import Path
+PKG = Path({pkg!r})
+class Finder:  # what setuptools' editable install adds: a hook consulted after the path search
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname == "mpidqn":
+            return spec_from_file_location(fullname, PKG / "__init__.py", submodule_search_locations=[str(PKG)])
+        if fullname.rpartition(".")[0] == "mpidqn":
+            return PathFinder.find_spec(fullname, path=[str(PKG)])
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, Finder)
+'''
+
+
+def test_a_checkout_folder_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    # the parent of a checkout after the quick start: ./mpidqn/runs/ hid the module mpidqn.runs
+    (tmp_path / "mpidqn" / "runs" / "CartPole-v1-s0").mkdir(parents=True)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    from conftest import ROOT
+
+    (hook / "sitecustomize.py").write_text(SHADOWING_FINDER.format(pkg=str(ROOT / "mpidqn")))
+    env = {"PYTHONPATH": str(hook)}
+    p = run([sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"), "train.total_steps=200",
+             "train.learning_starts=100", "log.progress=none"], env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert _cli(["--version"], env=env, cwd=tmp_path).returncode == 0
