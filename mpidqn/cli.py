@@ -44,9 +44,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpidqn train", description="Train DQN with MPI (mpiexec -n N python -m mpidqn ...).")
-    p.add_argument("--config", help="YAML config (default: the embedded CartPole-v1 config)")
+    p.add_argument("--config", help="YAML config (default: the config.yaml of an existing --run-dir, else the "
+                                    "embedded CartPole-v1 config)")
     p.add_argument("--run-dir", help="run directory (default: runs/<env>-s<seed>-<time>); resumes if it holds a checkpoint")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --run-dir to resume from")
+    p.add_argument("--fresh-start", action="store_true",
+                   help="start again from step 0 in an existing --run-dir (e.g. when no checkpoint there verifies); "
+                        "its checkpoints and log are kept, renamed *.old-<time>")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
     return p
 
@@ -92,12 +96,29 @@ def check_slurm_tasks(world: int) -> None:
         )
 
 
-def cmd_train(argv: Sequence[str], comm: Any) -> int:
+def train_config(args: argparse.Namespace) -> Any:
+    """The run's config: ``--config`` + overrides, or an existing run dir's saved config + overrides
+    (so that ``train --resume --run-dir X`` continues a run without retyping its settings)."""
     from mpidqn.config import load_config
+    from mpidqn.runs import check_resume_overrides
+
+    if args.resume and args.fresh_start:
+        raise UserError("--resume and --fresh-start contradict each other; choose one")
+    if args.resume and not args.run_dir:
+        raise UserError("--resume needs --run-dir (the run to continue)")
+    saved = os.path.join(args.run_dir, "config.yaml") if args.run_dir else None
+    if args.config is None and saved is not None and os.path.isfile(saved):
+        cfg = load_config(saved, args.overrides)
+        check_resume_overrides(load_config(saved), cfg, args.run_dir)
+        return cfg
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(argv: Sequence[str], comm: Any) -> int:
     from mpidqn.runs import prepare_run
 
     args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
-    cfg = collective(comm, lambda: load_config(args.config, args.overrides))
+    cfg = collective(comm, lambda: train_config(args))
     collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
     from mpidqn.topology import Topology
 
@@ -111,11 +132,14 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     from mpidqn.env_presets import spec_from_config
     from mpidqn.envs import check_env_id
 
+    from mpidqn.factory import check_layout
     from mpidqn.learner import check_compile_optimizer
 
-    collective(comm, lambda: check_env_id(spec_from_config(cfg.env)))  # before anything is written to the run dir
+    # every check of the input before anything is written to the run dir
+    collective(comm, lambda: check_env_id(spec_from_config(cfg.env)))
+    collective(comm, lambda: check_layout(cfg, topo))
     collective(comm, lambda: check_compile_optimizer(cfg.train))
-    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective)
+    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start)
     return run.train()
 
 

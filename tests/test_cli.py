@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import inspect_json, mpidqn, run
+from conftest import ROOT, inspect_json, mpidqn, run
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -50,9 +50,13 @@ def test_run_dir_of_another_run_is_refused(tmp_path, tiny):
     run_dir = tmp_path / "r"
     assert mpidqn(1, ["--run-dir", str(run_dir), *tiny]).returncode == 0
     before = (run_dir / "config.yaml").read_text()
-    p = mpidqn(1, ["--run-dir", str(run_dir), *tiny, "train.lr=0.01"])
+    p = mpidqn(1, ["--run-dir", str(run_dir), *tiny, "train.lr=0.01"])  # the saved config + overrides
     assert p.returncode == 2
-    assert "belongs to another run: train.lr" in p.stderr
+    assert "train.lr cannot change when the run in" in p.stderr
+    cartpole = str(ROOT / "configs" / "cartpole.yaml")  # another config file
+    p = mpidqn(1, ["--run-dir", str(run_dir), "--config", cartpole])
+    assert p.returncode == 2
+    assert f"belongs to another run: " in p.stderr and f"continue it with `train --run-dir {run_dir}`" in p.stderr
     assert (run_dir / "config.yaml").read_text() == before
     f = tmp_path / "file"
     f.write_text("x")
