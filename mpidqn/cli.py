@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as e:
             _say(f"mpidqn {command}: error: {e}")
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            _say(f"mpidqn {command}: interrupted")
+            return 130
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
-from mpidqn import __version__
+from mpidqn import __version__, signals
 from mpidqn.checkpoint import (FORMAT_VERSION, MARKER, CheckpointManager, find_latest, list_step_dirs, verify,
                                write_text_atomic)
 from mpidqn.config import Config, config_from_yaml_text, iter_fields, to_dict, to_yaml
@@ -141,8 +141,9 @@ class Run:
             outcome = self.trainer.run()
             if outcome == "signal":
                 step = self.trainer.counters.env_steps
-                self.reporter.event(step, "signal", f"mpidqn: stopped on a signal at step {step:,} after "
-                                    f"checkpointing; exit {EXIT_REQUEUE} = resubmit me (resumes from {self.run_dir})")
+                self.reporter.event(step, "signal", f"mpidqn: stopped on {signals.name(signals.received())} at "
+                                    f"step {step:,} after "
+                                    f"checkpointing; exit {EXIT_REQUEUE}: `train --run-dir {self.run_dir}` continues it")
         except AgreedFailure as e:  # raised on every rank together: stop cleanly, no abort, no checkpoint
             return self._failed(e)
         finally:
