@@ -75,7 +75,7 @@ def versions() -> dict[str, str]:
         "mpidqn": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": numpy.__version__, "gymnasium": gymnasium.__version__, "h5py": h5py.__version__,
         "hdf5": h5py.version.hdf5_version, "mpi4py": mpi4py.__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi": MPI.Get_library_version().replace("\0", "").splitlines()[0].strip(),  # Open MPI ends it in a NUL
     }
 
 
@@ -138,19 +138,24 @@ class Run:
 
     def train(self) -> int:
         try:
-            outcome = self.trainer.run()
-            if outcome == "signal":
-                step = self.trainer.counters.env_steps
-                self.reporter.event(step, "signal", f"mpidqn: stopped on {signals.name(signals.received())} at "
-                                    f"step {step:,} after "
-                                    f"checkpointing; exit {EXIT_REQUEUE}: `train --run-dir {self.run_dir}` continues it")
-        except AgreedFailure as e:  # raised on every rank together: stop cleanly, no abort, no checkpoint
-            return self._failed(e)
+            try:
+                outcome = self.trainer.run()
+                code = EXIT_REQUEUE if outcome == "signal" else EXIT_OK
+                if outcome == "signal":
+                    step = self.trainer.counters.env_steps
+                    self.reporter.event(step, "signal", f"mpidqn: stopped on {signals.name(signals.received())} "
+                                        f"at step {step:,} after checkpointing; exit {EXIT_REQUEUE}: "
+                                        f"`train --run-dir {self.run_dir}` continues it")
+            except AgreedFailure as e:  # raised on every rank together: stop cleanly, no abort, no checkpoint
+                code = self._failed(e)
         finally:
             self.reporter.close()
             if self.lock is not None:
                 self.lock.release()
-        return EXIT_REQUEUE if outcome == "signal" else EXIT_OK
+        # Leave together, once rank 0 has closed the log: a launcher that ends the whole job when one
+        # rank exits non-zero (srun --kill-on-bad-exit) then cannot cut rank 0 short.
+        self.trainer.topo.comm.Barrier()
+        return code
 
     def _failed(self, e: AgreedFailure) -> int:
         step = self.trainer.counters.env_steps

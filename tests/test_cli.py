@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -165,3 +166,36 @@ def test_a_checkout_folder_in_the_working_directory_does_not_shadow_the_package(
              "train.learning_starts=100", "log.progress=none"], env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     assert _cli(["--version"], env=env, cwd=tmp_path).returncode == 0
+
+
+def _read_pty(master: int) -> str:
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every process holding the terminal side has exited
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bar_under_mpiexec_on_a_terminal(tmp_path, tiny):
+    # mpiexec's stdout is a terminal; the ranks' stdout is a pipe to mpiexec: the bar still shows
+    import subprocess
+
+    from conftest import _env
+
+    master, slave = os.openpty()
+    p = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"),
+                          *tiny, "log.progress=auto"], stdin=subprocess.DEVNULL, stdout=slave,
+                         stderr=subprocess.PIPE, env=_env())
+    os.close(slave)
+    out = _read_pty(master)
+    assert p.wait(timeout=180) == 0, p.stderr.read()
+    assert "1200/1200" in out and "step/s" in out and "\r" in out, out
+    assert "env-steps/s |" not in out  # no plain progress lines next to the bar
+    p = mpidqn(2, ["--run-dir", str(tmp_path / "r2"), *tiny, "log.progress=auto"])  # stdout a pipe: lines
+    assert p.returncode == 0 and "env-steps/s |" in p.stdout and "step/s]" not in p.stdout
