@@ -29,20 +29,28 @@ def eval_return_plot(groups: dict[str, list[Run]], x: str, path: Path) -> Path |
     with a bootstrap confidence band over the seeds."""
     fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
-    plotted = False
+    seeds: list[int] = []
     for label, runs in groups.items():
         curves = [(r.evaluations[x].to_numpy(), r.evaluations["mean"].to_numpy())
                   for r in runs if len(r.evaluations)]
         band = bootstrap_band(curves)
         if not band.n or not len(band.x):
             continue
-        line, = ax.plot(band.x, band.mean, label=f"{label} (n={band.n})")
-        ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.25, linewidth=0)
-        plotted = True
-    if not plotted:
+        seeds.append(band.n)
+        line, = ax.plot(band.x, band.mean, marker="o" if len(band.x) < 30 else None, markersize=3,
+                        label=f"{label} ({band.n} seed{'s' if band.n > 1 else ''})")
+        if band.n > 1:  # a band over one seed would only be its own curve
+            ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.25, linewidth=0)
+    if not seeds:
         return None
-    ax.set(xlabel=_X_LABELS[x], ylabel="evaluation return",
-           title=f"evaluation return: mean over seeds, {CONFIDENCE:.0%} bootstrap band")
+    if max(seeds) == 1:
+        title = "evaluation return (one seed per config: no confidence band)"
+    elif min(seeds) == 1:
+        title = f"evaluation return: mean over seeds, {CONFIDENCE:.0%} bootstrap band (configs with 2+ seeds)"
+    else:
+        title = f"evaluation return: mean over seeds, {CONFIDENCE:.0%} bootstrap band"
+    ax.set(xlabel=_X_LABELS[x], ylabel="evaluation return (mean of the greedy episodes)")
+    ax.set_title(title, fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -70,7 +78,9 @@ def throughput_plot(runs: Sequence[Run], path: Path) -> Path | None:
             plotted = True
     if not plotted:
         return None
-    ax.set(xlabel=_X_LABELS["wall_time"], ylabel="env steps / s", title="throughput")
+    ax.set(xlabel=_X_LABELS["wall_time"], ylabel="env steps / s (all ranks)", title="throughput")
+    ax.set_ylim(bottom=0)  # a rate: its distance from 0 is the point
+    ax.set_xlim(left=0)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -81,15 +91,19 @@ def time_breakdown_plot(run: Run, path: Path) -> Path | None:
     breakdown = time_breakdown(run)
     if not len(breakdown):
         return None
-    fig = Figure(layout="constrained", figsize=(max(5.0, 0.5 * len(breakdown) + 3), 4.5))
+    # wide enough for the bars, the legend beside them and the run's name (a figure title, so it is
+    # laid out against the whole figure, not the axes the legend squeezes)
+    width = max(6.5, 0.5 * len(breakdown) + 4.5, 0.085 * len(run.name) + 1.0)
+    fig = Figure(layout="constrained", figsize=(width, 4.5))
     ax = fig.add_subplot()
     bottom = np.zeros(len(breakdown))
     ranks = breakdown.index.to_numpy()
     for phase in breakdown.columns:
         ax.bar(ranks, breakdown[phase], bottom=bottom, label=phase)
         bottom += breakdown[phase].to_numpy()
-    ax.set(xlabel="rank", ylabel="seconds", title=f"time per phase and rank: {run.name}", xticks=ranks)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set(xlabel="rank", ylabel="seconds", xticks=ranks)
+    fig.suptitle(f"time per phase and rank\n{run.name}", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1), title="phase")
     return _save(fig, path)
 
 
