@@ -18,7 +18,7 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect")
-USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume] [KEY=VALUE ...]
+USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
        python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]

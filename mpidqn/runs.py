@@ -144,8 +144,8 @@ class Run:
                 if outcome == "signal":
                     step = self.trainer.counters.env_steps
                     self.reporter.event(step, "signal", f"mpidqn: stopped on {signals.name(signals.received())} "
-                                        f"at step {step:,} after checkpointing; exit {EXIT_REQUEUE}: "
-                                        f"`train --run-dir {self.run_dir}` continues it")
+                                        f"at step {step:,} after checkpointing; exit {EXIT_REQUEUE} = resubmit me "
+                                        f"(`train --run-dir {self.run_dir}` continues it)")
             except AgreedFailure as e:  # raised on every rank together: stop cleanly, no abort, no checkpoint
                 code = self._failed(e)
         finally:
