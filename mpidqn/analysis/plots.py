@@ -67,18 +67,37 @@ def throughput(run: Run) -> pd.DataFrame:
     return pd.DataFrame({"wall_time": s["wall_time"], "env_steps_per_s": rate}).replace(np.inf, np.nan).dropna()
 
 
+def _warm_up(run: Run, index: pd.Index) -> np.ndarray:
+    """Rows of the log before learning started (no updates yet): env stepping alone, much faster."""
+    s = run.scalars
+    if "updates" not in s:
+        return np.zeros(len(index), dtype=bool)
+    return (s["updates"].reindex(index).fillna(0) <= 0).to_numpy()
+
+
 def throughput_plot(runs: Sequence[Run], path: Path) -> Path | None:
+    """env-steps/s against wall time; the warm-up before the first update is dotted, and the legend
+    gives each run's median rate while learning (the number a reader looks for)."""
     fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
     plotted = False
     for run in runs:
         data = throughput(run)
-        if len(data):
-            ax.plot(data["wall_time"], data["env_steps_per_s"], label=run.name)
-            plotted = True
+        if not len(data):
+            continue
+        warm = _warm_up(run, data.index)
+        learning = data[~warm]
+        rate = learning if len(learning) else data
+        label = f"{run.name} (median {rate['env_steps_per_s'].median():,.0f}/s)"
+        line, = ax.plot(rate["wall_time"], rate["env_steps_per_s"], label=label)
+        if warm.any() and len(learning):  # joined to the first learning row so the curve is one piece
+            w = pd.concat([data[warm], learning.iloc[:1]])
+            ax.plot(w["wall_time"], w["env_steps_per_s"], ":", color=line.get_color())
+        plotted = True
     if not plotted:
         return None
-    ax.set(xlabel=_X_LABELS["wall_time"], ylabel="env steps / s (all ranks)", title="throughput")
+    ax.set(xlabel=_X_LABELS["wall_time"], ylabel="env steps / s (all ranks)",
+           title="throughput (dotted: warm-up before the first update)")
     ax.set_ylim(bottom=0)  # a rate: its distance from 0 is the point
     ax.set_xlim(left=0)
     ax.legend(fontsize="small")
