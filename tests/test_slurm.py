@@ -26,8 +26,9 @@ Environment knobs: MPIDQN_TEST_CONFIG (config to train, default configs/cartpole
 MPIDQN_TEST_SLURM_TIMEOUT (seconds per job wait, default 300), MPIDQN_TEST_PREEMPT_STEPS (total steps
 of the preemption runs, long enough to be still running when signalled; default 20000),
 MPIDQN_TEST_SRUN_ARGS (launcher args for the srun test, default --mpi=pmi2), MPIDQN_TEST_OMPI_PYTHON (a
-Python whose mpi4py uses Open MPI: the Open MPI preemption test runs with it through srun --mpi=pmix;
-skipped when unset).
+Python whose mpi4py uses Open MPI: the Open MPI preemption test runs with it through srun --mpi=pmix,
+which needs Slurm's PMIx plugin to load (Debian: libpmix-dev, then restart the cluster); skipped
+when unset).
 """
 from __future__ import annotations
 
