@@ -27,7 +27,7 @@ import yaml
 from mpidqn import __version__, signals
 from mpidqn.checkpoint import (FORMAT_VERSION, MARKER, CheckpointManager, find_latest, list_step_dirs, verify,
                                write_text_atomic)
-from mpidqn.config import Config, config_from_yaml_text, iter_fields, to_dict, to_yaml
+from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
 from mpidqn.console import ConsoleReporter, SilentReporter
 from mpidqn.h5tree import flatten
 from mpidqn.logs import check_log_version

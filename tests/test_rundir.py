@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, _env, mpidqn, run
+from conftest import _env, mpidqn
 
 TOTAL = 1200
 
@@ -35,21 +35,17 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 
 # ----------------------------------------------------------------------------- the lock
 
-def test_lock_names_its_holder_and_is_recovered_from_a_dead_one(tmp_path):
+def test_lock_names_its_holder_and_is_recovered_from_a_dead_one(tmp_path, monkeypatch):
     from mpidqn.errors import UserError
     from mpidqn.runlock import RunLock
 
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
     first = RunLock(tmp_path)
     first.acquire()
     with pytest.raises(UserError, match=rf"is in use by another job \(host \S+, pid {os.getpid()}, Slurm job 77, since"):
-        os.environ["SLURM_JOB_ID"] = "77"  # read by the holder that writes next: rewrite as the holder
-        try:
-            first.release()
-            first.acquire()
-        finally:
-            del os.environ["SLURM_JOB_ID"]
         RunLock(tmp_path).acquire()
     first.release()
+    monkeypatch.delenv("SLURM_JOB_ID")
     # a holder killed with SIGKILL leaves its lock file behind; the kernel dropped the lock itself
     code = f"from mpidqn.runlock import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); " \
            "import time; time.sleep(600)"
