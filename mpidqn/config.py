@@ -341,6 +341,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def yaml_error(path: str, e: yaml.YAMLError) -> str:
+    """``--config FILE:LINE:COLUMN: not valid YAML (problem)``, 1-based like an editor shows it."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"--config {where}: not valid YAML ({f'{context}: ' if context else ''}{problem})"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML file (or the embedded defaults when None), apply overrides, validate."""
     data: dict[str, Any] = {}
@@ -352,7 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(yaml_error(str(path), e)) from None
     apply_overrides(data, list(overrides))
     cfg = _from_dict(Config, data)
     validate(cfg)

@@ -5,10 +5,41 @@ other ranks get :class:`SilentReporter`, so the loop has no scattered ``if rank 
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
 import numpy as np
+
+LAUNCHERS = ("mpiexec", "mpirun", "hydra_pmi_proxy", "prterun", "prted", "prte", "orterun", "orted")
+
+
+def _parent(pid: int) -> tuple[int, str]:
+    """(parent pid, command name) of ``pid`` from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[1]), stat[stat.index("(") + 1: stat.rindex(")")]
+
+
+def launcher_on_terminal(max_depth: int = 4) -> bool:
+    """Whether the MPI launcher that started this process writes to a terminal.
+
+    Under mpiexec a rank's stdout is a pipe to the launcher, which copies it to its own stdout, so
+    ``isatty()`` is false even when the user watches a terminal. Walk up the parents (Linux /proc)
+    while they are launcher processes (mpiexec, Hydra's proxy, PRRTE) and report whether one of them
+    has a terminal as its stdout. Anything unreadable means no.
+    """
+    pid = os.getpid()
+    try:
+        for _ in range(max_depth):
+            pid, _ = _parent(pid)
+            if pid <= 1 or not _parent(pid)[1].startswith(LAUNCHERS):
+                return False
+            if os.readlink(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
+                return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -33,7 +64,8 @@ class ConsoleReporter(SilentReporter):
     def __init__(self, mode: str = "auto", stream: TextIO | None = None, runlog: Any | None = None) -> None:
         self.stream = stream or sys.stdout
         self.runlog = runlog
-        use_bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        on_terminal = self.stream.isatty() or (stream is None and launcher_on_terminal())
+        use_bar = mode == "bar" or (mode == "auto" and on_terminal)
         self.bar = None
         if use_bar and mode != "none":
             try:

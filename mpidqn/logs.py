@@ -294,6 +294,7 @@ class RunLog:
         if not flush_interval_s >= 0:
             raise ValueError(f"flush_interval_s must be >= 0, got {flush_interval_s}")
         self.path = Path(path)
+        self.moved_aside: list[tuple[Path, str]] = []  # (new name, why): the caller announces each move
         self.flush_interval_s = float(flush_interval_s)
         scalar_names = _check_names("scalar", scalar_names, _KEY_COLUMNS)
         timing_names = _check_names("timing", timing_names, ("segment", "step", "wall_time", "rank"))
@@ -339,6 +340,7 @@ class RunLog:
         while (aside := self.path.with_name(f"{self.path.name}.{why}-{stamp}")).exists():
             stamp += 1  # never replace an earlier one moved aside in the same second
         os.replace(self.path, aside)
+        self.moved_aside.append((aside, why))
 
     def _build(self, old: LogData | None, resume_step: int | None,
                encoded: dict[str, object], json_keys: list[str]) -> None:

@@ -10,11 +10,29 @@
 #   MPIDQN_RUNS          root of run directories (default runs, relative to the job's working dir)
 #   MPIDQN_RUN_DIR       run directory of train.sbatch (default: keyed by job id, see below)
 #   MPIDQN_MAX_REQUEUES  how often a job requeues itself after exit code 75 (default 10)
+#   MPIDQN_SETUP         a shell file the scripts source first (module load, venv activation);
+#                        default: slurm/site.sh when it exists (for --export=NONE sites)
+#   HDF5_USE_FILE_LOCKING  FALSE unless set: HDF5's own locks fail on many shared file systems, and
+#                        the run directory's lock (RUN_DIR/.lock) already keeps a second job out
 
 # Exit codes of `python -m mpidqn` (mpidqn/errors.py).
 MPIDQN_EXIT_OK=0
 MPIDQN_EXIT_BAD_INPUT=2
 MPIDQN_EXIT_REQUEUE=75
+
+# mpidqn_setup DIR: source the site hook (MPIDQN_SETUP, else DIR/site.sh when present) and set the
+# defaults every job step needs. A job submitted with --export=NONE inherits nothing from the
+# submitting shell: its `module load` / venv activation belong in the hook.
+mpidqn_setup() {
+    local hook=${MPIDQN_SETUP:-$1/site.sh}
+    if [[ -n ${MPIDQN_SETUP:-} && ! -f $hook ]]; then mpidqn_die "MPIDQN_SETUP=$hook: no such file"; fi
+    if [[ -f $hook ]]; then
+        mpidqn_log "sourcing $hook"
+        # shellcheck disable=SC1090  # the site's file
+        source "$hook" || mpidqn_die "$hook failed"
+    fi
+    export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}
+}
 
 mpidqn_log() { echo "[mpidqn-slurm $(date '+%F %T')] $*"; }
 mpidqn_die() { echo "[mpidqn-slurm] error: $*" >&2; exit "$MPIDQN_EXIT_BAD_INPUT"; }
@@ -48,17 +66,26 @@ mpidqn_banner() {
 # (scancel, preemption, requeue, time limit). It forwards either to the running launcher, whose
 # ranks then checkpoint and exit 75. The launcher runs in the background so that the shell can run
 # its trap while `wait` blocks.
+#
+# Open MPI 5's mpiexec (PRRTE) forwards SIGUSR1 to the ranks but answers SIGTERM and SIGINT by
+# killing the job itself within a second (SIGCONT, SIGTERM, SIGKILL): no checkpoint. So a SIGTERM
+# the batch shell gets is forwarded to it as SIGUSR1. Slurm's own SIGTERM to every process of the job
+# (scancel, preemption, requeue) still reaches that mpiexec directly: use srun --mpi=pmix with Open
+# MPI (see slurm/README.md); the script warns when it launches Open MPI's mpiexec.
 _MPIDQN_CHILD=
+_MPIDQN_TERM_AS=TERM  # the signal a SIGTERM is forwarded as (USR1 for Open MPI's launcher)
 _MPIDQN_SIGNALLED=   # set by the trap, cleared before each `wait`
 MPIDQN_GOT_SIGNAL=   # the last signal the running (or last) step got; cleared when a step starts
 
 _mpidqn_forward() {
-    local sig=$1
+    local sig=$1 send=$1 note=
+    [[ $sig == TERM ]] && send=$_MPIDQN_TERM_AS
+    [[ $send != "$sig" ]] && note=" as SIG$send"
     _MPIDQN_SIGNALLED=$sig
     MPIDQN_GOT_SIGNAL=$sig
     if [[ -n $_MPIDQN_CHILD ]] && kill -0 "$_MPIDQN_CHILD" 2>/dev/null; then
-        mpidqn_log "got SIG$sig, forwarding to launcher pid $_MPIDQN_CHILD"
-        kill -s "$sig" "$_MPIDQN_CHILD" 2>/dev/null || true
+        mpidqn_log "got SIG$sig, forwarding$note to launcher pid $_MPIDQN_CHILD"
+        kill -s "$send" "$_MPIDQN_CHILD" 2>/dev/null || true
     else
         mpidqn_log "got SIG$sig with no job step running"
     fi
@@ -85,13 +112,15 @@ mpidqn_launch() {
     # shellcheck disable=SC2206  # word splitting is the point
     [[ -n ${MPIDQN_LAUNCHER_ARGS:-} ]] && extra=($MPIDQN_LAUNCHER_ARGS)
     local -a cmd
+    local term_as=TERM
     case $launcher in
         srun)
             # srun (22.05+) no longer inherits --cpus-per-task from the batch job: pass it on.
-            # --kill-on-bad-exit=0: exit code 75 is non-zero, and ranks that finish writing a
-            # checkpoint later than the others must not be killed; the trainer itself aborts the
-            # whole world (MPI_Abort) on a real error.
-            cmd=(srun --ntasks="$ntasks" --cpus-per-task="$(mpidqn_threads)" --kill-on-bad-exit=0
+            # --kill-on-bad-exit=1: a rank that dies (killed, out of memory) ends the step at once
+            # instead of leaving the others waiting in a collective until the watchdog fires. The
+            # trainer's ranks leave together (a barrier after rank 0 closed the log), so a stop with
+            # exit 75 on every rank loses nothing to it.
+            cmd=(srun --ntasks="$ntasks" --cpus-per-task="$(mpidqn_threads)" --kill-on-bad-exit=1
                  "${extra[@]}" "$@")
             ;;
         mpiexec)
@@ -101,7 +130,13 @@ mpidqn_launch() {
             local mpiexec=${MPIDQN_MPIEXEC:-mpiexec}
             local -a envarg
             case $(mpidqn_mpiexec_flavor "$mpiexec") in
-                openmpi) envarg=(-x SLURM_NTASKS) ;;
+                openmpi)
+                    envarg=(-x SLURM_NTASKS)
+                    term_as=USR1
+                    mpidqn_log "warning: Open MPI's mpiexec ends the job without a checkpoint when Slurm sends" \
+                        "SIGTERM (scancel, preemption, requeue); MPIDQN_LAUNCHER=srun MPIDQN_LAUNCHER_ARGS=--mpi=pmix" \
+                        "does checkpoint (only --signal=B:USR1 and scancel --signal=USR1 --batch do here)"
+                    ;;
                 *) envarg=(-genv SLURM_NTASKS "$ntasks") ;;  # MPICH Hydra, Intel MPI
             esac
             cmd=(env SLURM_NTASKS="$ntasks" "$mpiexec" -n "$ntasks" "${envarg[@]}" "${extra[@]}" "$@")
@@ -111,6 +146,7 @@ mpidqn_launch() {
     mpidqn_log "launch: ${cmd[*]}"
     _MPIDQN_SIGNALLED=
     MPIDQN_GOT_SIGNAL=
+    _MPIDQN_TERM_AS=$term_as
     "${cmd[@]}" &
     _MPIDQN_CHILD=$!
     local rc prev=

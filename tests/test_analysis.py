@@ -179,3 +179,37 @@ def test_report_defaults_and_exit_codes(runs: list[Path], tmp_path: Path,
     assert "note: scaling plot skipped: every run has the same world size" in capsys.readouterr().out
     assert (one / "report" / "summary.csv").is_file() and not (one / "report" / "scaling.png").exists()
     assert report_main([]) == EXIT_BAD_INPUT  # argparse: RUN_DIR is required
+
+
+def test_plots_read_at_a_glance(runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mpidqn.analysis import plots
+
+    figs = {}
+
+    def keep(fig, path):
+        figs[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    one, other = load_run(runs[0]), load_run(runs[1])
+    plots.eval_return_plot({"cfg": [one]}, "step", tmp_path / "one.png")
+    ax = figs["one.png"].axes[0]
+    assert "no confidence band" in ax.get_title() and "bootstrap" not in ax.get_title()
+    assert not ax.collections and "(1 seed)" in ax.get_legend().get_texts()[0].get_text()
+    plots.eval_return_plot({"cfg": [one, other]}, "step", tmp_path / "two.png")
+    ax = figs["two.png"].axes[0]
+    assert "95% bootstrap band" in ax.get_title() and len(ax.collections) == 1
+    plots.throughput_plot([one, other], tmp_path / "throughput.png")
+    assert figs["throughput.png"].axes[0].get_ylim()[0] == 0  # a rate axis starts at 0
+    long = dataclasses.replace(load_run(runs[3]), name="CartPole-v1-s12-20261125-101010-with-a-long-suffix")
+    plots.time_breakdown_plot(long, tmp_path / "breakdown.png")
+    fig = figs["breakdown.png"]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert long.name in fig._suptitle.get_text()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height  # not clipped

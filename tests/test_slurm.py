@@ -25,7 +25,10 @@ What the tests rely on from the trainer (`python -m mpidqn`, see DESIGN.md and m
 Environment knobs: MPIDQN_TEST_CONFIG (config to train, default configs/cartpole.yaml), MPIDQN_PYTHON (interpreter for jobs and `inspect`, default this one),
 MPIDQN_TEST_SLURM_TIMEOUT (seconds per job wait, default 300), MPIDQN_TEST_PREEMPT_STEPS (total steps
 of the preemption runs, long enough to be still running when signalled; default 20000),
-MPIDQN_TEST_SRUN_ARGS (launcher args for the srun test, default --mpi=pmi2).
+MPIDQN_TEST_SRUN_ARGS (launcher args for the srun test, default --mpi=pmi2), MPIDQN_TEST_OMPI_PYTHON (a
+Python whose mpi4py uses Open MPI: the Open MPI preemption test runs with it through srun --mpi=pmix,
+which needs Slurm's PMIx plugin to load (Debian: libpmix-dev, then restart the cluster); skipped
+when unset).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ PYTHON = os.environ.get("MPIDQN_PYTHON", sys.executable)
 JOB_TIMEOUT = float(os.environ.get("MPIDQN_TEST_SLURM_TIMEOUT", "300"))
 PREEMPT_STEPS = int(os.environ.get("MPIDQN_TEST_PREEMPT_STEPS", "20000"))
 SRUN_ARGS = os.environ.get("MPIDQN_TEST_SRUN_ARGS", "--mpi=pmi2")
+OMPI_PYTHON = os.environ.get("MPIDQN_TEST_OMPI_PYTHON", "")
 JOBCOMP_LOG = Path(os.environ.get("MPIDQN_SLURM_STATE", "/var/spool/mpidqn-slurm")) / "log" / "jobcomp.log"
 CANNOT_RUN_HERE = 3  # cluster.sh: not root / cannot install Slurm
 
@@ -218,9 +222,9 @@ def test_train_with_srun_launcher(submit, tmp_path):
     assert "launch: srun" in output_of(tmp_path)
 
 
-def _preempt(submit, tmp_path, how: str):
-    overrides = [f"train.total_steps={PREEMPT_STEPS}", "env.num_envs=1", "checkpoint.interval_steps=1000000"]
-    job = submit(["--ntasks=2", str(SLURM_DIR / "train.sbatch"), str(CONFIG), *overrides])
+def _preempt(submit, tmp_path, how: str, total: int = PREEMPT_STEPS, **env: str):
+    overrides = [f"train.total_steps={total}", "env.num_envs=1", "checkpoint.interval_steps=1000000"]
+    job = submit(["--ntasks=2", str(SLURM_DIR / "train.sbatch"), str(CONFIG), *overrides], **env)
     run_dir = tmp_path / "runs" / job
     wait_for_file(run_dir / "log.h5", job)  # training has started: the signal handlers are in place
     time.sleep(2)
@@ -235,12 +239,12 @@ def _preempt(submit, tmp_path, how: str):
     if recs[0].get("JobState") in TERMINAL:
         pytest.fail(f"job {job} ended instead of being requeued (raise MPIDQN_TEST_PREEMPT_STEPS?): "
                     f"{recs}\n{output_of(tmp_path)}")
-    mid = inspect(run_dir, tmp_path)
-    assert mid["complete"] is True and 0 < mid["step"] < PREEMPT_STEPS, mid
+    mid = inspect(run_dir, tmp_path)  # (inspect runs with this Python: checkpoints do not depend on the MPI)
+    assert mid["complete"] is True and 0 < mid["step"] < total, mid
     recs = wait_job(job)
     assert_completed(recs, tmp_path)
     assert int(recs[0].get("Restarts", 0)) >= 1, recs
-    assert_finished_run(run_dir, tmp_path, total=PREEMPT_STEPS, world=2)
+    assert_finished_run(run_dir, tmp_path, total=total, world=2)
     out = output_of(tmp_path)
     assert "step exited with 75" in out, out
     assert "restart 1 " in out, out
@@ -258,6 +262,25 @@ def test_external_requeue_checkpoints_and_resumes(submit, tmp_path):
     """`scontrol requeue` (as a preemption does): SIGTERM -> exit 75 -> the job comes back and resumes."""
     out = _preempt(submit, tmp_path, "requeue")
     assert "got SIGTERM" in out
+
+
+@pytest.mark.skipif(not OMPI_PYTHON, reason="MPIDQN_TEST_OMPI_PYTHON (a Python with Open MPI's mpi4py) is not set")
+def test_open_mpi_through_srun_checkpoints_on_requeue_and_resumes(submit, tmp_path):
+    """Open MPI: Slurm's SIGTERM reaches srun's ranks directly -> checkpoint -> 75 -> requeue -> resume."""
+    # total: Open MPI's busy-polling ranks are slow on an oversubscribed test machine
+    out = _preempt(submit, tmp_path, "requeue", total=4000, MPIDQN_PYTHON=OMPI_PYTHON, MPIDQN_LAUNCHER="srun",
+                   MPIDQN_LAUNCHER_ARGS="--mpi=pmix")
+    assert "launch: srun" in out and "got SIGTERM" in out
+
+
+def test_srun_ends_the_step_when_a_rank_dies(submit, tmp_path):
+    """srun --kill-on-bad-exit=1: a rank killed mid-run ends the job at once, not after the watchdog's
+    parallel.collective_timeout_s (600 s by default, longer than this test waits)."""
+    overrides = [f"train.total_steps={PREEMPT_STEPS}", "env.num_envs=1"]
+    job = submit(["--ntasks=2", str(SLURM_DIR / "train.sbatch"), str(CONFIG), *overrides],
+                 MPIDQN_LAUNCHER="srun", MPIDQN_LAUNCHER_ARGS=SRUN_ARGS, MPIDQN_FAULT="kill:1:1000")
+    recs = wait_job(job, timeout=min(JOB_TIMEOUT, 300))
+    assert recs[0]["JobState"] == "FAILED" and recs[0].get("Restarts", "0") == "0", recs
 
 
 def test_sweep_array_two_seeds(submit, tmp_path):

@@ -30,20 +30,26 @@ def seed_curves_plot(groups: dict[str, list[Run]], curve: Callable[[Run], tuple[
     ``curve(run)``, with a bootstrap confidence band when a group has two seeds or more."""
     fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
-    sizes = []
+    seeds: list[int] = []
     for label, runs in groups.items():
         band = iqm_band([c for c in map(curve, runs) if len(c[0])])
         if not band.n or not len(band.x):
             continue
-        line, = ax.plot(band.x, band.center, label=f"{label} (n={band.n})")
-        if band.n > 1:
+        seeds.append(band.n)
+        line, = ax.plot(band.x, band.center, marker="o" if len(band.x) < 30 else None, markersize=3,
+                        label=f"{label} ({band.n} seed{'s' if band.n > 1 else ''})")
+        if band.n > 1:  # a band over one seed would only be its own curve
             ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.25, linewidth=0)
-        sizes.append(band.n)
-    if not sizes:
+    if not seeds:
         return None
-    how = (f"IQM over seeds, {CONFIDENCE:.0%} bootstrap band" if max(sizes) > 1
-           else "one seed per setting (no band)")
-    ax.set(xlabel=_X_LABELS[x], ylabel=ylabel, title=f"{ylabel}: {how}")
+    if max(seeds) == 1:
+        how = "one seed per config: no confidence band"
+    elif min(seeds) == 1:
+        how = f"IQM over seeds, {CONFIDENCE:.0%} bootstrap band (configs with 2+ seeds)"
+    else:
+        how = f"IQM over seeds, {CONFIDENCE:.0%} bootstrap band"
+    ax.set(xlabel=_X_LABELS[x], ylabel=ylabel)
+    ax.set_title(f"{ylabel} ({how})", fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -87,18 +93,39 @@ def throughput(run: Run) -> pd.DataFrame:
     return pd.DataFrame({"wall_time": s["wall_time"], "env_steps_per_s": rate}).replace(np.inf, np.nan).dropna()
 
 
+def _warm_up(run: Run, index: pd.Index) -> np.ndarray:
+    """Rows of the log before learning started (no updates yet): env stepping alone, much faster."""
+    s = run.scalars
+    if "updates" not in s:
+        return np.zeros(len(index), dtype=bool)
+    return (s["updates"].reindex(index).fillna(0) <= 0).to_numpy()
+
+
 def throughput_plot(runs: Sequence[Run], path: Path) -> Path | None:
+    """env-steps/s against wall time; the warm-up before the first update is dotted, and the legend
+    gives each run's median rate while learning (the number a reader looks for)."""
     fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot()
     plotted = False
     for run in runs:
         data = throughput(run)
-        if len(data):
-            ax.plot(data["wall_time"], data["env_steps_per_s"], label=run.name)
-            plotted = True
+        if not len(data):
+            continue
+        warm = _warm_up(run, data.index)
+        learning = data[~warm]
+        rate = learning if len(learning) else data
+        label = f"{run.name} (median {rate['env_steps_per_s'].median():,.0f}/s)"
+        line, = ax.plot(rate["wall_time"], rate["env_steps_per_s"], label=label)
+        if warm.any() and len(learning):  # joined to the first learning row so the curve is one piece
+            w = pd.concat([data[warm], learning.iloc[:1]])
+            ax.plot(w["wall_time"], w["env_steps_per_s"], ":", color=line.get_color())
+        plotted = True
     if not plotted:
         return None
-    ax.set(xlabel=_X_LABELS["wall_time"], ylabel="env steps / s", title="throughput")
+    ax.set(xlabel=_X_LABELS["wall_time"], ylabel="env steps / s (all ranks)",
+           title="throughput (dotted: warm-up before the first update)")
+    ax.set_ylim(bottom=0)  # a rate: its distance from 0 is the point
+    ax.set_xlim(left=0)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -109,15 +136,19 @@ def time_breakdown_plot(run: Run, path: Path) -> Path | None:
     breakdown = time_breakdown(run)
     if not len(breakdown):
         return None
-    fig = Figure(layout="constrained", figsize=(max(5.0, 0.5 * len(breakdown) + 3), 4.5))
+    # wide enough for the bars, the legend beside them and the run's name (a figure title, so it is
+    # laid out against the whole figure, not the axes the legend squeezes)
+    width = max(6.5, 0.5 * len(breakdown) + 4.5, 0.085 * len(run.name) + 1.0)
+    fig = Figure(layout="constrained", figsize=(width, 4.5))
     ax = fig.add_subplot()
     bottom = np.zeros(len(breakdown))
     ranks = breakdown.index.to_numpy()
     for phase in breakdown.columns:
         ax.bar(ranks, breakdown[phase], bottom=bottom, label=phase)
         bottom += breakdown[phase].to_numpy()
-    ax.set(xlabel="rank", ylabel="seconds", title=f"time per phase and rank: {run.name}", xticks=ranks)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set(xlabel="rank", ylabel="seconds", xticks=ranks)
+    fig.suptitle(f"time per phase and rank\n{run.name}", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1), title="phase")
     return _save(fig, path)
 
 

@@ -1,0 +1,89 @@
+"""Stopping a run from outside: Ctrl-C / SIGINT, SIGTERM, SIGUSR1 to the launcher, with MPICH's
+mpiexec and, when MPIDQN_TEST_OMPI_PYTHON names a Python whose mpi4py uses Open MPI (its mpiexec is
+taken from the same bin/), with Open MPI's."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _env, inspect_json
+
+LONG = ["train.total_steps=10000000", "train.learning_starts=200", "train.batch_size=16", "train.buffer_size=5000",
+        "network.hidden=[32,32]", "eval.interval_steps=0", "eval.episodes=1", "log.interval_steps=400",
+        "log.progress=lines", "checkpoint.interval_steps=0"]
+OMPI_PYTHON = os.environ.get("MPIDQN_TEST_OMPI_PYTHON", "")
+
+
+def _start(launcher: list[str], python: str, run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, python, "-m", "mpidqn", "--run-dir", str(run_dir), *LONG],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_env(), **(env or {})}, start_new_session=True)
+
+
+def _wait_started(p: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (run_dir / "log.h5").exists():  # the loop runs: the handlers are installed
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.3)
+    time.sleep(2)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"the run did not stop:\n{out}\n{err}")
+    return p.returncode, out, err
+
+
+def _stopped_cleanly(rc: int, out: str, err: str, run_dir: Path, world: int, sig: str) -> None:
+    assert rc == 75, out + err
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
+    stopped = [ln for ln in (out + err).splitlines() if "mpidqn: stopped on" in ln]
+    assert len(stopped) == 1 and stopped[0].startswith(f"mpidqn: stopped on {sig} at step ") and "exit 75" in stopped[0]
+    info = inspect_json(run_dir)
+    assert info["complete"] and info["step"] > 0 and info["world_size"] == world
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_to_mpiexec_checkpoints_every_rank_and_exits_75(tmp_path, sig):
+    run_dir = tmp_path / "r"
+    p = _start(["mpiexec", "-n", "2"], sys.executable, run_dir)
+    _wait_started(p, run_dir)
+    os.kill(p.pid, sig)
+    _stopped_cleanly(*_finish(p), run_dir, 2, sig.name)
+
+
+def test_second_interrupt_stops_at_once(tmp_path):
+    # the rank hangs in the loop (test-only fault), so the first Ctrl-C can never be acted upon
+    run_dir = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *LONG],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**_env(), "MPIDQN_FAULT": "hang:0:1"})
+    _wait_started(p, run_dir)
+    p.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert p.poll() is None
+    p.send_signal(signal.SIGINT)
+    rc, out, err = _finish(p, timeout=60)
+    assert rc == 130, out + err
+    assert "Traceback" not in err and "mpidqn: interrupted again: stopped at once, without a checkpoint" in err
+
+
+@pytest.mark.skipif(not OMPI_PYTHON, reason="MPIDQN_TEST_OMPI_PYTHON (a Python with Open MPI's mpi4py) is not set")
+def test_sigusr1_to_open_mpi_mpiexec_checkpoints_and_exits_75(tmp_path):
+    mpiexec = str(Path(OMPI_PYTHON).parent / "mpiexec")
+    run_dir = tmp_path / "r"
+    p = _start([mpiexec, "--allow-run-as-root", "-n", "2"], OMPI_PYTHON, run_dir)
+    _wait_started(p, run_dir)
+    os.kill(p.pid, signal.SIGUSR1)
+    _stopped_cleanly(*_finish(p), run_dir, 2, "SIGUSR1")
