@@ -21,7 +21,8 @@ from mpidqn.errors import (
     EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_NONFINITE, EXIT_WATCHDOG,
 )
 from mpidqn.logs import read_log
-from mpidqn.watchdog import Watchdog
+from mpidqn import watchdog as watchdog_module
+from mpidqn.watchdog import Watchdog, abort_job
 
 pytestmark = pytest.mark.mpi
 
@@ -71,6 +72,18 @@ def test_watchdog_expires_with_one_line_and_aborts(threads):
     assert aborted == [EXIT_WATCHDOG]
     with pytest.raises(ValueError, match="must be >= 0"):
         Watchdog(-1, 0, abort=aborted.append)
+
+
+def test_a_rank_that_outlives_its_abort_exits_with_the_code(monkeypatch):
+    calls = []
+
+    class Comm:
+        def Abort(self, code):  # MPICH's MPI_Abort may return on a host cut off from mpiexec
+            calls.append(("Abort", code))
+
+    monkeypatch.setattr(watchdog_module.os, "_exit", lambda code: calls.append(("_exit", code)))
+    abort_job(Comm(), exit_after_s=0.01)(EXIT_WATCHDOG)
+    assert calls == [("Abort", EXIT_WATCHDOG), ("_exit", EXIT_WATCHDOG)]
 
 
 @pytest.mark.parametrize("stages, phase", [(1, "gradient allreduce"), (2, "pipeline")])
