@@ -27,7 +27,8 @@ Root attributes: ``format_version`` (1), ``created_unix`` (float, first creation
 and ``timing_names`` (JSON lists), ``json_keys`` (JSON list of the metadata keys whose value is
 JSON text), and the metadata given to the constructor: strings and numbers as they are, anything
 else (dicts, lists, ``None``) as JSON text, e.g. ``config`` (the resolved YAML), ``versions``,
-``world_size``, ``pipeline_stages``, ``hosts``, ``slurm_*``, ``git_rev``, ``start_time``. On a
+``world_size``, ``pipeline_stages``, ``hosts``, ``rank_hosts`` (the host of every rank, index = rank,
+see ``mpidqn.hosts``), ``slurm_*``, ``git_rev``, ``start_time``. On a
 resume the metadata of the new segment overwrites the keys it names.
 
 Concurrency and crashes. The file is written with ``libver='latest'`` in HDF5 SWMR mode (single

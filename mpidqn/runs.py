@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import re
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from mpidqn.checkpoint import (FORMAT_VERSION, MARKER, CheckpointManager, find_l
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
 from mpidqn.console import ConsoleReporter, SilentReporter
 from mpidqn.h5tree import flatten
+from mpidqn.hosts import rank_hosts
 from mpidqn.logs import check_log_version
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.runlock import RunLock
@@ -114,10 +114,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
 
 
 def run_metadata(cfg: Config, topo: Any) -> dict[str, Any]:
-    hosts = topo.comm.allgather(socket.gethostname())
+    hosts = rank_hosts(topo.comm)
     meta: dict[str, Any] = {
         "config": to_yaml(cfg), **topo.describe(),
-        "hosts": sorted(set(hosts)), "versions": versions(), "start_time": time.time(),
+        "hosts": sorted(set(hosts)), "rank_hosts": hosts, "versions": versions(), "start_time": time.time(),
         "argv": " ".join(sys.argv),
     }
     meta["slurm"] = {k: v for k, v in os.environ.items() if k.startswith("SLURM_") and k in {

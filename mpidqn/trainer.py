@@ -182,7 +182,7 @@ class Trainer:
         self._last_report_step = -1
         self._last_checkpoint_time = time.monotonic()
         self.watchdog = watchdog.install(
-            watchdog.Watchdog(cfg.parallel.collective_timeout_s, self.rank, abort=topo.comm.Abort))
+            watchdog.Watchdog(cfg.parallel.collective_timeout_s, self.rank, abort=watchdog.abort_job(topo.comm)))
 
     # ------------------------------------------------------------------ acting
     def epsilon(self) -> float:

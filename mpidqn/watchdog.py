@@ -24,6 +24,7 @@ timeout of 0) :func:`wait` is a plain blocking ``Wait``.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from mpidqn.errors import EXIT_WATCHDOG
 SPIN_S = 0.1  # fallback polling (no MPI_THREAD_MULTIPLE): busy-poll this long before the first sleep
 ABORT_GRACE_S = 1.0  # pause between the watchdog's message and the abort (see Watchdog.expire)
 MAX_SLEEP_S = 1e-3  # the pause between polls grows to this
+ABORT_EXIT_S = 10.0  # how long a rank waits to be ended after MPI_Abort returned (see abort_job)
 
 
 def _say(text: str) -> None:
@@ -148,6 +150,21 @@ class Watchdog:
             # line just printed (seen in CI): give it a moment. Only ever paid on a timeout.
             time.sleep(ABORT_GRACE_S)
         self.abort(EXIT_WATCHDOG)
+
+
+def abort_job(comm: Any, exit_after_s: float = ABORT_EXIT_S) -> Callable[[int], None]:
+    """The watchdog's abort: ``comm.Abort(code)``, and ``os._exit(code)`` should this rank outlive it.
+
+    MPICH's ``MPI_Abort`` only asks the process manager to end the job and may return; a rank on a
+    host cut off from ``mpiexec`` (its link went down) is then never killed and would spin on in its
+    collective. Seen with 2 hosts x 2 ranks over TCP (tests/test_multihost.py).
+    """
+    def abort(code: int) -> None:
+        comm.Abort(code)
+        time.sleep(exit_after_s)  # normally the launcher ends this process meanwhile
+        os._exit(code)
+
+    return abort
 
 
 _current = Watchdog(0.0, 0, abort=lambda code: None)

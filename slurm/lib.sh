@@ -96,7 +96,9 @@ mpidqn_install_traps() {
     trap '_mpidqn_forward TERM' TERM
 }
 
-# openmpi or hydra (MPICH, Intel MPI, and the default when unknown): how to pass env to ranks.
+# openmpi or hydra (MPICH, Intel MPI, and the default when unknown). The launcher differences
+# (passing env to ranks, Open MPI as root) live in mpidqn_launch; the tests' own are in
+# tests/conftest.py (mpiexec).
 mpidqn_mpiexec_flavor() {
     if "$1" --version 2>&1 | grep -qi 'open mpi\|open-rte\|openrte'; then echo openmpi; else echo hydra; fi
 }
@@ -132,6 +134,8 @@ mpidqn_launch() {
             case $(mpidqn_mpiexec_flavor "$mpiexec") in
                 openmpi)
                     envarg=(-x SLURM_NTASKS)
+                    # Open MPI refuses to start as root unless told (containers, test clusters).
+                    ((EUID == 0)) && envarg+=(--allow-run-as-root)
                     term_as=USR1
                     mpidqn_log "warning: Open MPI's mpiexec ends the job without a checkpoint when Slurm sends" \
                         "SIGTERM (scancel, preemption, requeue); MPIDQN_LAUNCHER=srun MPIDQN_LAUNCHER_ARGS=--mpi=pmix" \

@@ -1,8 +1,12 @@
-"""Shared helpers: launch the real command (or a test script) under mpiexec with a timeout."""
+"""Shared helpers: launch the real command (or a test script) under mpiexec with a timeout.
+
+The launcher differences between MPICH (Hydra) and Open MPI live in :func:`mpiexec`."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +38,45 @@ def run(cmd: list[str], timeout: float = 120, env: dict[str, str] | None = None,
                           cwd=cwd)
 
 
+@functools.cache
+def mpiexec_flavor() -> str:
+    """"openmpi" or "hydra" (MPICH): the mpiexec on PATH, the one mpi4py's MPI came with."""
+    out = subprocess.run(["mpiexec", "--version"], capture_output=True, text=True, timeout=60)
+    return "openmpi" if re.search(r"open mpi|open-rte|openrte", out.stdout + out.stderr, re.I) else "hydra"
+
+
+def mpiexec(n: int) -> list[str]:
+    """`mpiexec -n N` plus what this MPI needs on a test machine: Open MPI refuses root without
+    --allow-run-as-root (CI runs as root) and more ranks than cores without --oversubscribe."""
+    extra = []
+    if mpiexec_flavor() == "openmpi":
+        extra = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return ["mpiexec", *extra, "-n", str(n)]
+
+
+def program_lines(text: str) -> list[str]:
+    """The non-empty lines of ``text`` without the launcher's own notices: Open MPI frames each one
+    (e.g. "prterun detected that one or more processes exited with non-zero status") between two
+    rules of dashes; Hydra adds nothing on a plain non-zero exit."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        if mpiexec_flavor() == "openmpi" and re.fullmatch(r"-{40,}", line.strip()):
+            inside = not inside
+        elif line.strip() and not inside:
+            lines.append(line)
+    return lines
+
+
+def launcher_saw_sigkill(text: str) -> bool:
+    """Whether the launcher's output says a rank was killed by signal 9."""
+    flat = " ".join(text.split())  # Open MPI wraps its notice
+    if mpiexec_flavor() == "openmpi":
+        return "exited on signal 9" in flat
+    return "BAD TERMINATION" in flat and "signal 9" in flat
+
+
 def mpirun(n: int, args: list[str], **kw) -> subprocess.CompletedProcess:
-    return run(["mpiexec", "-n", str(n), sys.executable, *args], **kw)
+    return run([*mpiexec(n), sys.executable, *args], **kw)
 
 
 def mpidqn(n: int, args: list[str], **kw) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from conftest import MPI_SCRIPTS, _env, inspect_json, mpidqn, mpirun, run
+from conftest import MPI_SCRIPTS, _env, inspect_json, mpidqn, mpiexec, mpirun, run
 from mpidqn.checkpoint import MARKER, CheckpointManager, find_latest, read_best, read_model, step_dir_name
 from mpidqn.logs import read_log
 from mpidqn.h5tree import Json, read_tree, write_tree
@@ -184,7 +184,7 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, tiny, damag
 
 def test_signal_to_one_rank_checkpoints_and_exits_75(tmp_path, tiny):
     run_dir = tmp_path / "sig"
-    cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *tiny,
+    cmd = [*mpiexec(2), sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *tiny,
            "train.total_steps=10000000", "log.interval_steps=200"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:

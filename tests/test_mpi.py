@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import MPI_SCRIPTS, mpidqn, mpirun
+from conftest import MPI_SCRIPTS, mpidqn, mpirun, program_lines
 
 pytestmark = pytest.mark.mpi
 
@@ -20,8 +20,7 @@ def test_allreduced_gradient_equals_union_gradient_and_replicas_stay_identical(n
 def test_bad_config_fails_on_all_ranks_with_exit_2_and_one_line(tmp_path):
     p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), "train.lr=0"], timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert lines == ["mpidqn: error: train.lr: must be > 0, got 0.0"], p.stderr
+    assert program_lines(p.stderr) == ["mpidqn: error: train.lr: must be > 0, got 0.0"], p.stderr
     assert not (tmp_path / "r").exists()  # nothing was created before the input was checked
 
 
@@ -34,7 +33,7 @@ def test_indivisible_pipeline_layout_fails_with_exit_2(tmp_path):
 def test_unknown_env_fails_on_all_ranks_with_exit_2(tmp_path, tiny):
     p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), "env.id=NoSuchEnv-v0", *tiny], timeout=60)
     assert p.returncode == 2, p.stderr
-    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
+    assert program_lines(p.stderr) == [
         "mpidqn: error: env.id: cannot make 'NoSuchEnv-v0': Environment `NoSuchEnv` doesn't exist."]
     assert not (tmp_path / "r").exists()
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun, run
+from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun, program_lines, run
 
 pytestmark = pytest.mark.mpi
 
@@ -28,9 +28,8 @@ def test_more_stages_than_layers_fails_with_exit_2_and_one_line(tmp_path, tiny):
     p = mpidqn(5, ["--run-dir", str(tmp_path / "r"), *tiny, "network.hidden=[8]", "parallel.pipeline_stages=5"],
                timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert lines == ["mpidqn: error: parallel.pipeline_stages: 5 pipeline stages but the network has only "
-                     "4 layers (network.hidden=[8])"], p.stderr
+    assert program_lines(p.stderr) == ["mpidqn: error: parallel.pipeline_stages: 5 pipeline stages but the network has only "
+                                       "4 layers (network.hidden=[8])"], p.stderr
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import _env, mpidqn, run
+from conftest import _env, mpidqn, mpiexec, run
 from mpidqn.logs import read_log
 
 
@@ -35,7 +35,7 @@ def test_log_schema_and_metadata_after_a_real_run(tmp_path, tiny, n):
 
 def test_reader_sees_the_log_grow_and_kill_9_leaves_it_readable(tmp_path, tiny):
     run_dir = tmp_path / "live"
-    cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *tiny,
+    cmd = [*mpiexec(2), sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *tiny,
            "train.total_steps=10000000", "log.interval_steps=200", "train.gradient_steps=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)

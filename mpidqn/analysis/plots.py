@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from mpidqn.analysis.curves import CONFIDENCE, iqm_band, smooth
 from mpidqn.analysis.runs import Run
-from mpidqn.analysis.tables import time_breakdown
+from mpidqn.analysis.tables import host_groups, time_breakdown
 
 _X_LABELS = {"step": "env steps (all ranks)", "wall_time": "wall time (s)"}
 
@@ -132,21 +132,35 @@ def throughput_plot(runs: Sequence[Run], path: Path) -> Path | None:
 
 
 def time_breakdown_plot(run: Run, path: Path) -> Path | None:
-    """One stacked bar per rank: seconds in each phase."""
+    """One stacked bar per rank: seconds in each phase; ranks grouped by host (log's ``rank_hosts``)."""
     breakdown = time_breakdown(run)
     if not len(breakdown):
         return None
+    groups = host_groups(breakdown.index.tolist(), run.metadata.get("rank_hosts"))
+    order = [rank for _, members in groups for rank in members]
+    breakdown = breakdown.loc[order]
+    positions, centers, start = [], [], 0  # the ranks in host order, a gap of one bar between hosts
+    for _, members in groups:
+        positions += range(start, start + len(members))
+        centers.append(start + (len(members) - 1) / 2)
+        start += len(members) + 1
+    ranks = np.asarray(positions)
     # wide enough for the bars, the legend beside them and the run's name (a figure title, so it is
     # laid out against the whole figure, not the axes the legend squeezes)
-    width = max(6.5, 0.5 * len(breakdown) + 4.5, 0.085 * len(run.name) + 1.0)
+    width = max(6.5, 0.5 * (len(order) + len(groups) - 1) + 4.5, 0.085 * len(run.name) + 1.0)
     fig = Figure(layout="constrained", figsize=(width, 4.5))
     ax = fig.add_subplot()
     bottom = np.zeros(len(breakdown))
-    ranks = breakdown.index.to_numpy()
     for phase in breakdown.columns:
         ax.bar(ranks, breakdown[phase], bottom=bottom, label=phase)
         bottom += breakdown[phase].to_numpy()
     ax.set(xlabel="rank", ylabel="seconds", xticks=ranks)
+    ax.set_xticklabels([str(r) for r in order])
+    if "rank_hosts" in run.metadata:
+        hosts = ax.secondary_xaxis(-0.14)
+        hosts.set_xticks(centers, labels=[host for host, _ in groups])
+        hosts.tick_params(length=0)
+        hosts.set_xlabel("host")
     fig.suptitle(f"time per phase and rank\n{run.name}", fontsize="medium")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1), title="phase")
     return _save(fig, path)

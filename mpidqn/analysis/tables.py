@@ -107,6 +107,20 @@ def time_breakdown(run: Run) -> pd.DataFrame:
     return last.groupby("rank")[phases].sum(min_count=1).dropna(axis=1, how="all").fillna(0.0)
 
 
+def host_groups(ranks: Sequence[int], rank_hosts: object) -> list[tuple[str, list[int]]]:
+    """``ranks`` grouped by host, hosts in the order of their lowest rank: [(host, ranks), ...].
+
+    ``rank_hosts`` is the log's ``rank_hosts`` metadata (host of rank i at index i, as of the newest
+    segment); ranks it does not cover (an older log, a world that shrank at a resume) are under "?".
+    """
+    known = list(rank_hosts) if isinstance(rank_hosts, (list, tuple)) else []
+    groups: dict[str, list[int]] = {}
+    for rank in sorted(ranks):
+        host = str(known[rank]) if 0 <= rank < len(known) else "?"
+        groups.setdefault(host, []).append(rank)
+    return list(groups.items())
+
+
 def comm_share(run: Run) -> float:
     breakdown = time_breakdown(run)
     total = breakdown.to_numpy().sum() if len(breakdown) else 0.0
