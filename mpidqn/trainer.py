@@ -177,6 +177,7 @@ class Trainer:
         self.steps_per_iteration = self.world * cfg.env.num_envs
         self.last_eval: dict[str, float] | None = None
         self.best = (-1, -math.inf)  # (step, mean return) of the best evaluation so far
+        self._best_episodes = 0
         self.parameter_count = total_parameters(self.learner)
         self.fault = FaultInjection.from_env()
         self._last_report_step = -1
@@ -247,41 +248,40 @@ class Trainer:
             rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)
             if rounds:
                 self.learn(rounds * cfg.train.gradient_steps)
+            improved = False
             if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
-                self.evaluate()
+                improved = self.evaluate()
             if crossed(prev, cur, cfg.log.interval_steps):
                 self.report_progress(time.perf_counter() - t_start)
-            if self.checkpoints is not None and crossed(prev, cur, cfg.checkpoint.interval_steps):
-                self.save_checkpoint()
+            if crossed(prev, cur, cfg.checkpoint.interval_steps) or improved:
+                self.save_checkpoint(best=improved)
             if self.counters.iterations % agree_every == 0:
                 stop, due = C.agree_flags(
                     [signals.received() is not None, self._checkpoint_due()],
                     self.topo.comm)
                 if stop:
                     self.report_progress(time.perf_counter() - t_start)
-                    if self.checkpoints is not None:
-                        self.save_checkpoint()
+                    self.save_checkpoint()
                     return "signal"
-                if due and self.checkpoints is not None:
+                if due:
                     self.save_checkpoint()
         if self._last_report_step != self.counters.env_steps:
             self.report_progress(time.perf_counter() - t_start)
-        self.evaluate(final=True)
-        if self.checkpoints is not None:
-            self.save_checkpoint()
+        self.save_checkpoint(best=self.evaluate(final=True))
         return "done"
 
-    def evaluate(self, final: bool = False) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> bool:
+        """Greedy evaluation on all ranks; True when it beats every earlier one (the same verdict on
+        every rank, so all write its checkpoint together)."""
         with self.timer("eval"):
             result = evaluate_learner(self.learner, self.cfg, self.topo, self.counters.env_steps)
         self.last_eval = result
         self.reporter.evaluation(self, result, final)
-        if result["mean"] > self.best[1]:  # the same result on every rank: all save together
-            self.best = (self.counters.env_steps, float(result["mean"]))
-            if self.checkpoints is not None:
-                self.save_checkpoint()
-                self.checkpoints.mark_best(self.best[0], self.best[1], int(result["episodes"]))
-        return result
+        if result["mean"] <= self.best[1]:
+            return False
+        self.best = (self.counters.env_steps, float(result["mean"]))
+        self._best_episodes = int(result["episodes"])
+        return True
 
     def report_progress(self, wall: float) -> None:
         self._last_report_step = self.counters.env_steps
@@ -303,11 +303,16 @@ class Trainer:
         minutes = self.cfg.checkpoint.interval_minutes
         return bool(minutes) and self.rank == 0 and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, best: bool = False) -> None:
+        """Write a checkpoint of this step (once per step); ``best``: it holds the best evaluation so far."""
+        if self.checkpoints is None:
+            return
         self._last_checkpoint_time = time.monotonic()
         with self.timer("checkpoint"):
             self.reporter.flush()  # log rows up to this step are on disk before the checkpoint counts
             self.checkpoints.save(self)
+            if best:
+                self.checkpoints.mark_best(self.best[0], self.best[1], self._best_episodes)
 
     # ------------------------------------------------------------------ checkpoint state
     def model_state_to_save(self) -> dict[str, Any] | None:
