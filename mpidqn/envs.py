@@ -6,6 +6,7 @@ import pickle
 from typing import Any
 
 import gymnasium as gym
+from gymnasium.utils import EzPickle
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
@@ -95,9 +96,17 @@ def make_vector_env(env: str | EnvSpec, num_envs: int, max_episode_steps: int | 
 
 
 def pickle_envs(envs: gym.vector.VectorEnv) -> bytes:
-    """The pickled vector env for an exact checkpoint; empty for async envs (they live in subprocesses
-    and cannot be pickled: a resume then starts new episodes)."""
+    """The pickled vector env for an exact checkpoint; empty when the envs' state cannot be pickled, and
+    a resume then starts new episodes:
+
+    * async envs live in subprocesses;
+    * envs that pickle through ``EzPickle`` (Box2D's LunarLander, ALE's Atari) pickle their
+      constructor arguments, not their state: unpickled, they are un-reset (LunarLander's first step
+      fails with ``assert self.lander is not None``).
+    """
     if isinstance(envs, gym.vector.AsyncVectorEnv):
+        return b""
+    if any(isinstance(env.unwrapped, EzPickle) for env in getattr(envs, "envs", ())):
         return b""
     return pickle.dumps(envs)
 

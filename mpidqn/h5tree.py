@@ -4,7 +4,8 @@ Mapping (every node self-describing, so ``h5ls -r`` or h5py alone can read a che
   dict                       -> group
   numpy array                -> dataset (dtype and shape preserved)
   torch tensor               -> dataset with attribute ``torch_dtype`` (restored as a tensor)
-  bytes                      -> opaque (``np.void``) scalar dataset with attribute ``bytes = 1``
+  bytes                      -> opaque (``np.void``) scalar dataset with attribute ``bytes = 1`` (empty
+                                bytes: an empty uint8 dataset)
   int / float / bool / str   -> attribute of the parent group
   Json(x)                    -> attribute ``json.<name>`` holding JSON text
 """
@@ -38,7 +39,8 @@ def write_tree(group: h5py.Group, tree: dict[str, Any]) -> None:
             ds = group.create_dataset(key, data=t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy())
             ds.attrs["torch_dtype"] = str(t.dtype).removeprefix("torch.")
         elif isinstance(value, (bytes, bytearray)):
-            ds = group.create_dataset(key, data=np.void(bytes(value)))
+            # HDF5 has no zero-size opaque type: empty bytes are an empty uint8 dataset
+            ds = group.create_dataset(key, data=np.void(bytes(value)) if value else np.zeros(0, np.uint8))
             ds.attrs["bytes"] = 1
         elif isinstance(value, np.ndarray):
             group.create_dataset(key, data=value)

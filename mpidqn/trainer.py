@@ -354,9 +354,14 @@ class Trainer:
                 self.envs.close()
                 self.envs = pickle.loads(state["envs"]["pickle"])
                 self.obs = state["envs"]["obs"]
-            else:  # async envs live in subprocesses and were not saved: new episodes start
-                self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
             self.episodes.load_state_dict(state["episodes"])
+            if not len(state["envs"]["pickle"]):
+                # envs whose state was not saved (async, EzPickle: see envs.pickle_envs) start new episodes,
+                # seeded from (seed, resumed step) so they are not the run's first episodes again
+                fresh = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)["env"]
+                self.obs, _ = self.envs.reset(seed=env_reset_seeds(fresh, self.cfg.env.num_envs))
+                self.episodes.returns[:] = 0.0
+                self.episodes.lengths[:] = 0
             if "replay" in state:
                 self.replay.load_state_dict(flatten(state["replay"]))
                 if not len(state["envs"]["pickle"]):

@@ -264,3 +264,18 @@ def test_best_evaluation_checkpoint_is_kept_and_served(tmp_path, tiny):
     p = run([sys.executable, "-m", "mpidqn", "evaluate", str(run_dir), "--best", "--json", "--episodes", "2"])
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["step"] == best["step"]
+
+
+def test_exact_resume_of_envs_that_pickle_only_their_arguments(tmp_path, tiny):
+    """LunarLander (Box2D, EzPickle) pickles its constructor arguments, not its state: its checkpoint
+    holds no envs and the resume starts new episodes instead of stepping an un-reset env."""
+    pytest.importorskip("Box2D", reason="LunarLander needs the box2d extra")
+    run_dir = tmp_path / "r"
+    args = ["--run-dir", str(run_dir), *tiny, "env.id=LunarLander-v3"]
+    p = mpidqn(1, args, env={"MPIDQN_FAULT": "stop:0:500"}, timeout=180)
+    assert p.returncode == 75, p.stderr[-2000:]
+    with h5py.File(find_latest(run_dir / "checkpoints").file("rank_00000.h5"), "r") as h:
+        assert h["envs/pickle"].shape == (0,)  # nothing to restore from
+    p = mpidqn(1, args, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed (exact)" in p.stdout and inspect_json(run_dir)["step"] == 1200
