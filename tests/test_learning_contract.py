@@ -194,7 +194,7 @@ def test_extending_total_steps_on_resume_keeps_epsilon_and_lr_continuous(tmp_pat
 
 
 def test_env_step_stores_true_final_observations_and_bootstraps_only_truncations():
-    cfg = load_config(None, ["env.max_episode_steps=12", "env.num_envs=3", "train.exploration.eps_start=1.0",
+    cfg = load_config(None, ["env.max_episode_steps=12", "env.num_envs=3", "train.exploration.eps_start=1.0", "train.n_step=1",
                              "train.gamma=0.9", "train.buffer_size=5000", "eval.interval_steps=0"])
     trainer = Trainer(cfg, Topology.build(MPI.COMM_SELF), SilentReporter())
     seen = []  # (obs before, next obs returned, terminated, truncated, final obs) per step
