@@ -121,7 +121,7 @@ def test_no_verifying_checkpoint_is_refused_and_fresh_start_keeps_everything(fin
     old = [d for d in finished.iterdir() if d.name.startswith("checkpoints.old-")]
     logs = [f for f in finished.iterdir() if f.name.startswith("log.h5.old-")]
     assert len(old) == 1 and len(logs) == 1
-    assert sorted(d.name for d in old[0].iterdir()) == [d.name for d in steps]  # nothing pruned
+    assert sorted(d.name for d in old[0].iterdir()) == ["BEST", *(d.name for d in steps)]  # nothing pruned
     assert f"moved aside to {old[0].name}" in p.stderr + p.stdout
     assert f"log.h5 moved aside to {logs[0].name}" in p.stderr + p.stdout
     from mpidqn.logs import read_log
