@@ -45,11 +45,6 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
     return start + frac * (end - start)
 
 
-def epsilon_at(step: int, total_steps: int, eps_start: float, eps_end: float, fraction: float) -> float:
-    """Epsilon after ``step`` global env steps: linear decay over ``fraction * total_steps``."""
-    return linear_schedule(eps_start, eps_end, fraction * total_steps, step)
-
-
 @dataclass(frozen=True)
 class LinearSchedule:
     """``start_value`` at ``start_step``, linear to ``end_value`` at ``end_step``, constant after.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpidqn.dqn import epsilon_at, linear_schedule, per_rank_epsilon, polyak_update_, td_loss, td_targets
+from mpidqn.dqn import LinearSchedule, linear_schedule, per_rank_epsilon, polyak_update_, td_loss, td_targets
 from mpidqn.envs import spawn_seeds, true_next_obs
 
 
@@ -28,10 +28,11 @@ def test_losses():
 
 
 def test_epsilon_schedule():
-    assert epsilon_at(0, 1000, 1.0, 0.1, 0.5) == 1.0
-    assert epsilon_at(250, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.55)
-    assert epsilon_at(500, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.1)
-    assert epsilon_at(10_000, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.1)
+    epsilon_at = LinearSchedule(0, 1.0, 0.5 * 1000, 0.1)  # decay over fraction 0.5 of 1000 steps
+    assert epsilon_at(0) == 1.0
+    assert epsilon_at(250) == pytest.approx(0.55)
+    assert epsilon_at(500) == pytest.approx(0.1)
+    assert epsilon_at(10_000) == pytest.approx(0.1)
     assert linear_schedule(1.0, 0.1, 1.0, 0.5) == pytest.approx(0.55)
     eps = [per_rank_epsilon(0.4, r, 8, 7.0) for r in range(8)]
     assert eps[0] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4 ** 8) and eps == sorted(eps, reverse=True)
