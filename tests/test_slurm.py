@@ -26,8 +26,8 @@ Environment knobs: MPIDQN_TEST_CONFIG (config to train, default configs/cartpole
 MPIDQN_TEST_SLURM_TIMEOUT (seconds per job wait, default 300), MPIDQN_TEST_PREEMPT_STEPS (total steps
 of the preemption runs, long enough to be still running when signalled; default 20000),
 MPIDQN_TEST_SRUN_ARGS (launcher args for the srun test, default --mpi=pmi2), MPIDQN_TEST_OMPI_PYTHON (a
-Python whose mpi4py uses Open MPI: the Open MPI preemption test runs with it through srun --mpi=pmix,
-which needs Slurm's PMIx plugin to load (Debian: libpmix-dev, then restart the cluster); skipped
+Python whose mpi4py uses Open MPI, with Open MPI's mpiexec beside it: the Open MPI preemption test runs
+it with the default launcher, which is srun --mpi=pmix for Open MPI and needs Slurm's PMIx plugin to load (Debian: libpmix-dev, then restart the cluster); skipped
 when unset).
 """
 from __future__ import annotations
@@ -265,11 +265,13 @@ def test_external_requeue_checkpoints_and_resumes(submit, tmp_path):
 
 
 @pytest.mark.skipif(not OMPI_PYTHON, reason="MPIDQN_TEST_OMPI_PYTHON (a Python with Open MPI's mpi4py) is not set")
-def test_open_mpi_through_srun_checkpoints_on_requeue_and_resumes(submit, tmp_path):
-    """Open MPI: Slurm's SIGTERM reaches srun's ranks directly -> checkpoint -> 75 -> requeue -> resume."""
+def test_open_mpi_checkpoints_on_requeue_and_resumes(submit, tmp_path):
+    """Open MPI with no launcher set: train.sbatch picks the mpiexec beside MPIDQN_PYTHON, sees Open
+    MPI and launches with srun --mpi=pmix, so Slurm's SIGTERM reaches the ranks directly -> checkpoint
+    -> 75 -> requeue -> resume (Open MPI's own mpiexec would kill the ranks within a second)."""
     # total: Open MPI's busy-polling ranks are slow on an oversubscribed test machine
-    out = _preempt(submit, tmp_path, "requeue", total=4000, MPIDQN_PYTHON=OMPI_PYTHON, MPIDQN_LAUNCHER="srun",
-                   MPIDQN_LAUNCHER_ARGS="--mpi=pmix")
+    out = _preempt(submit, tmp_path, "requeue", total=4000, MPIDQN_PYTHON=OMPI_PYTHON)
+    assert "launching with srun --mpi=pmix" in out, out
     assert "launch: srun" in out and "got SIGTERM" in out
 
 
