@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.learner import Hyper
-from mpidqn.learner_ext import ExtLearner
-from mpidqn.networks import mlp_layers
-from mpidqn.replay import ReplayShard
+from mpidqn.learners.data_parallel import Hyper
+from mpidqn.learners.device import ExtLearner
+from mpidqn.nn.mlp import mlp_layers
+from mpidqn.replay.shard import ReplayShard
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpidqn.logs import MAX_PENDING_ROWS, RunLog
-from mpidqn.timing import PhaseTimer
+from mpidqn.io.runlog import MAX_PENDING_ROWS, RunLog
+from mpidqn.train.timing import PhaseTimer
 
 
 def per_call_us(fn, n: int) -> float:

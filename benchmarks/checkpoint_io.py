@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from mpidqn.checkpoint import CheckpointManager
+from mpidqn.train.checkpoints import CheckpointManager
 from mpidqn.config import load_config
-from mpidqn.console import SilentReporter
-from mpidqn.topology import Topology
-from mpidqn.trainer import Trainer
+from mpidqn.train.reporting import SilentReporter
+from mpidqn.distributed.topology import Topology
+from mpidqn.train.loop import Trainer
 
 
 def raw_write(path: Path, nbytes: int) -> float:

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from mpidqn.frame_replay import FrameReplayShard
-from mpidqn.replay import ReplayShard
+from mpidqn.replay.frames import FrameReplayShard
+from mpidqn.replay.shard import ReplayShard
 
 SHAPE = (4, 84, 84)
 

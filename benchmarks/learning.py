@@ -59,7 +59,7 @@ def run_mpidqn(config: str, ranks: int, seed: int, run_dir: Path, overrides: lis
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"final": float("nan"), "wall": wall, "error": (proc.stderr or proc.stdout).strip()[-300:]}
-    from mpidqn.logs import read_log
+    from mpidqn.io.runlog import read_log
 
     final = read_log(run_dir / "log.h5").tables["evaluations"][-1]
     return {"final": float(final["mean"]), "wall": wall, "step": int(final["step"])}

@@ -98,7 +98,7 @@ def reference_run(game: str, frames: int, seed: int, out: Path) -> None:
 
 
 def mpidqn_episodes(run_dir: Path) -> np.ndarray:
-    from mpidqn.logs import read_log
+    from mpidqn.io.runlog import read_log
 
     ep = read_log(run_dir / "log.h5").tables["episodes"]
     return np.stack([ep["step"].astype(np.float64), ep["return"]], axis=1)

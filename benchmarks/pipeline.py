@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.learner import Hyper, Learner
-from mpidqn.networks import mlp_layers
-from mpidqn.pipeline import layer_costs, partition_layers
-from mpidqn.pipeline_learner import BYTES_PER_PARAM, PipelineLearner
-from mpidqn.replay import Batch
-from mpidqn.topology import Topology
+from mpidqn.learners.data_parallel import Hyper, Learner
+from mpidqn.nn.mlp import mlp_layers
+from mpidqn.distributed.pipeline import layer_costs, partition_layers
+from mpidqn.learners.pipeline import BYTES_PER_PARAM, PipelineLearner
+from mpidqn.replay.shard import Batch
+from mpidqn.distributed.topology import Topology
 
 OBS, ACT = 8, 4
 

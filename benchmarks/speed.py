@@ -62,9 +62,9 @@ WORKLOADS = {
 def run_mpidqn(w: Workload, steps: int) -> tuple[float, float]:
     """(env-steps/s of a whole run, updates/s of sample + update on the filled buffer)."""
     from mpidqn.config import load_config
-    from mpidqn.console import SilentReporter
-    from mpidqn.topology import Topology
-    from mpidqn.trainer import Trainer
+    from mpidqn.train.reporting import SilentReporter
+    from mpidqn.distributed.topology import Topology
+    from mpidqn.train.loop import Trainer
 
     cfg = load_config(w.config, [
         *w.overrides, f"train.total_steps={steps}", "eval.interval_steps=0", "eval.episodes=1",

@@ -1,4 +1,4 @@
-"""``python -m mpidqn``: see mpidqn.cli."""
+"""``python -m mpidqn``: see mpidqn.cli.main."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +12,7 @@ def _unshadow() -> None:
     ``python -m`` puts the working directory first on ``sys.path``. When that directory holds a
     folder ``mpidqn`` without ``__init__.py`` (a checkout, from its parent directory), Python imports
     it as a namespace package ahead of an editable install (whose import hook comes after the path
-    search), and its subfolders then shadow our modules (``mpidqn/runs/`` hid ``mpidqn.runs``).
+    search), and its subfolders then shadow our modules (a run folder ``runs/`` once hid a module of that name).
     This file is found in the real package all the same, so load that package from here.
     """
     pkg = sys.modules.get("mpidqn")
@@ -30,7 +30,7 @@ def _unshadow() -> None:
 
 _unshadow()
 
-from mpidqn.cli import main  # noqa: E402 - after the package is the real one
+from mpidqn.cli.main import main  # noqa: E402 - after the package is the real one
 
 if __name__ == "__main__":
     sys.exit(main())

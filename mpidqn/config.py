@@ -47,7 +47,7 @@ class EnvConfig:
     preset: Literal["auto", "none", "atari", "minatar"] = "auto"
     """Wrappers around the env. auto: "atari" for ``ALE/...`` ids, "minatar" for ``MinAtar/...``,
     else "none". atari: DQN preprocessing (no-op reset, frame skip 4, 84x84 gray, uint8);
-    minatar: (C, 10, 10) uint8 channel-first observations. See mpidqn/env_presets.py."""
+    minatar: (C, 10, 10) uint8 channel-first observations. See mpidqn/envs/presets.py."""
     frame_stack: int | None = None
     """Observations stacked along a new first axis (FrameStackObservation, padded with the reset frame);
     None: 4 for Atari, 1 (no stacking) otherwise."""

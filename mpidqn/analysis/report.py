@@ -11,7 +11,13 @@ import pandas as pd
 
 from mpidqn.analysis import plots
 from mpidqn.analysis.runs import Run, RunLoadError, load_run
-from mpidqn.analysis.tables import aggregate, group_by_settings, scaling_problem, summary, tidy
+from mpidqn.analysis.tables import (
+    aggregate,
+    group_by_settings,
+    scaling_problem,
+    summary,
+    tidy,
+)
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 
 PROG = "mpidqn report"

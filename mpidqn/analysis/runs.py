@@ -9,7 +9,7 @@ import pandas as pd
 import yaml
 
 from mpidqn.errors import UserError
-from mpidqn.logs import LogData, read_log
+from mpidqn.io.runlog import LogData, read_log
 
 LOG_NAME = "log.h5"
 
@@ -22,7 +22,7 @@ class RunLoadError(UserError):
 class Run:
     """One run: ``metadata`` are the log's root attributes, ``config`` the parsed ``config`` YAML.
 
-    DataFrames have one column per field of the log's table (see ``mpidqn.logs``); in ``events``
+    DataFrames have one column per field of the log's table (see ``mpidqn.io.runlog``); in ``events``
     ``kind`` and ``message`` are str, and ``evaluations`` has a ``returns`` column (one array per
     evaluation) instead of offsets.
     """

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.checkpoint import find_latest, read_model
+from mpidqn.train.checkpoints import find_latest, read_model
 from mpidqn.config import config_from_yaml_text
-from mpidqn.console import SilentReporter
-from mpidqn.topology import Topology
-from mpidqn.trainer import Trainer
+from mpidqn.train.reporting import SilentReporter
+from mpidqn.distributed.topology import Topology
+from mpidqn.train.loop import Trainer
 
 comm = MPI.COMM_WORLD
 run_dir = Path(sys.argv[1])

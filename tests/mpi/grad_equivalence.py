@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.learner import Hyper, Learner, ReplicaDivergenceError
-from mpidqn.networks import mlp_layers
+from mpidqn.learners.data_parallel import Hyper, Learner, ReplicaDivergenceError
+from mpidqn.nn.mlp import mlp_layers
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()

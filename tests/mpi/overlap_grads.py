@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.cnn_networks import minatar_cnn_layers
-from mpidqn.learner import Hyper, Learner
-from mpidqn.learner_ext import ExtLearner
+from mpidqn.nn.cnn import minatar_cnn_layers
+from mpidqn.learners.data_parallel import Hyper, Learner
+from mpidqn.learners.device import ExtLearner
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()

@@ -6,9 +6,9 @@ import torch
 from mpi4py import MPI
 
 from mpidqn.errors import ReplicaDivergenceError
-from mpidqn.learner import Hyper
-from mpidqn.networks import mlp_layers
-from mpidqn.pipeline_learner import PipelineLearner
+from mpidqn.learners.data_parallel import Hyper
+from mpidqn.nn.mlp import mlp_layers
+from mpidqn.learners.pipeline import PipelineLearner
 
 comm = MPI.COMM_WORLD
 torch.manual_seed(0)

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.learner import Hyper, Learner
-from mpidqn.networks import mlp_layers
-from mpidqn.pipeline_learner import PipelineLearner
-from mpidqn.replay import Batch
-from mpidqn.topology import Topology
+from mpidqn.learners.data_parallel import Hyper, Learner
+from mpidqn.nn.mlp import mlp_layers
+from mpidqn.learners.pipeline import PipelineLearner
+from mpidqn.replay.shard import Batch
+from mpidqn.distributed.topology import Topology
 
 S = int(sys.argv[1])
 MICRO = int(sys.argv[2]) if len(sys.argv) > 2 else 3

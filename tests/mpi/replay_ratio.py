@@ -9,9 +9,9 @@ import sys
 from mpi4py import MPI
 
 from mpidqn.config import load_config
-from mpidqn.console import SilentReporter
-from mpidqn.topology import Topology
-from mpidqn.trainer import Trainer
+from mpidqn.train.reporting import SilentReporter
+from mpidqn.distributed.topology import Topology
+from mpidqn.train.loop import Trainer
 
 comm = MPI.COMM_WORLD
 cfg = load_config(None, sys.argv[2:])

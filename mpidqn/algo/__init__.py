@@ -1,0 +1,1 @@
+"""DQN mathematics without communication: TD targets, losses, target updates, schedules."""

@@ -1,0 +1,247 @@
+"""Command line: ``python -m mpidqn [train|evaluate|report|inspect] ...``.
+
+The only module that reads ``MPI.COMM_WORLD``. Errors follow one rule: bad input (UserError) is
+agreed on by all ranks and printed once by rank 0 (exit 2); any other exception on any rank prints
+that rank's traceback once and aborts the whole MPI job, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import traceback
+from typing import Any, Callable, Sequence, TypeVar
+
+from mpidqn import errors
+from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
+
+T = TypeVar("T")
+COMMANDS = ("train", "evaluate", "report", "inspect")
+USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
+       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
+       python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
+       python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
+       python -m mpidqn --version
+
+MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N python -m mpidqn ...
+
+commands:
+  train      train (the default command); resumes when --run-dir holds a checkpoint
+  evaluate   greedy evaluation of a run's newest checkpoint
+  report     summary tables (CSV) and plots (PNG) of one or more runs
+  inspect    describe a run's newest checkpoint
+
+`python -m mpidqn COMMAND --help` shows the options of a command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage on every rank and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpidqn train", description="Train DQN with MPI (mpiexec -n N python -m mpidqn ...).")
+    p.add_argument("--config", help="YAML config (default: the config.yaml of an existing --run-dir, else the "
+                                    "embedded CartPole-v1 config)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<env>-s<seed>-<time>); resumes if it holds a checkpoint")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint in --run-dir to resume from")
+    p.add_argument("--fresh-start", action="store_true",
+                   help="start again from step 0 in an existing --run-dir (e.g. when no checkpoint there verifies); "
+                        "its checkpoints and log are kept, renamed *.old-<time>")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
+    return p
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def collective(comm: Any, fn: Callable[[], T]) -> T:
+    """Run a setup step on every rank; if it raised UserError anywhere, raise it everywhere."""
+    from mpidqn.distributed.collectives import gather_errors
+
+    result, message = None, None
+    try:
+        result = fn()
+    except UserError as e:
+        message = str(e)
+    failures = gather_errors(message, comm)
+    if failures:
+        rank, msg = failures[0]
+        raise UserError(msg if comm.Get_size() == 1 else f"{msg} (rank {rank})" if rank else msg)
+    return result  # type: ignore[return-value]
+
+
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def check_slurm_tasks(world: int) -> None:
+    """A launcher without PMI starts N copies of "rank 0 of 1": refuse instead of N separate runs.
+
+    A world that a process manager deliberately started (mpiexec -n K inside an allocation, whose
+    Hydra proxies are themselves started by srun and see SLURM_NTASKS=1) announces its size in
+    PMI_SIZE / OMPI_COMM_WORLD_SIZE; then a differing SLURM_NTASKS is no error.
+    """
+    ntasks = os.environ.get("SLURM_NTASKS")
+    launched = {os.environ.get(v) for v in LAUNCHER_SIZE_VARS} - {None}
+    if str(world) in launched:
+        return
+    if ntasks and ntasks.isdigit() and int(ntasks) != world:
+        raise UserError(
+            f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s): the launcher did not start one MPI job "
+            "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"
+        )
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The run's config: ``--config`` + overrides, or an existing run dir's saved config + overrides
+    (so that ``train --resume --run-dir X`` continues a run without retyping its settings)."""
+    from mpidqn.config import load_config
+    from mpidqn.train.rundir import check_resume_overrides
+
+    if args.resume and args.fresh_start:
+        raise UserError("--resume and --fresh-start contradict each other; choose one")
+    if args.resume and not args.run_dir:
+        raise UserError("--resume needs --run-dir (the run to continue)")
+    saved = os.path.join(args.run_dir, "config.yaml") if args.run_dir else None
+    if args.config is None and saved is not None and os.path.isfile(saved):
+        cfg = load_config(saved, args.overrides)
+        check_resume_overrides(load_config(saved), cfg, args.run_dir)
+        return cfg
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(argv: Sequence[str], comm: Any) -> int:
+    from mpidqn.train.rundir import prepare_run
+
+    args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
+    cfg = collective(comm, lambda: train_config(args))
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    from mpidqn.distributed.topology import Topology
+
+    def build_topology() -> Topology:
+        try:
+            return Topology.build(comm, cfg.parallel.pipeline_stages)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    topo = collective(comm, build_topology)
+    from mpidqn.envs.presets import spec_from_config
+    from mpidqn.envs.vector import check_env_id
+    from mpidqn.learners.data_parallel import check_compile_optimizer
+    from mpidqn.train.preflight import check_layout
+
+    # every check of the input before anything is written to the run dir
+    collective(comm, lambda: check_env_id(spec_from_config(cfg.env)))
+    collective(comm, lambda: check_layout(cfg, topo))
+    collective(comm, lambda: check_compile_optimizer(cfg.train))
+    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start)
+    return run.train()
+
+
+def cmd_evaluate(argv: Sequence[str]) -> int:
+    from mpidqn.cli.tools import evaluate_main
+
+    return evaluate_main(list(argv), _Parser)
+
+
+def cmd_inspect(argv: Sequence[str]) -> int:
+    from mpidqn.cli.tools import inspect_main
+
+    return inspect_main(list(argv), _Parser)
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from mpidqn.analysis import report_main
+
+    return report_main(list(argv))
+
+
+def _abort(comm: Any, exc: BaseException) -> int:
+    """Print this rank's error once and end every rank of the job."""
+    rank = comm.Get_rank()
+    tb = "".join(traceback.format_exception(exc))
+    _say(f"mpidqn: rank {rank}: {type(exc).__name__}: {exc}\n{tb}".rstrip())
+    if comm.Get_size() > 1:
+        comm.Abort(errors.EXIT_FAILURE)
+    return errors.EXIT_FAILURE
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher announced it (0 when not launched by one), read before
+    MPI starts so that top-level messages are printed once, not once per rank."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def unknown_command(word: str) -> str | None:
+    """The error for a first argument that is neither a command, an option nor KEY=VALUE."""
+    if word.startswith("-") or "=" in word or word in COMMANDS:
+        return None
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}; overrides are KEY=VALUE"
+    return f"unknown command '{word}' ({hint})"
+
+
+def _top_level(argv: list[str]) -> int | None:
+    """``--help``, ``--version`` and mistyped commands; None when a command should run."""
+    first = argv[0] if argv else ""
+    if first in ("-h", "--help"):
+        if _launcher_rank() == 0:
+            print(USAGE)
+        return EXIT_OK
+    if first == "--version":
+        from mpidqn import __version__
+
+        if _launcher_rank() == 0:
+            print(f"mpidqn {__version__}")
+        return EXIT_OK
+    problem = unknown_command(first) if first else None
+    if problem is not None:
+        if _launcher_rank() == 0:
+            _say(f"mpidqn: error: {problem}")
+        return EXIT_BAD_INPUT
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    done = _top_level(argv)
+    if done is not None:
+        return done
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "train":
+        from mpidqn.train import stop as signals
+
+        signals.install()
+    if command != "train":  # offline tools: single process, no MPI collectives
+        try:
+            return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report}[command](argv)
+        except UserError as e:
+            _say(f"mpidqn {command}: error: {e}")
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            _say(f"mpidqn {command}: interrupted")
+            return 130
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        return cmd_train(argv, comm)
+    except UserError as e:
+        if comm.Get_rank() == 0:
+            _say(f"mpidqn: error: {e}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        return _abort(comm, e)
+    except Exception as e:  # noqa: BLE001 - any failure on any rank must end the whole job
+        return _abort(comm, e)
+
+
+__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_REQUEUE"]

@@ -1,0 +1,138 @@
+"""Environment construction: gymnasium ids, vector envs per rank, per-rank seeding."""
+from __future__ import annotations
+
+import functools
+import pickle
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.utils import EzPickle
+from gymnasium.vector import AutoresetMode
+
+from mpidqn.envs.presets import EnvSpec, build_env, infer_preset
+from mpidqn.errors import UserError
+
+
+def _register_optional(env_id: str) -> None:
+    """Import the packages that register optional env families (Atari, MinAtar)."""
+    if env_id in gym.registry:
+        return
+    try:
+        if env_id.startswith("ALE/"):
+            import ale_py
+
+            gym.register_envs(ale_py)
+        elif env_id.startswith("MinAtar/"):
+            from minatar import gym as minatar_gym
+
+            minatar_gym.register_envs()
+    except ImportError as e:
+        raise UserError(f"env.id: {env_id} needs an optional package that is not installed ({e.name})") from None
+
+
+def _make_kwargs(max_episode_steps: int | None) -> dict[str, Any]:
+    return {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+
+
+def as_spec(env: str | EnvSpec, max_episode_steps: int | None = None) -> EnvSpec:
+    """An EnvSpec for a bare id (preset inferred from the id, no further options) or the spec itself."""
+    if isinstance(env, EnvSpec):
+        return env
+    return EnvSpec(env, infer_preset(env), max_episode_steps, frame_stack=4 if env.startswith("ALE/") else 1)
+
+
+def check_env_id(env: str | EnvSpec) -> None:
+    """Raise UserError with one line when ``env`` cannot be built or has no discrete actions."""
+    env_id = as_spec(env).id
+    env = make_env(env)
+    try:
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise UserError(f"env.id: {env_id} has action space {env.action_space}; DQN needs Discrete actions")
+    finally:
+        env.close()
+
+
+def make_env(env: str | EnvSpec, max_episode_steps: int | None = None) -> gym.Env:
+    """One environment (evaluation, inspection), with a clear error for unknown ids.
+
+    ``env`` is a gymnasium id (``max_episode_steps`` applies) or an EnvSpec (its own settings apply).
+    """
+    if not isinstance(env, EnvSpec):
+        if infer_preset(env) != "none":  # Atari/MinAtar ids get their preset's wrappers
+            return make_env(as_spec(env, max_episode_steps))
+        _register_optional(env)
+        env_id, build = env, functools.partial(gym.make, env, **_make_kwargs(max_episode_steps))
+    else:
+        _register_optional(env.id)
+        env_id, build = env.id, functools.partial(build_env, env)
+    try:
+        return build()
+    except gym.error.DependencyNotInstalled as e:
+        raise UserError(f"env.id: {env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
+    except gym.error.Error as e:
+        raise UserError(f"env.id: cannot make {env_id!r}: {str(e).splitlines()[0]}") from None
+
+
+def make_vector_env(env: str | EnvSpec, num_envs: int, max_episode_steps: int | None = None,
+                    asynchronous: bool = False) -> gym.vector.VectorEnv:
+    """``num_envs`` copies with same-step autoreset: when a sub-env ends, ``step`` returns
+    the first observation of the next episode and ``info["final_obs"]`` holds the true last one.
+
+    Synchronous by default (picklable: checkpoints resume episodes exactly). ``asynchronous``: one
+    subprocess per copy (gymnasium AsyncVectorEnv), for expensive envs; such a vector env cannot be
+    pickled, so checkpoints do not hold it and a resume starts new episodes (see ``env_state``).
+    """
+    make_env(env, max_episode_steps).close()  # one clear error for bad ids before spawning copies
+    # functools.partial (not a closure) keeps the vector env picklable for exact checkpoints.
+    if isinstance(env, EnvSpec) or infer_preset(env) != "none":
+        fns = [functools.partial(build_env, as_spec(env, max_episode_steps)) for _ in range(num_envs)]
+    else:
+        fns = [functools.partial(gym.make, env, **_make_kwargs(max_episode_steps)) for _ in range(num_envs)]
+    if asynchronous:
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def pickle_envs(envs: gym.vector.VectorEnv) -> bytes:
+    """The pickled vector env for an exact checkpoint; empty when the envs' state cannot be pickled, and
+    a resume then starts new episodes:
+
+    * async envs live in subprocesses;
+    * envs that pickle through ``EzPickle`` (Box2D's LunarLander, ALE's Atari) pickle their
+      constructor arguments, not their state: unpickled, they are un-reset (LunarLander's first step
+      fails with ``assert self.lander is not None``).
+    """
+    if isinstance(envs, gym.vector.AsyncVectorEnv):
+        return b""
+    if any(isinstance(env.unwrapped, EzPickle) for env in getattr(envs, "envs", ())):
+        return b""
+    return pickle.dumps(envs)
+
+
+def true_next_obs(next_obs: np.ndarray, done: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """The observation each transition really ended in (final obs for finished sub-envs)."""
+    if not done.any():
+        return next_obs
+    out = next_obs.copy()
+    for i in np.flatnonzero(done):
+        out[i] = info["final_obs"][i]
+    return out
+
+
+def spawn_seeds(root_seed: int, world: int, rank: int, epoch: int = 0) -> dict[str, np.random.SeedSequence]:
+    """Independent seed sequences for this rank, all derived from one root seed.
+
+    ``SeedSequence([root_seed, epoch]).spawn(world)[rank]`` is this rank's sequence; ``epoch`` is 0 for
+    a fresh run and the resumed global step after an elastic resume (a different world size), so the
+    streams are re-derived deterministically. Children: env, explore, replay, eval.
+    """
+    entropy = [root_seed] if epoch == 0 else [root_seed, epoch]
+    rank_seq = np.random.SeedSequence(entropy).spawn(world)[rank]
+    env, explore, replay, evaluate = rank_seq.spawn(4)
+    return {"env": env, "explore": explore, "replay": replay, "eval": evaluate}
+
+
+def env_reset_seeds(seq: np.random.SeedSequence, num_envs: int) -> list[int]:
+    """Integer seeds for the first reset of each sub-env."""
+    return [int(s) for s in seq.generate_state(num_envs, dtype=np.uint32)]

@@ -1,0 +1,1 @@
+"""Learners (data parallel, pipeline, device and overlap variants): optimizers, updates, gradient reduction."""

@@ -1,0 +1,438 @@
+"""Frame-deduplicated replay for image observations: every frame is stored once.
+
+A stacked observation ``(k, *frame)`` (gymnasium ``FrameStackObservation``, oldest frame first) shares
+``k - 1`` frames with the previous step's, and a transition's ``next_obs`` is a later step's obs. So
+the shard keeps
+
+- ``FrameRing``: one ring of frames for all envs of the rank (interleaved), each frame with ``prev``,
+  the absolute index of the frame before it *in the same episode* (itself for an episode's first
+  frame). A stack is rebuilt by following ``prev`` ``k - 1`` times from its newest frame; at an
+  episode start the chain stops and the first frame repeats, exactly the padding of
+  ``FrameStackObservation(padding_type="reset")``. No frame of an earlier episode can leak in.
+- a transition table (a ring like ``TransitionRing``) of ``obs_idx`` and ``next_idx`` (the absolute
+  indices of the newest frames of obs and next_obs), actions, n-step returns, discounts, and
+  ``need`` (the oldest frame the row's stacks read);
+- ``NStepAccumulator`` of :mod:`mpidqn.replay.shard`, fed with frame indices instead of observations, so the
+  n-step semantics are those of ``ReplayShard`` exactly; ``UniformSampler`` draws the rows.
+
+Bytes per transition: one frame (84*84 = 7,056 B for Atari) plus 8 B of ``prev``, 40 B of row
+fields, and about 1 % spare frames (episode starts, stacks in flight): ~7.2 KB, against 56.4 KB for
+rows with obs and next_obs (``ReplayShard``) and 28.2 KB for SB3's ``optimize_memory_usage``.
+
+The frame ring holds ``capacity * 1.01 + D`` frames (``D`` covers the frames of the pending n-step
+steps and stacks of all envs). Should frames be overwritten that the oldest rows still read (very
+short episodes), those rows are dropped first: ``len()`` may then stay a little below capacity.
+
+Checkpoints: ``state_dict`` holds the frame ring and the table (``ring/...`` with the attributes
+``capacity``/``pos``/``size`` that ``replay_lengths`` reads, ``frames/...``, ``nstep/...``). An elastic
+resume moves rows between shards as :class:`FrameRows`, which carry only the frames their stacks read
+(no materialised stacks). ``transitions()`` materialises the stacked rows (2 k frames per row: 56 KB
+per Atari row, 56 GB for 1M rows: for tests and small shards only); ``extend`` accepts such
+materialised rows too and deduplicates their frames again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mpidqn.replay.shard import (
+    FIELDS,
+    Batch,
+    NStepAccumulator,
+    Transitions,
+    UniformSampler,
+)
+
+ROW_FIELDS = ("obs_idx", "next_idx", "actions", "rewards", "discounts", "need")
+
+
+def chase(prev: np.ndarray, newest: np.ndarray, k: int, modulo: int | None = None) -> np.ndarray:
+    """(B, k) indices of the stacks ending at ``newest``, oldest first, following ``prev`` pointers.
+
+    ``prev`` is indexed by ``index % modulo`` (a ring) or directly (``modulo`` None).
+    """
+    out = np.empty((len(newest), k), np.int64)
+    out[:, k - 1] = newest
+    cur = np.asarray(newest, np.int64)
+    for j in range(k - 2, -1, -1):
+        cur = prev[cur % modulo] if modulo is not None else prev[cur]
+        out[:, j] = cur
+    return out
+
+
+@dataclass
+class FrameRows:
+    """Transitions in compact form: a pool of frames with local ``prev`` pointers and rows that index it.
+
+    Used to move rows between shards (elastic resume) without materialising stacks.
+    """
+
+    frames: np.ndarray
+    """(M, *frame_shape) uint8, oldest first."""
+    prev: np.ndarray
+    """(M,) int64 local index of the previous frame of the stack (itself at an episode start)."""
+    obs_idx: np.ndarray
+    next_idx: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    discounts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def take(self, order: np.ndarray) -> "FrameRows":
+        """The rows in ``order`` (the frame pool is shared)."""
+        return FrameRows(self.frames, self.prev, self.obs_idx[order], self.next_idx[order],
+                         self.actions[order], self.rewards[order], self.discounts[order])
+
+    @staticmethod
+    def concat(parts: list["FrameRows"]) -> "FrameRows":
+        """Rows of several pools, in order; frame pools are appended with shifted indices."""
+        offsets = np.cumsum([0] + [len(p.frames) for p in parts[:-1]])
+        cat = np.concatenate
+        return FrameRows(
+            cat([p.frames for p in parts]), cat([p.prev + o for p, o in zip(parts, offsets)]),
+            cat([p.obs_idx + o for p, o in zip(parts, offsets)]), cat([p.next_idx + o for p, o in zip(parts, offsets)]),
+            cat([p.actions for p in parts]), cat([p.rewards for p in parts]), cat([p.discounts for p in parts]))
+
+
+def frame_rows_from_state(state: dict[str, Any], rows: np.ndarray) -> FrameRows:
+    """The oldest-first ``rows`` of a saved frame shard (``state_dict`` as a nested tree) as FrameRows."""
+    ring, fr = state["ring"], state["frames"]
+    cap, pos, size = int(ring["capacity"]), int(ring["pos"]), int(ring["size"])
+    fcap, k = int(fr["capacity"]), int(fr["stack"])
+    slots = ((pos - size) % cap + np.asarray(rows, np.int64)) % cap
+    obs_abs = np.asarray(ring["obs_idx"])[slots]
+    next_abs = np.asarray(ring["next_idx"])[slots]
+    prev_all = np.asarray(fr["prev"])
+    needed = np.unique(np.concatenate([chase(prev_all, obs_abs, k, fcap).ravel(),
+                                       chase(prev_all, next_abs, k, fcap).ravel()]))
+    prev_abs = prev_all[needed % fcap]
+    where = np.searchsorted(needed, prev_abs).clip(max=max(len(needed) - 1, 0))
+    local = np.arange(len(needed))
+    prev = np.where(needed[where] == prev_abs, where, local)  # pointers beyond any stack: unused
+    frames = np.asarray(fr["frames"])[needed % fcap]
+    return FrameRows(frames, prev, np.searchsorted(needed, obs_abs), np.searchsorted(needed, next_abs),
+                     np.asarray(ring["actions"])[slots], np.asarray(ring["rewards"])[slots],
+                     np.asarray(ring["discounts"])[slots])
+
+
+def frame_rows_from_transitions(t: Transitions, stack: int, frame_shape: tuple[int, ...]) -> FrameRows:
+    """Materialised stacked transitions -> FrameRows, storing each distinct stack's newest frame once.
+
+    A stack whose first ``k - 1`` frames are the last ``k - 1`` of a stack seen before is linked to it;
+    otherwise its frames are written as a new chain (leading repeats collapsed, which reproduces the
+    same values: padding repeats the first frame).
+    """
+    k = stack
+    n = len(t["actions"])
+    obs = np.asarray(t["obs"]).reshape(n, k, *frame_shape)
+    nxt = np.asarray(t["next_obs"]).reshape(n, k, *frame_shape)
+    frames: list[np.ndarray] = []
+    prev: list[int] = []
+    by_stack: dict[bytes, int] = {}  # bytes of a whole stack -> its newest frame
+    by_tail: dict[bytes, int] = {}  # bytes of the last k - 1 frames of a stack -> its newest frame
+
+    def add(frame: np.ndarray, parent: int | None) -> int:
+        frames.append(frame)
+        prev.append(len(frames) - 1 if parent is None else parent)
+        return len(frames) - 1
+
+    def intern(s: np.ndarray) -> int:
+        key = s.tobytes()
+        if key in by_stack:
+            return by_stack[key]
+        parent = by_tail.get(s[:-1].tobytes()) if k > 1 else None
+        if parent is not None:
+            q = add(s[-1], parent)
+        else:
+            first = 0
+            while first + 1 < k and np.array_equal(s[first + 1], s[0]):
+                first += 1
+            q = add(s[first], None)
+            for j in range(first + 1, k):
+                q = add(s[j], q)
+        by_stack[key] = q
+        if k > 1:
+            by_tail[s[1:].tobytes()] = q
+        return q
+
+    obs_idx = np.array([intern(obs[i]) for i in range(n)], np.int64)
+    next_idx = np.array([intern(nxt[i]) for i in range(n)], np.int64)
+    pool = np.stack(frames) if frames else np.zeros((0, *frame_shape), np.uint8)
+    return FrameRows(pool.astype(np.uint8, copy=False), np.array(prev, np.int64), obs_idx, next_idx,
+                     np.asarray(t["actions"], np.int64), np.asarray(t["rewards"], np.float32),
+                     np.asarray(t["discounts"], np.float32))
+
+
+class FrameRing:
+    """Ring of frames with absolute indices; ``prev[i % capacity]`` links a frame to its predecessor."""
+
+    def __init__(self, capacity: int, frame_shape: tuple[int, ...]) -> None:
+        if capacity <= 0:
+            raise ValueError(f"frame capacity={capacity} must be > 0")
+        self.capacity = int(capacity)
+        self.frame_shape = tuple(int(d) for d in frame_shape)
+        self.frames = np.zeros((self.capacity, *self.frame_shape), np.uint8)
+        self.prev = np.zeros(self.capacity, np.int64)
+        self.written = 0
+
+    def write(self, frames: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """Append frames (``prev``: absolute indices, may point into this call); return their indices."""
+        m = len(frames)
+        idx = self.written + np.arange(m, dtype=np.int64)
+        slots = idx % self.capacity
+        self.frames[slots] = frames
+        self.prev[slots] = prev
+        self.written += m
+        return idx
+
+    @property
+    def oldest_alive(self) -> int:
+        """Smallest absolute index not yet overwritten."""
+        return max(0, self.written - self.capacity)
+
+    def state_dict(self) -> dict[str, np.ndarray | int]:
+        filled = min(self.written, self.capacity)
+        return {"frames/frames": self.frames[:filled], "frames/prev": self.prev[:filled],
+                "frames/capacity": self.capacity, "frames/written": self.written}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if int(d["frames/capacity"]) != self.capacity:
+            raise ValueError(f"frames/capacity={int(d['frames/capacity'])} differs from this shard's "
+                             f"{self.capacity}; re-shard with FrameRows instead")
+        frames = np.asarray(d["frames/frames"])
+        self.frames[:len(frames)] = frames
+        self.prev[:len(frames)] = np.asarray(d["frames/prev"])
+        self.written = int(d["frames/written"])
+
+
+class FrameReplayShard:
+    """This rank's replay shard for image observations; the interface of ``ReplayShard``."""
+
+    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, num_envs: int,
+                 n_step: int = 1, gamma: float = 0.99, stack: int = 1,
+                 frame_capacity: int | None = None) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity} must be > 0")
+        if np.dtype(obs_dtype) != np.uint8:
+            raise ValueError(f"frame replay stores uint8 frames, got obs dtype {np.dtype(obs_dtype)}")
+        obs_shape = tuple(int(d) for d in obs_shape)
+        if stack < 1 or (stack > 1 and (len(obs_shape) < 2 or obs_shape[0] != stack)):
+            raise ValueError(f"stack={stack} does not match obs shape {obs_shape} (stack axis first)")
+        self.obs_shape, self.obs_dtype, self.stack = obs_shape, np.dtype(np.uint8), int(stack)
+        self.frame_shape = obs_shape[1:] if stack > 1 else obs_shape
+        self._nstep = NStepAccumulator(num_envs, n_step, gamma, (), np.int64)
+        self.num_envs, self.n_step, self.gamma = self._nstep.num_envs, self._nstep.n_step, self._nstep.gamma
+        # frames written per step <= num_envs * (stack + 1); a row's oldest frame is at most
+        # n_step + stack steps older than the row: rows that old or older are in flight.
+        self.in_flight = self.num_envs * (self.stack + 1) * (self.n_step + self.stack + 1)
+        if frame_capacity is None:
+            frame_capacity = capacity + capacity // 100 + self.in_flight
+        if frame_capacity <= self.in_flight:
+            raise ValueError(f"frame_capacity={frame_capacity} must exceed the {self.in_flight} frames in flight")
+        self._frames = FrameRing(frame_capacity, self.frame_shape)
+        self.capacity = int(capacity)
+        self._rows = {"obs_idx": np.zeros(capacity, np.int64), "next_idx": np.zeros(capacity, np.int64),
+                      "actions": np.zeros(capacity, np.int64), "rewards": np.zeros(capacity, np.float32),
+                      "discounts": np.zeros(capacity, np.float32), "need": np.zeros(capacity, np.int64)}
+        self.pos = self.size = self.filled = self.num_added = 0
+        self._sampler = UniformSampler()
+        self._cur = np.zeros(self.num_envs, np.int64)  # newest frame of each env's current obs
+        self._fresh = np.ones(self.num_envs, bool)  # the next obs of this env starts a new chain
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def frame_capacity(self) -> int:
+        return self._frames.capacity
+
+    def nbytes(self) -> int:
+        """Bytes of the preallocated storage (frames, pointers, rows; the n-step queues are tiny)."""
+        return int(self._frames.frames.nbytes + self._frames.prev.nbytes + sum(a.nbytes for a in self._rows.values()))
+
+    # ------------------------------------------------------------------ adding
+    def _as_stacks(self, obs: np.ndarray) -> np.ndarray:
+        return np.asarray(obs).reshape(len(obs), self.stack, *self.frame_shape)
+
+    def _write_chain(self, s: np.ndarray) -> int:
+        """A stack of a new chain (episode start or first sight): leading repeats stored once."""
+        first = 0
+        while first + 1 < self.stack and np.array_equal(s[first + 1], s[0]):
+            first += 1
+        base = self._frames.written
+        m = self.stack - first
+        prev = base + np.arange(m) - 1
+        prev[0] = base
+        return int(self._frames.write(s[first:], prev)[-1])
+
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
+            terminated: np.ndarray, truncated: np.ndarray) -> int:
+        """Add one vector-env step (as ``ReplayShard.add``: ``next_obs`` the TRUE next observation)."""
+        obs_s, next_s = self._as_stacks(obs), self._as_stacks(next_obs)
+        expected = (self.num_envs, self.stack, *self.frame_shape)
+        if obs_s.shape != expected or next_s.shape != expected:
+            raise ValueError(f"obs/next_obs have shapes {np.shape(obs)}/{np.shape(next_obs)}, "
+                             f"expected {(self.num_envs, *self.obs_shape)}")
+        for e in np.flatnonzero(self._fresh):
+            self._cur[e] = self._write_chain(obs_s[e])
+        new = self._frames.write(next_s[:, -1], self._cur)
+        done = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+        rows = self._nstep.push(self._cur.copy(), actions, rewards, new, terminated, truncated)
+        self._cur[:] = new
+        self._fresh[:] = done  # the autoreset obs of the next call starts a new chain
+        return self._write_rows(rows["obs"], rows["next_obs"], rows["actions"], rows["rewards"], rows["discounts"])
+
+    def drop_pending(self) -> None:
+        """Forget pending n-step steps and start new frame chains (envs restarted, see ReplayShard)."""
+        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
+        self._fresh[:] = True
+
+    def _write_rows(self, obs_idx: np.ndarray, next_idx: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                    discounts: np.ndarray, need: np.ndarray | None = None) -> int:
+        k = len(actions)
+        if need is None:
+            need = chase(self._frames.prev, obs_idx, self.stack, self._frames.capacity)[:, 0]
+        cols = {"obs_idx": obs_idx, "next_idx": next_idx, "actions": actions, "rewards": rewards,
+                "discounts": discounts, "need": need}
+        skip = max(0, k - self.capacity)
+        slots = (self.pos + np.arange(k - skip)) % self.capacity
+        for name, arr in self._rows.items():
+            arr[slots] = np.asarray(cols[name])[skip:]
+        self.pos = (self.pos + k - skip) % self.capacity
+        self.size = min(self.size + k - skip, self.capacity)
+        self.filled = max(self.filled, min(self.capacity, self.filled + k - skip))
+        self.num_added += k
+        self._evict()
+        return k
+
+    def _evict(self) -> None:
+        """Drop the oldest rows whose frames are (nearly) overwritten; see the module docstring."""
+        limit = self._frames.oldest_alive + self.in_flight
+        need = self._rows["need"]
+        while self.size and self._frames.oldest_alive > 0 and need[(self.pos - self.size) % self.capacity] < limit:
+            self.size -= 1
+
+    # ------------------------------------------------------------------ sampling
+    def _slots(self, idx: np.ndarray) -> np.ndarray:
+        """Sampler offsets -> physical slots (identity while no row was dropped before a wrap)."""
+        if self.size == self.capacity or self.pos == self.size:
+            return idx
+        return (self.pos - self.size + idx) % self.capacity
+
+    def sample(self, batch_size: int, rng: np.random.Generator, out: Batch | None = None) -> Batch:
+        """Uniform batch with replacement (one ``rng.integers`` draw, as ``ReplayShard.sample``)."""
+        slots = self._slots(self._sampler.indices(self.size, batch_size, rng))
+        return self._gather(slots, out)
+
+    def sample_many(self, num_batches: int, batch_size: int, rng: np.random.Generator,
+                    out: Batch | None = None) -> Batch:
+        """``num_batches`` minibatches at once (see ``ReplayShard.sample_many``)."""
+        if num_batches < 1:
+            raise ValueError(f"num_batches={num_batches} must be >= 1")
+        return self.sample(num_batches * batch_size, rng, out)
+
+    def empty_batch(self, batch_size: int) -> Batch:
+        b = batch_size
+        return Batch(np.empty((b, *self.obs_shape), np.uint8), np.empty(b, np.int64), np.empty(b, np.float32),
+                     np.empty((b, *self.obs_shape), np.uint8), np.empty(b, np.float32))
+
+    def _stack_into(self, newest: np.ndarray, dst: np.ndarray) -> None:
+        ring = self._frames
+        idx = chase(ring.prev, newest, self.stack, ring.capacity) % ring.capacity
+        np.take(ring.frames, idx.ravel(), axis=0, out=dst.reshape(-1, *self.frame_shape), mode="clip")
+
+    def _gather(self, slots: np.ndarray, out: Batch | None) -> Batch:
+        out = out if out is not None else self.empty_batch(len(slots))
+        r = self._rows
+        self._stack_into(r["obs_idx"][slots], out.obs)
+        self._stack_into(r["next_idx"][slots], out.next_obs)
+        np.take(r["actions"], slots, out=out.actions, mode="clip")
+        np.take(r["rewards"], slots, out=out.rewards, mode="clip")
+        np.take(r["discounts"], slots, out=out.discounts, mode="clip")
+        return out
+
+    # ------------------------------------------------------------------ re-sharding
+    def oldest_first(self) -> np.ndarray:
+        return ((self.pos - self.size) % self.capacity + np.arange(self.size)) % self.capacity
+
+    def transitions(self) -> Transitions:
+        """Stored rows oldest first, MATERIALISED (2 stacks per row: for tests and small shards)."""
+        b = self._gather(self.oldest_first(), None)
+        return dict(zip(FIELDS, b))
+
+    def frame_rows(self) -> FrameRows:
+        """Stored rows oldest first as FrameRows (only the frames they read)."""
+        from mpidqn.io.h5tree import unflatten
+
+        return frame_rows_from_state(unflatten(self.state_dict()), np.arange(self.size))
+
+    def extend(self, rows: Transitions | FrameRows) -> int:
+        """Append rows oldest first (FrameRows, or materialised transitions whose frames are
+        deduplicated again); beyond capacity the newest are kept. Bypasses the n-step accumulator."""
+        if not isinstance(rows, FrameRows):
+            rows = frame_rows_from_transitions(rows, self.stack, self.frame_shape)
+        if len(rows) == 0:
+            return 0
+        base = self._frames.written
+        need = base + chase(rows.prev, rows.obs_idx, self.stack)[:, 0]
+        self._frames.write(rows.frames, base + rows.prev)
+        self._write_rows(base + rows.obs_idx, base + rows.next_idx, rows.actions, rows.rewards,
+                         rows.discounts, need)
+        self._compact()
+        return len(rows)
+
+    def _compact(self) -> None:
+        """Keep only rows whose frames are all alive (re-laid oldest first from slot 0)."""
+        idx = self.oldest_first()
+        keep = idx[self._rows["need"][idx] >= self._frames.oldest_alive]
+        if len(keep) == self.size:
+            return
+        for arr in self._rows.values():
+            arr[:len(keep)] = arr[keep]
+        self.size = self.filled = len(keep)
+        self.pos = self.size % self.capacity
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, np.ndarray | int]:
+        """Flat ``ring/...``, ``frames/...``, ``nstep/...`` entries (views: save before the next add)."""
+        d: dict[str, np.ndarray | int] = {f"ring/{k}": v[:self.filled] for k, v in self._rows.items()}
+        d.update({"ring/capacity": self.capacity, "ring/pos": self.pos, "ring/size": self.size,
+                  "ring/filled": self.filled, "ring/num_added": self.num_added})
+        d.update(self._frames.state_dict())
+        d.update({"frames/stack": self.stack, "frames/cur": self._cur.copy(),
+                  "frames/fresh": self._fresh.astype(np.uint8)})
+        d.update(self._nstep.state_dict())
+        return d
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` of a shard with equal settings; behaviour continues exactly."""
+        if int(d["ring/capacity"]) != self.capacity:
+            raise ValueError(f"ring/capacity={int(d['ring/capacity'])} differs from this shard's capacity "
+                             f"{self.capacity}; re-shard with frame_rows()/extend() instead")
+        if int(d["frames/stack"]) != self.stack:
+            raise ValueError(f"frames/stack={int(d['frames/stack'])} differs from this shard's {self.stack}")
+        self.filled = int(d["ring/filled"])
+        for k, arr in self._rows.items():
+            arr[:self.filled] = np.asarray(d[f"ring/{k}"])
+        self.pos, self.size, self.num_added = int(d["ring/pos"]), int(d["ring/size"]), int(d["ring/num_added"])
+        self._frames.load_state_dict(d)
+        self._cur[:] = np.asarray(d["frames/cur"])
+        self._fresh[:] = np.asarray(d["frames/fresh"]).astype(bool)
+        self._nstep.load_state_dict(d)
+
+
+def make_replay_shard(storage: str, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, num_envs: int,
+                      n_step: int, gamma: float, stack: int) -> Any:
+    """``ReplayShard`` or ``FrameReplayShard`` for ``train.replay_storage`` (auto: frames for uint8
+    observations with 2 or more dimensions)."""
+    from mpidqn.replay.shard import ReplayShard
+
+    if storage == "auto":
+        storage = "frames" if np.dtype(obs_dtype) == np.uint8 and len(obs_shape) >= 2 else "transitions"
+    if storage == "frames":
+        return FrameReplayShard(capacity, obs_shape, obs_dtype, num_envs, n_step, gamma, stack)
+    return ReplayShard(capacity, obs_shape, obs_dtype, num_envs, n_step, gamma)

@@ -1,0 +1,379 @@
+"""HDF5 checkpoints: atomic, verified, resumable on the same or a different number of ranks.
+
+Layout of ``RUN_DIR/checkpoints/step_<global env steps, 12 digits>/``::
+
+    model_s<stage>.h5   online + target parameters and optimizer state (Adam or RMSprop, under the
+                        historical key ``adam``), keyed by global parameter name
+                        (``<layer index>.<name>``); written by the first data-parallel rank of each
+                        pipeline stage, so a checkpoint of S stages loads with any S'.
+    rank_<rank>.h5      everything else that rank needs to continue exactly: counters, numpy/torch
+                        RNG states, pickled vector env, current observations, episode statistics,
+                        phase timers, and its replay shard (``checkpoint.replay``).
+    COMPLETE            JSON manifest written LAST by rank 0 once every file is fsynced and renamed
+                        into place: step, world, stages, format version, and size + CRC32 of each file.
+
+``RUN_DIR/checkpoints/BEST`` (JSON: step, score, episodes, dir) names the checkpoint of the best
+evaluation so far; pruning never removes it, whatever ``checkpoint.keep`` says.
+
+A directory without a valid ``COMPLETE`` does not exist as a checkpoint. Every HDF5 file carries
+root attributes ``format_version``, ``step``, ``world_size``, ``pipeline_stages``, ``config`` (YAML)
+and ``mpidqn_version`` so plain h5py can read it (see h5tree.py for the node mapping).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from mpidqn import __version__
+from mpidqn.distributed import watchdog
+from mpidqn.errors import CheckpointWriteError, UserError
+from mpidqn.io.h5tree import read_tree, write_tree
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+BEST = "BEST"
+_STEP_DIR = re.compile(r"^step_(\d{12})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:012d}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_h5_atomic(path: Path, attrs: dict[str, Any], tree: dict[str, Any]) -> dict[str, int]:
+    """Write ``tree`` to ``path`` via a temporary name, fsync, rename; return its size and CRC32."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            write_tree(f, tree)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        crc = file_crc32(tmp)  # while still in the page cache
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not stay full of our partial file
+        raise
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+@dataclass
+class Checkpoint:
+    """A complete, verified checkpoint directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world(self) -> int:
+        return int(self.manifest["world_size"])
+
+    @property
+    def pipeline_stages(self) -> int:
+        return int(self.manifest["pipeline_stages"])
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def model_files(self) -> list[Path]:
+        return [self.path / f"model_s{s}.h5" for s in range(self.pipeline_stages)]
+
+    def config(self) -> Any:
+        """The resolved config of the run that wrote this checkpoint."""
+        from mpidqn.config import config_from_yaml_text
+
+        with h5py.File(self.model_files()[0], "r") as h:
+            return config_from_yaml_text(str(h.attrs["config"]))
+
+
+def verify(path: Path, check_crc: bool = True) -> Checkpoint:
+    """Return the Checkpoint at ``path`` or raise ValueError saying what is wrong with it."""
+    marker = path / MARKER
+    if not marker.exists():
+        raise ValueError("incomplete (no COMPLETE marker)")
+    try:
+        manifest = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable COMPLETE marker ({e})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format version {version} is not {FORMAT_VERSION} (written by mpidqn {manifest.get('mpidqn_version')})")
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.exists():
+            raise ValueError(f"{name} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise ValueError(f"{name} is truncated ({f.stat().st_size} of {info['bytes']} bytes)")
+        if check_crc and file_crc32(f) != info["crc32"]:
+            raise ValueError(f"{name} is corrupted (CRC32 mismatch)")
+    return Checkpoint(path, manifest)
+
+
+def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Checkpoint directories under ``root`` (complete or not), newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def find_latest(root: Path, warn: Callable[[str], None] = lambda s: None) -> Checkpoint | None:
+    """Newest intact checkpoint under ``root``; each damaged newer one is reported in one line."""
+    for _, path in list_step_dirs(root):
+        try:
+            return verify(path)
+        except ValueError as e:
+            if (path / MARKER).exists():  # incomplete dirs are normal leftovers of a kill; say nothing
+                warn(f"mpidqn: checkpoint {path} is unusable: {e}; trying an older one")
+    return None
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    """The BEST record of a checkpoints directory (step, score, episodes, dir), or None."""
+    try:
+        record = json.loads((Path(root) / BEST).read_text())
+        return record if isinstance(record, dict) and "step" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve(target: str | Path, best: bool = False) -> Checkpoint:
+    """A run dir (newest intact checkpoint, or with ``best`` the one of the best evaluation) or a
+    checkpoint dir -> Checkpoint, else UserError."""
+    p = Path(target)
+    if not p.exists():
+        raise UserError(f"{p}: no such run directory or checkpoint")
+    if best:
+        record = read_best(p / "checkpoints")
+        if record is None:
+            raise UserError(f"{p}: no best checkpoint recorded (no {p / 'checkpoints' / BEST}; "
+                            "evaluations record one as the run goes)")
+        try:
+            return verify(p / "checkpoints" / step_dir_name(int(record["step"])))
+        except ValueError as e:
+            raise UserError(f"{p}: the best checkpoint (step {int(record['step']):,}) is damaged: {e}") from None
+    if (p / MARKER).exists() or _STEP_DIR.match(p.name):
+        try:
+            return verify(p)
+        except ValueError as e:
+            raise UserError(f"{p}: {e}") from None
+    ckpt = find_latest(p / "checkpoints", warn=lambda s: print(s, flush=True))
+    if ckpt is None:
+        raise UserError(f"{p}: no complete checkpoint (looked in {p / 'checkpoints'})")
+    return ckpt
+
+
+def read_model(ckpt: Checkpoint) -> dict[str, Any]:
+    """Merge the stage files into one model state: online, target, adam (the optimizer state, Adam or
+    RMSprop, by global name), updates."""
+    merged: dict[str, Any] = {"online": {}, "target": {}, "adam": {}}
+    for f in ckpt.model_files():
+        with h5py.File(f, "r") as h:
+            tree = read_tree(h["model"])
+        for key in ("online", "target", "adam"):
+            merged[key].update(tree.get(key, {}))
+        merged["adam_hparams"] = tree["adam_hparams"]
+        merged["updates"] = tree["updates"]
+        merged["nonfinite_skipped"] = tree.get("nonfinite_skipped", 0)
+    return merged
+
+
+def read_rank(ckpt: Checkpoint, rank: int, groups: tuple[str, ...] | None = None) -> dict[str, Any]:
+    with h5py.File(ckpt.file(f"rank_{rank:05d}.h5"), "r") as h:
+        names = groups if groups is not None else tuple(h.keys())
+        return {g: read_tree(h[g]) for g in names if g in h}
+
+
+def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The replay rows an elastic resume assigns to one new rank (see replay.partition_plan)."""
+    from mpidqn.replay.shard import FIELDS
+
+    old_ranks, rows = plan
+    parts: list[dict[str, np.ndarray]] = []
+    order: list[np.ndarray] = []
+    for old in np.unique(old_ranks):
+        mine = np.flatnonzero(old_ranks == old)
+        with h5py.File(ckpt.file(f"rank_{int(old):05d}.h5"), "r") as h:
+            ring = h["replay/ring"]
+            cap, pos, size = (int(ring.attrs[k]) for k in ("capacity", "pos", "size"))
+            slots = ((pos - size) % cap + rows[mine]) % cap  # oldest-first row -> physical slot
+            if "frames" in h["replay"]:  # frame-deduplicated shard: rows travel with their frames only
+                from mpidqn.replay.frames import frame_rows_from_state
+
+                parts.append(frame_rows_from_state(read_tree(h["replay"]), rows[mine]))
+            else:
+                parts.append({k: ring[k][()][slots] for k in FIELDS})  # one old shard in memory at a time
+        order.append(mine)
+    if not parts:
+        return None
+    where = np.argsort(np.concatenate(order), kind="stable")
+    if not isinstance(parts[0], dict):
+        return type(parts[0]).concat(parts).take(where)
+    return {k: np.concatenate([p[k] for p in parts])[where] for k in FIELDS}
+
+
+def replay_lengths(ckpt: Checkpoint) -> list[int] | None:
+    """Stored transitions per old rank, or None when the checkpoint holds no replay."""
+    lengths = []
+    for r in range(ckpt.world):
+        with h5py.File(ckpt.file(f"rank_{r:05d}.h5"), "r") as h:
+            if "replay" not in h:
+                return None
+            lengths.append(int(h["replay/ring"].attrs["size"]))
+    return lengths
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _describe(e: OSError) -> str:
+    """``[Errno 28] No space left on device: '/path'`` in one line."""
+    return f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
+
+
+class CheckpointManager:
+    """Writes this rank's part of a checkpoint; rank 0 seals it with the manifest and prunes."""
+
+    def __init__(self, run_dir: Path, comm: Any, keep: int, attrs: dict[str, Any], say: Callable[[str], None]) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.comm = comm
+        self.keep = keep
+        self.attrs = attrs  # format_version, config, world_size, pipeline_stages, versions
+        self.say = say
+        self.last_step: int | None = None
+        self.last_pause_s = 0.0
+        best = read_best(self.root) if comm.Get_rank() == 0 else None
+        self.best_step: int | None = int(best["step"]) if best else None
+
+    def mark_best(self, step: int, score: float, episodes: int) -> None:
+        """Rank 0: record the complete checkpoint of ``step`` as the best evaluation so far (written
+        after that checkpoint is sealed); the previous best becomes prunable like any other."""
+        if self.comm.Get_rank() != 0:
+            return
+        record = {"step": step, "score": score, "episodes": episodes, "dir": step_dir_name(step)}
+        write_text_atomic(self.root / BEST, json.dumps(record))
+        self.best_step = step
+        self.prune()
+
+    def save(self, trainer: Any) -> Path | None:
+        """Write this rank's files; rank 0 seals the checkpoint once every rank succeeded.
+
+        A write error on any rank (disk full, unwritable run dir) is agreed on by all ranks: rank 0
+        removes this step's partial directory, no COMPLETE is written (the previous checkpoint stays the
+        newest), and every rank raises CheckpointWriteError naming the error and the path.
+        """
+        step = trainer.counters.env_steps
+        if step == self.last_step:
+            return None
+        t0 = time.perf_counter()
+        rank = self.comm.Get_rank()
+        path = self.root / step_dir_name(step)
+        files: dict[str, dict[str, int]] = {}
+        error = None
+        try:
+            self._write_files(trainer, path, step, rank, files)
+        except OSError as e:
+            error = f"rank {rank}: {_describe(e)}"
+        if trainer.fault is not None and trainer.fault.fires("kill_in_checkpoint", rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only: die between the data files and the marker
+        watchdog.fence(self.comm, "checkpoint gather")
+        gathered = self.comm.gather((files, error), root=0)
+        if rank == 0:
+            errors = [err for _, err in gathered if err is not None]
+            error = errors[0] if errors else None
+            if error is None:
+                try:
+                    self._seal(path, step, gathered)
+                except OSError as e:
+                    error = f"rank 0: {_describe(e)}"
+            if error is not None:
+                shutil.rmtree(path, ignore_errors=True)  # partial files only: no COMPLETE was written
+        # no rank runs ahead while the manifest is pending (kill-safety is the marker's); all learn the verdict
+        watchdog.fence(self.comm, "checkpoint barrier")
+        error = self.comm.bcast(error, root=0)
+        if error is not None:
+            raise CheckpointWriteError(f"checkpoint {path} could not be written ({error}); it was discarded")
+        self.last_step = step
+        self.last_pause_s = time.perf_counter() - t0
+        return path
+
+    def _write_files(self, trainer: Any, path: Path, step: int, rank: int, files: dict[str, dict[str, int]]) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        attrs = {**self.attrs, "step": step, "rank": rank}
+        model = trainer.model_state_to_save()
+        if model is not None:
+            stage = trainer.topo.stage
+            files[f"model_s{stage}.h5"] = write_h5_atomic(path / f"model_s{stage}.h5", attrs, {"model": model})
+        name = f"rank_{rank:05d}.h5"
+        if trainer.fault is not None and trainer.fault.fires("enospc", rank, step):
+            # test-only (MPIDQN_FAULT=enospc:...): the disk fills up in the middle of this rank's file
+            (path / f".{name}.tmp").write_bytes(b"\0" * 4096)
+            (path / f".{name}.tmp").unlink()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / name))
+        files[name] = write_h5_atomic(path / name, attrs, trainer.rank_state())
+
+    def _seal(self, path: Path, step: int, gathered: list[tuple[dict[str, Any], str | None]]) -> None:
+        fsync_dir(path)
+        manifest = {
+            "format_version": FORMAT_VERSION, "step": step, "world_size": self.comm.Get_size(),
+            "pipeline_stages": int(self.attrs["pipeline_stages"]), "mpidqn_version": __version__,
+            "created": time.time(), "files": {k: v for part, _ in gathered for k, v in part.items()},
+        }
+        write_text_atomic(path / MARKER, json.dumps(manifest, indent=1))
+        self.prune()
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints and the best one; drop older ones and stale
+        partial dirs."""
+        complete = 0
+        for step, path in list_step_dirs(self.root):
+            if (path / MARKER).exists():
+                complete += 1
+                if complete > self.keep and step != self.best_step:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif complete:  # a partial dir older than a complete one is garbage from a crash
+                shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,421 @@
+"""The training loop: act, store, sample, learn, evaluate, checkpoint, log. It owns no maths."""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpidqn.algo.dqn import per_rank_epsilon, update_rounds
+from mpidqn.algo.schedules import Schedules
+from mpidqn.config import Config, lr_batch_factor, samples_per_rank
+from mpidqn.distributed import collectives as C
+from mpidqn.distributed import watchdog
+from mpidqn.envs.presets import spec_from_config
+from mpidqn.envs.vector import (
+    env_reset_seeds,
+    make_vector_env,
+    pickle_envs,
+    spawn_seeds,
+    true_next_obs,
+)
+from mpidqn.io.h5tree import Json, flatten, unflatten
+from mpidqn.learners.factory import build_learner, total_parameters
+from mpidqn.replay.frames import make_replay_shard
+from mpidqn.replay.shard import ReplayShard
+from mpidqn.train import stop as signals
+from mpidqn.train.evaluation import evaluate_learner
+from mpidqn.train.timing import PhaseTimer
+
+PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
+TIMING_NAMES = (*PHASES, "idle")  # idle: wall time of the process outside every phase
+SCALAR_NAMES = ("loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
+                "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped")
+
+
+@dataclass
+class Counters:
+    """Global progress, identical on every rank."""
+
+    env_steps: int = 0
+    iterations: int = 0
+    episodes: int = 0
+
+
+@dataclass
+class EpisodeTracker:
+    """Per-sub-env running return/length; finished episodes wait here until the next log gather."""
+
+    num_envs: int
+    returns: np.ndarray = field(init=False)
+    lengths: np.ndarray = field(init=False)
+    finished: list[tuple[int, float, int]] = field(default_factory=list)  # (global step, return, length)
+
+    def __post_init__(self) -> None:
+        self.returns = np.zeros(self.num_envs, dtype=np.float64)
+        self.lengths = np.zeros(self.num_envs, dtype=np.int64)
+
+    def record(self, rewards: np.ndarray, done: np.ndarray, step: int) -> None:
+        self.returns += rewards
+        self.lengths += 1
+        for i in np.flatnonzero(done):
+            self.finished.append((step, float(self.returns[i]), int(self.lengths[i])))
+            self.returns[i] = 0.0
+            self.lengths[i] = 0
+
+    def finished_rows(self) -> np.ndarray:
+        """Finished episodes not yet reported, as (global step, return, length) rows."""
+        return np.array(self.finished, dtype=np.float64).reshape(-1, 3)
+
+    def pop(self) -> np.ndarray:
+        out = self.finished_rows()
+        self.finished = []
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"returns": self.returns.copy(), "lengths": self.lengths.copy(), "finished": self.finished_rows()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.returns[:] = state["returns"]
+        self.lengths[:] = state["lengths"]
+        self.finished = [(int(s), float(r), int(n)) for s, r, n in np.asarray(state["finished"]).reshape(-1, 3)]
+
+
+def crossed(prev: int, cur: int, interval: int) -> bool:
+    """True when a multiple of ``interval`` lies in (prev, cur]."""
+    return interval > 0 and prev // interval != cur // interval
+
+
+@dataclass
+class FaultInjection:
+    """TEST-ONLY fault injection, from ``MPIDQN_FAULT=<kind>:<rank>:<global step>``. Never set it in
+    real runs. Kinds, each firing on ``rank`` once the global step reaches ``step``:
+
+    * ``raise``: an exception in the loop (an error on one rank must end every rank);
+    * ``stop``: behave as if SIGUSR1 arrived (checkpoint, exit 75) at a deterministic step;
+    * ``kill_in_checkpoint``: SIGKILL this process in the middle of writing a checkpoint;
+    * ``kill``: SIGKILL this process in the loop (a rank dies mid-training);
+    * ``hang``: this rank sleeps forever (the others' watchdog must end the job);
+    * ``nan``: this rank's loss is NaN from then on (train.nonfinite decides: skip or stop);
+    * ``perturb``: add 1e-3 to this rank's first parameter once (the replica check must see it);
+    * ``enospc``: writing this rank's checkpoint file fails with "No space left on device".
+    """
+
+    KINDS = ("raise", "stop", "kill_in_checkpoint", "kill", "hang", "nan", "perturb", "enospc")
+
+    kind: str
+    rank: int
+    step: int
+    done: bool = False  # a one-shot fault (perturb) has fired
+
+    @classmethod
+    def from_env(cls) -> "FaultInjection | None":
+        spec = os.environ.get("MPIDQN_FAULT")
+        if not spec:
+            return None
+        kind, rank, step = spec.split(":")
+        if kind not in cls.KINDS:
+            raise ValueError(f"MPIDQN_FAULT={spec}: unknown kind {kind!r} (one of {', '.join(cls.KINDS)})")
+        return cls(kind, int(rank), int(step))
+
+    def fires(self, kind: str, rank: int, step: int) -> bool:
+        return kind == self.kind and rank == self.rank and step >= self.step
+
+    def maybe_fire(self, trainer: "Trainer") -> None:
+        rank, step = trainer.rank, trainer.counters.env_steps
+        if self.fires("raise", rank, step):
+            raise RuntimeError(f"injected fault (MPIDQN_FAULT) at step {step}")
+        if self.fires("stop", rank, step):
+            signals.request(signal.SIGUSR1)
+        if self.fires("kill", rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fires("hang", rank, step):
+            while True:
+                time.sleep(3600)
+        if self.fires("nan", rank, step):
+            trainer.learner.poison_loss = True
+        if self.fires("perturb", rank, step) and not self.done:
+            self.done = True
+            with torch.no_grad():
+                next(p for p in trainer.learner.params if p.numel()).view(-1)[0] += 1e-3
+
+
+class Trainer:
+    """Runs one rank's part of a data-parallel DQN job."""
+
+    def __init__(self, cfg: Config, topo: Any, reporter: Any, checkpoints: Any | None = None) -> None:
+        self.cfg, self.topo, self.reporter, self.checkpoints = cfg, topo, reporter, checkpoints
+        torch.set_num_threads(cfg.parallel.torch_threads)
+        self.world, self.rank = topo.world, topo.rank
+        self.seeds = spawn_seeds(cfg.seed, self.world, self.rank)
+        self.env_spec = spec_from_config(cfg.env)
+        self.envs = make_vector_env(self.env_spec, cfg.env.num_envs, asynchronous=cfg.env.async_envs)
+        self.obs_shape = self.envs.single_observation_space.shape
+        self.n_actions = int(self.envs.single_action_space.n)
+        torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
+        lr = cfg.train.lr * lr_batch_factor(cfg.train, self.world)
+        self.base_lr = lr
+        self.batch_per_rank = samples_per_rank(cfg.train, self.world)
+        self.schedules = Schedules.from_config(cfg.train)
+        # every env has emitted a transition (n-step ones after n steps) before the first sample
+        self.min_fill = self.world * cfg.env.num_envs * cfg.train.n_step
+        self.updates_start = max(cfg.train.learning_starts, self.min_fill)
+        self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message)
+        self.replay = make_replay_shard(  # the env's obs dtype: uint8 images stay uint8
+            cfg.train.replay_storage, ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
+            self.obs_shape, self.envs.single_observation_space.dtype, cfg.env.num_envs,
+            cfg.train.n_step, cfg.train.gamma, self.env_spec.frame_stack,
+        )
+        self.explore_rng = np.random.default_rng(self.seeds["explore"])
+        self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        self.counters = Counters()
+        self.episodes = EpisodeTracker(cfg.env.num_envs)
+        self.recent_returns: deque[float] = deque(maxlen=100)  # last 100 episodes of all ranks
+        self.timer = PhaseTimer(PHASES)
+        self.timing_names = TIMING_NAMES
+        self._t_process = time.perf_counter()
+        self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], cfg.env.num_envs))
+        self.steps_per_iteration = self.world * cfg.env.num_envs
+        self.last_eval: dict[str, float] | None = None
+        self.best = (-1, -math.inf)  # (step, mean return) of the best evaluation so far
+        self._best_episodes = 0
+        self.parameter_count = total_parameters(self.learner)
+        self.fault = FaultInjection.from_env()
+        self._last_report_step = -1
+        self._last_checkpoint_time = time.monotonic()
+        self.watchdog = watchdog.install(
+            watchdog.Watchdog(cfg.parallel.collective_timeout_s, self.rank, abort=watchdog.abort_job(topo.comm)))
+
+    # ------------------------------------------------------------------ acting
+    def epsilon(self) -> float:
+        x = self.cfg.train.exploration
+        eps = self.schedules.epsilon(self.counters.env_steps)
+        if x.per_rank:
+            eps = per_rank_epsilon(eps, self.rank, self.world, x.per_rank_alpha)
+        return eps
+
+    def act(self, eps: float) -> np.ndarray:
+        n = self.cfg.env.num_envs
+        # one uniform draw per env for "explore?" and one for the random action: Generator.integers
+        # costs ~10 us per call at this size, more than the whole greedy forward pass
+        u = self.explore_rng.random((2, n))
+        explore = u[0] < eps
+        random_actions = (u[1] * self.n_actions).astype(np.int64)
+        if explore.all() and not self.learner.collective_acting:
+            return random_actions
+        greedy = self.learner.greedy_actions(self.obs)
+        return np.where(explore, random_actions, greedy)
+
+    def env_step(self) -> None:
+        with self.timer("act"):
+            actions = self.act(self.epsilon())
+        with self.timer("env"):
+            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+            done = terminated | truncated
+        step = self.counters.env_steps + self.steps_per_iteration
+        with self.timer("replay"):
+            self.replay.add(self.obs, actions, rewards, true_next_obs(next_obs, done, info), terminated, truncated)
+        self.episodes.record(rewards, done, step)
+        self.obs = next_obs
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, num_updates: int) -> None:
+        self.learner.set_lr(self.base_lr * self.schedules.lr_factor(self.counters.env_steps))
+        with self.timer("replay"):
+            batch = self.replay.sample_many(num_updates, self.batch_per_rank, self.replay_rng)
+        comm_before = self.learner.comm_seconds
+        with self.timer("learn"):
+            self.learner.update_many(batch, num_updates)
+        comm = self.learner.comm_seconds - comm_before
+        self.timer.move("learn", "comm", comm)  # the Allreduce ran inside update_many
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> str:
+        """Train until total_steps (returns "done") or an agreed stop signal (returns "signal")."""
+        cfg = self.cfg
+        signals.install()  # normally done by the CLI already; harmless twice
+        agree_every = max(1, 256 // self.steps_per_iteration)  # collectives every ~256 global steps
+        self.reporter.start(self)
+        t_start = time.perf_counter()
+        while self.counters.env_steps < cfg.train.total_steps:
+            prev = self.counters.env_steps
+            self.env_step()
+            self.counters.env_steps += self.steps_per_iteration
+            self.counters.iterations += 1
+            cur = self.counters.env_steps
+            self.watchdog.step = cur
+            if self.fault is not None:
+                self.fault.maybe_fire(self)
+            rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)
+            if rounds:
+                self.learn(rounds * cfg.train.gradient_steps)
+            improved = False
+            if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
+                improved = self.evaluate()
+            if crossed(prev, cur, cfg.log.interval_steps):
+                self.report_progress(time.perf_counter() - t_start)
+            if crossed(prev, cur, cfg.checkpoint.interval_steps) or improved:
+                self.save_checkpoint(best=improved)
+            if self.counters.iterations % agree_every == 0:
+                stop, due = C.agree_flags(
+                    [signals.received() is not None, self._checkpoint_due()],
+                    self.topo.comm)
+                if stop:
+                    self.report_progress(time.perf_counter() - t_start)
+                    self.save_checkpoint()
+                    return "signal"
+                if due:
+                    self.save_checkpoint()
+        if self._last_report_step != self.counters.env_steps:
+            self.report_progress(time.perf_counter() - t_start)
+        self.save_checkpoint(best=self.evaluate(final=True))
+        return "done"
+
+    def evaluate(self, final: bool = False) -> bool:
+        """Greedy evaluation on all ranks; True when it beats every earlier one (the same verdict on
+        every rank, so all write its checkpoint together)."""
+        with self.timer("eval"):
+            result = evaluate_learner(self.learner, self.cfg, self.topo, self.counters.env_steps)
+        self.last_eval = result
+        self.reporter.evaluation(self, result, final)
+        if result["mean"] <= self.best[1]:
+            return False
+        self.best = (self.counters.env_steps, float(result["mean"]))
+        self._best_episodes = int(result["episodes"])
+        return True
+
+    def report_progress(self, wall: float) -> None:
+        self._last_report_step = self.counters.env_steps
+        with self.timer("log"):
+            watchdog.fence(self.topo.comm, "log gather")
+            gathered = self.topo.comm.allgather(self.episodes.pop())  # small: episodes since last report
+            for rows in gathered:
+                self.recent_returns.extend(rows[:, 1].tolist())
+                self.counters.episodes += len(rows)
+            metrics = self.learner.pop_metrics()
+            totals = self.timer.totals()
+            idle = time.perf_counter() - self._t_process - totals.sum()
+            timings = self.topo.comm.gather(np.append(totals, idle), root=0)
+            if self.topo.is_root:
+                self.reporter.progress(self, wall, gathered, metrics, np.stack(timings))
+
+    def _checkpoint_due(self) -> bool:
+        """Wall-clock checkpoints: rank 0's clock decides (the flag is agreed like a stop)."""
+        minutes = self.cfg.checkpoint.interval_minutes
+        return bool(minutes) and self.rank == 0 and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """Write a checkpoint of this step (once per step); ``best``: it holds the best evaluation so far."""
+        if self.checkpoints is None:
+            return
+        self._last_checkpoint_time = time.monotonic()
+        with self.timer("checkpoint"):
+            self.reporter.flush()  # log rows up to this step are on disk before the checkpoint counts
+            self.checkpoints.save(self)
+            if best:
+                self.checkpoints.mark_best(self.best[0], self.best[1], self._best_episodes)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def model_state_to_save(self) -> dict[str, Any] | None:
+        """The model is written once per pipeline stage: by that stage's first data-parallel rank."""
+        return self.learner.state_dict() if self.topo.dp_comm.Get_rank() == 0 else None
+
+    def rank_state(self) -> dict[str, Any]:
+        """Everything besides the model that this rank needs to continue exactly."""
+        state: dict[str, Any] = {
+            "counters": {"env_steps": self.counters.env_steps, "iterations": self.counters.iterations,
+                         "episodes": self.counters.episodes},
+            "rng": {"explore": Json(self.explore_rng.bit_generator.state),
+                    "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state()},
+            "envs": {"pickle": pickle_envs(self.envs), "obs": np.asarray(self.obs)},
+            "episodes": self.episodes.state_dict(),
+            "schedules": self.schedules.state_dict(),
+            "stats": {"timer": self.timer.totals(), "recent_returns": np.array(self.recent_returns, dtype=np.float64),
+                      "best": np.array(self.best, dtype=np.float64)},
+        }
+        if self.cfg.checkpoint.replay:
+            state["replay"] = unflatten(self.replay.state_dict())
+        return state
+
+    def load_checkpoint(self, ckpt: Any) -> str:
+        """Resume from a verified checkpoint; "exact" on the same layout, else "elastic"."""
+        from mpidqn.replay.shard import partition_plan
+        from mpidqn.train.checkpoints import (
+            read_model,
+            read_rank,
+            read_replay_rows,
+            replay_lengths,
+        )
+
+        self.learner.load_state_dict(read_model(ckpt))
+        self._resume_schedules(ckpt)
+        self._resume_warmup(ckpt)
+        if ckpt.world == self.world and ckpt.pipeline_stages == self.topo.pipeline_stages:
+            state = read_rank(ckpt, self.rank)
+            self._load_counters(state)
+            self.explore_rng.bit_generator.state = state["rng"]["explore"]
+            self.replay_rng.bit_generator.state = state["rng"]["replay"]
+            torch.set_rng_state(state["rng"]["torch"])
+            if len(state["envs"]["pickle"]):
+                self.envs.close()
+                self.envs = pickle.loads(state["envs"]["pickle"])
+                self.obs = state["envs"]["obs"]
+            self.episodes.load_state_dict(state["episodes"])
+            if not len(state["envs"]["pickle"]):
+                # envs whose state was not saved (async, EzPickle: see envs.pickle_envs) start new episodes,
+                # seeded from (seed, resumed step) so they are not the run's first episodes again
+                fresh = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)["env"]
+                self.obs, _ = self.envs.reset(seed=env_reset_seeds(fresh, self.cfg.env.num_envs))
+                self.episodes.returns[:] = 0.0
+                self.episodes.lengths[:] = 0
+            if "replay" in state:
+                self.replay.load_state_dict(flatten(state["replay"]))
+                if not len(state["envs"]["pickle"]):
+                    self.replay.drop_pending()  # pending n-step steps belong to episodes not resumed
+            return "exact"
+        # Elastic: counters and model carry over; every rank's streams are re-derived from
+        # (seed, resumed step) and its envs start new episodes; replay shards are re-partitioned.
+        self._load_counters(read_rank(ckpt, 0, ("counters", "stats")))
+        self.seeds = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)
+        self.explore_rng = np.random.default_rng(self.seeds["explore"])
+        self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
+        lengths = replay_lengths(ckpt)
+        if lengths:
+            rows = read_replay_rows(ckpt, partition_plan(lengths, self.world)[self.rank])
+            if rows is not None:
+                self.replay.extend(rows)
+        return "elastic"
+
+    def _resume_schedules(self, ckpt: Any) -> None:
+        """Epsilon and lr continue from their checkpointed values, re-anchored if total_steps changed."""
+        from mpidqn.train.checkpoints import read_rank
+
+        saved = read_rank(ckpt, 0, ("schedules",)).get("schedules")
+        # checkpoints before schedules were saved: the schedules of the config they were written with
+        before = Schedules.from_state_dict(saved) if saved else Schedules.from_config(ckpt.config().train)
+        self.schedules = before.resumed(ckpt.step, self.cfg.train)
+
+    def _resume_warmup(self, ckpt: Any) -> None:
+        """A checkpoint without (enough) replay: collect until the replay holds learning_starts again."""
+        from mpidqn.train.checkpoints import replay_lengths
+
+        restored = sum(replay_lengths(ckpt) or [])
+        missing = self.cfg.train.learning_starts - restored
+        if missing > 0 or restored == 0:
+            self.updates_start = max(self.updates_start, ckpt.step + max(missing, self.min_fill))
+
+    def _load_counters(self, state: dict[str, Any]) -> None:
+        c = state["counters"]
+        self.counters = Counters(int(c["env_steps"]), int(c["iterations"]), int(c["episodes"]))
+        self.recent_returns.extend(np.asarray(state["stats"]["recent_returns"]).tolist())
+        if "best" in state["stats"]:
+            step, score = state["stats"]["best"]
+            self.best = (int(step), float(score))

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import pytest
+
+from mpidqn.config import Config, ConfigError, config_from_yaml_text, iter_fields, load_config, to_yaml
+
+
+def test_defaults_are_the_embedded_cartpole_config():
+    cfg = load_config()
+    assert cfg.env.id == "CartPole-v1" and cfg.train.total_steps == 50_000 and cfg.parallel.pipeline_stages == 1
+
+
+def test_yaml_file_and_dotted_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\nenv: {id: Acrobot-v1}\ntrain: {lr: 0.001}\n")
+    cfg = load_config(f, ["seed=3", "train.total_steps=2e5", "network.hidden=[64, 32]", "train.max_grad_norm=null",
+                          "train.exploration.per_rank=true"])
+    assert (cfg.seed, cfg.env.id, cfg.train.lr) == (3, "Acrobot-v1", 0.001)
+    assert cfg.train.total_steps == 200_000 and isinstance(cfg.train.total_steps, int)
+    assert cfg.network.hidden == [64, 32] and cfg.train.max_grad_norm is None and cfg.train.exploration.per_rank
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=1", "train.lrr"),
+    ("nope=1", "nope"),
+    ("env.id.x=1", "env.id"),
+    ("train.lr=abc", "train.lr"),
+    ("train.batch_size=1.5", "train.batch_size"),
+    ("train.double_dqn=1", "train.double_dqn"),
+    ("train.loss=l1", "train.loss"),
+    ("network.hidden=[64, x]", "network.hidden[1]"),
+    ("train.lr=0", "train.lr"),
+    ("train.lr=-1e-3", "train.lr"),
+    ("train.batch_size=5000", "train.batch_size"),
+    ("train.learning_starts=60000", "train.learning_starts"),
+    ("train.gamma=1.5", "train.gamma"),
+    ("parallel.pipeline_stages=0", "parallel.pipeline_stages"),
+    ("checkpoint.keep=0", "checkpoint.keep"),
+    ("train.optimizer=sgd", "train.optimizer"),
+    ("train.rmsprop_alpha=1.5", "train.rmsprop_alpha"),
+    ("train.rmsprop_alpha=0", "train.rmsprop_alpha"),
+    ("train.rmsprop_eps=0", "train.rmsprop_eps"),
+    ("train.rmsprop_centered=maybe", "train.rmsprop_centered"),
+    ("no_equals_sign", "no_equals_sign"),
+])
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.buffer_size=1000", override] if "batch_size=5000" in override else [override])
+    assert str(e.value).startswith(key), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_yaml_round_trip_and_every_field_documented():
+    cfg = load_config(None, ["seed=7", "network.dueling=true"])
+    assert config_from_yaml_text(to_yaml(cfg)) == cfg
+    import inspect
+
+    import mpidqn.config as module
+
+    source = inspect.getsource(module)
+    for name, f in iter_fields(Config):
+        leaf = name.split(".")[-1]
+        assert f'{leaf}:' in source and '"""' in source, name
+
+
+def test_rmsprop_options_reach_the_learner():
+    from mpidqn.learners.data_parallel import Hyper
+
+    cfg = load_config(None, ["train.optimizer=rmsprop", "train.rmsprop_alpha=0.9", "train.rmsprop_eps=1e-3",
+                             "train.rmsprop_centered=false"])
+    h = Hyper.from_config(cfg.train, 0, cfg.train.lr)
+    assert (h.optimizer, h.rmsprop_alpha, h.rmsprop_eps, h.rmsprop_centered) == ("rmsprop", 0.9, 1e-3, False)
+    assert load_config().train.optimizer == "adam"
+
+
+@pytest.mark.parametrize("name", ["minatar-breakout", "minatar-space-invaders"])
+def test_minatar_configs_use_the_reference_rmsprop(name):
+    from conftest import ROOT
+
+    t = load_config(ROOT / "configs" / f"{name}.yaml").train
+    assert (t.optimizer, t.lr, t.rmsprop_alpha, t.rmsprop_eps, t.rmsprop_centered) == ("rmsprop", 2.5e-4, 0.95, 0.01,
+                                                                                         True)
+
+
+@pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander"])
+def test_shipped_configs_load(name):
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.env.id.split("-")[0].lower() == name
+
+
+def test_cartpole_yaml_is_the_embedded_default():
+    from conftest import ROOT
+
+    assert load_config(ROOT / "configs" / "cartpole.yaml") == load_config()

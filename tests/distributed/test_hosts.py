@@ -1,0 +1,38 @@
+"""Host labels of ranks (mpidqn.distributed.hosts) and the report's per-host grouping, without MPI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mpidqn.analysis import load_run
+from mpidqn.analysis.plots import time_breakdown_plot
+from mpidqn.analysis.tables import host_groups
+from mpidqn.distributed.hosts import host_labels, local_addresses, this_host
+from mpidqn.io.runlog import RunLog
+
+
+def test_hostnames_alone_where_they_tell_hosts_apart():
+    assert host_labels([("n1", ("10.0.0.1",)), ("n1", ("10.0.0.1",)), ("n2", ("10.0.0.2",))]) == ["n1", "n1", "n2"]
+
+
+def test_addresses_tell_apart_hosts_that_share_a_hostname():
+    ranks = [("vm", ("10.231.0.1",)), ("vm", ("10.231.0.2",)), ("vm", ("10.231.0.2",)), ("other", ()),
+             ("vm", ())]
+    assert host_labels(ranks) == ["vm/10.231.0.1", "vm/10.231.0.2", "vm/10.231.0.2", "other", "vm/no-address"]
+
+
+def test_this_host_has_no_loopback_address():
+    name, addrs = this_host()
+    assert name and all(not a.startswith("127.") for a in addrs) and addrs == local_addresses()
+
+
+def test_ranks_are_grouped_by_host_in_order_of_their_lowest_rank():
+    assert host_groups([0, 1, 2, 3, 4], ["b", "a", "b", "a"]) == [("b", [0, 2]), ("a", [1, 3]), ("?", [4])]
+    assert host_groups([1, 0], None) == [("?", [0, 1])]
+
+
+def test_time_breakdown_plot_with_hosts(tmp_path: Path):
+    with RunLog(tmp_path / "log.h5", {"world_size": 3, "rank_hosts": ["n2", "n1", "n2"]},
+                timing_names=["env", "comm"]) as log:
+        log.timings(10, ["env", "comm"], [[1.0, 1.0], [1.0, 2.0], [3.0, 1.0]])
+    path = time_breakdown_plot(load_run(tmp_path), tmp_path / "t.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,111 @@
+"""Atari and MinAtar: env presets, CNNs, bucket layout, device choice, overlap equivalence, a tiny run."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, mpidqn, mpirun, run
+from mpidqn.nn.cnn import Scale, minatar_cnn_layers, nature_cnn_layers
+from mpidqn.nn.registry import build_network
+from mpidqn.config import load_config
+from mpidqn.envs.presets import infer_preset, spec_from_config
+from mpidqn.envs.vector import make_env, make_vector_env
+from mpidqn.learners.device import bucket_bounds, select_device
+
+pytest.importorskip("ale_py")
+pytest.importorskip("minatar")
+
+
+@pytest.mark.parametrize("env_id, shape, n", [("ALE/Pong-v5", (4, 84, 84), 6), ("MinAtar/Breakout-v1", (4, 10, 10), 3)])
+def test_env_presets_build_and_step(env_id, shape, n):
+    spec = spec_from_config(load_config(None, [f"env.id={env_id}"]).env)
+    envs = make_vector_env(spec, 2)
+    try:
+        obs, _ = envs.reset(seed=[1, 2])
+        assert obs.shape == (2, *shape) and obs.dtype == np.uint8
+        assert envs.single_action_space.n == n
+        obs, r, term, trunc, _ = envs.step(envs.action_space.sample())
+        assert obs.shape == (2, *shape) and obs.dtype == np.uint8
+    finally:
+        envs.close()
+    if env_id.startswith("ALE/"):
+        first, _ = make_env(spec).reset(seed=0)
+        assert all(np.array_equal(first[0], first[j]) for j in range(4))  # reset padding repeats frame 0
+
+
+def test_preset_inference_and_eval_spec():
+    assert infer_preset("ALE/Breakout-v5") == "atari"
+    assert infer_preset("MinAtar/Asterix-v1") == "minatar"
+    assert infer_preset("CartPole-v1") == "none"
+    cfg = load_config(None, ["env.id=ALE/Pong-v5", "env.terminal_on_life_loss=true"]).env
+    train, ev = spec_from_config(cfg), spec_from_config(cfg, evaluation=True)
+    assert train.clip_rewards and train.terminal_on_life_loss and train.frame_stack == 4
+    assert not ev.clip_rewards and not ev.terminal_on_life_loss
+
+
+def test_cnns_take_uint8_and_are_layer_lists():
+    atari = nature_cnn_layers((4, 84, 84), 6, dueling=True)
+    assert isinstance(atari[0], Scale) and atari[0].factor == pytest.approx(1 / 255)
+    q = torch.nn.Sequential(*atari)(torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8))
+    assert q.shape == (2, 6)
+    minatar = torch.nn.Sequential(*minatar_cnn_layers((4, 10, 10), 3))
+    assert minatar(torch.zeros(3, 4, 10, 10, dtype=torch.uint8)).shape == (3, 3)
+    cfg = load_config(None, ["network.kind=nature_cnn"]).network
+    with pytest.raises(ValueError, match="nature_cnn"):
+        build_network((4,), 2, cfg)
+
+
+def test_bucket_bounds_reverse_order_cover_everything():
+    b = bucket_bounds([10, 5, 7, 3], 8)
+    assert [m for _, _, m in b] == [[3, 2], [1, 0]]
+    assert b[0][:2] == (15, 25) and b[-1][0] == 0
+    assert bucket_bounds([4], 100) == [(0, 4, [0])]
+
+
+def test_device_selection():
+    assert select_device("auto", 3, False, 0) == "cpu"
+    assert select_device("cpu", 3, True, 2) == "cpu"
+    assert select_device("auto", 3, True, 2) == "cuda:1"
+    assert select_device("cuda", 4, True, 4) == "cuda:0"
+    with pytest.raises(ValueError, match="cuda"):
+        select_device("cuda", 0, False, 0)
+
+
+@pytest.mark.mpi
+def test_overlap_gradients_equal_fused_at_two_ranks():
+    p = mpirun(2, [str(ROOT / "tests" / "mpi" / "overlap_grads.py")], timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("overlap == fused") == 2
+
+
+TINY_PONG = ["train.total_steps=400", "train.learning_starts=200", "train.buffer_size=2000", "train.batch_size=8",
+             "train.gradient_steps=1", "eval.episodes=1", "eval.interval_steps=0", "env.max_episode_steps=50",
+             "checkpoint.interval_steps=0", "log.interval_steps=200", "parallel.overlap_allreduce=true"]
+
+
+@pytest.mark.mpi
+def test_tiny_pong_run_at_two_ranks_and_evaluate(tmp_path):
+    run_dir = tmp_path / "pong"
+    p = mpidqn(2, ["--config", str(ROOT / "configs" / "pong.yaml"), "--run-dir", str(run_dir), *TINY_PONG], timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    e = run([sys.executable, "-m", "mpidqn", "evaluate", str(run_dir), "--episodes", "1", "--json"], timeout=120)
+    assert e.returncode == 0, e.stderr
+    result = json.loads(e.stdout.strip().splitlines()[-1])
+    assert result["episodes"] == 1 and result["lengths"] == [50]
+
+
+@pytest.mark.mpi
+def test_tiny_minatar_run_resumes_elastically(tmp_path):
+    run_dir = tmp_path / "minatar"
+    head = ["--config", str(ROOT / "configs" / "minatar-breakout.yaml"), "--run-dir", str(run_dir)]
+    args = ["train.learning_starts=100", "train.buffer_size=1000", "eval.episodes=1", "eval.interval_steps=0",
+            "env.max_episode_steps=30", "log.interval_steps=100", "checkpoint.interval_steps=200"]
+    p = mpidqn(2, [*head, *args, "train.total_steps=200"], timeout=300)  # includes torch.compile
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = mpidqn(1, [*head, "--resume", *args, "train.total_steps=300"], timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "elastic" in p.stdout + p.stderr
