@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR/checkpoints/step_<global env steps, 12 digits>/``::
 
     model_s<stage>.h5   online + target parameters and optimizer state (Adam or RMSprop, under the
-                        historical key ``adam``), keyed by global parameter name
+                        key ``optimizer``; ``adam`` in older files), keyed by global parameter name
                         (``<layer index>.<name>``); written by the first data-parallel rank of each
                         pipeline stage, so a checkpoint of S stages loads with any S'.
     rank_<rank>.h5      everything else that rank needs to continue exactly: counters, numpy/torch
@@ -208,15 +208,17 @@ def resolve(target: str | Path, best: bool = False) -> Checkpoint:
 
 
 def read_model(ckpt: Checkpoint) -> dict[str, Any]:
-    """Merge the stage files into one model state: online, target, adam (the optimizer state, Adam or
-    RMSprop, by global name), updates."""
-    merged: dict[str, Any] = {"online": {}, "target": {}, "adam": {}}
+    """Merge the stage files into one model state: online, target, optimizer (Adam or RMSprop, by
+    global name), optimizer_hparams, updates. Files of older versions call the optimizer entries
+    "adam" and "adam_hparams" (whichever optimizer it was); they are read under the new names."""
+    merged: dict[str, Any] = {"online": {}, "target": {}, "optimizer": {}}
     for f in ckpt.model_files():
         with h5py.File(f, "r") as h:
             tree = read_tree(h["model"])
-        for key in ("online", "target", "adam"):
-            merged[key].update(tree.get(key, {}))
-        merged["adam_hparams"] = tree["adam_hparams"]
+        merged["online"].update(tree.get("online", {}))
+        merged["target"].update(tree.get("target", {}))
+        merged["optimizer"].update(tree.get("optimizer", tree.get("adam", {})))
+        merged["optimizer_hparams"] = tree["optimizer_hparams"] if "optimizer_hparams" in tree else tree["adam_hparams"]
         merged["updates"] = tree["updates"]
         merged["nonfinite_skipped"] = tree.get("nonfinite_skipped", 0)
     return merged
