@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.learners.data_parallel import Hyper
-from mpidqn.learners.data_parallel import Learner
+from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import mlp_layers
 from mpidqn.replay.shard import ReplayShard
 

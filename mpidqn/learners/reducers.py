@@ -141,9 +141,10 @@ class BucketReducer(GradientReducer):
     bucket under a pending ``Iallreduce`` (or into a device slice after it was staged).
     """
 
-    def __init__(self, flat: torch.Tensor, params: Sequence[nn.Parameter], comm: Any, bucket_bytes: int) -> None:
+    def __init__(self, flat: torch.Tensor, params: Sequence[nn.Parameter], comm: Any, bucket_bytes: int,
+                 staged: bool | None = None) -> None:
         super().__init__(flat, comm)
-        self.staged = flat.device.type != "cpu"
+        self.staged = flat.device.type != "cpu" if staged is None else staged  # staged=True: tests on the CPU
         self.host = torch.zeros(flat.numel(), pin_memory=flat.device.type == "cuda") if self.staged else flat
         self.buf = self.host.numpy()
         elems = max(1, bucket_bytes // flat.element_size())
