@@ -190,7 +190,6 @@ class Learner:
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
         self._loads = 0
         self.nonfinite_skipped = 0  # updates skipped for a NaN/Inf loss or gradient (train.nonfinite=skip)
-        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
         self._local_nonfinite = False
 
     # ------------------------------------------------------------------ acting
@@ -219,8 +218,6 @@ class Learner:
         q = self.online(obs)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
         loss = td_loss(q_taken, targets, self.hyper.loss)
-        if self.poison_loss:
-            loss = loss * float("nan")
         self.flat_grad.zero_()
         loss.backward()
         loss = loss.detach()

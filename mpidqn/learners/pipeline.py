@@ -110,7 +110,6 @@ class PipelineLearner:
         self._collective_seconds = 0.0  # gathers, Allreduce, norm; the stage link counts its own waits
         self._metrics = torch.zeros(3, dtype=torch.float64)  # loss sum, q sum, count (last stage)
         self.nonfinite_skipped = 0  # updates skipped for a NaN/Inf loss or gradient (train.nonfinite=skip)
-        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
         self._local_nonfinite = False
 
     # ------------------------------------------------------------------ description
@@ -216,8 +215,6 @@ class PipelineLearner:
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
-            if self.poison_loss:
-                loss = loss * float("nan")
             value = float(loss.detach())
             if math.isfinite(value):
                 self._metrics[0] += value
