@@ -37,8 +37,6 @@ from mpidqn.train.timing import PhaseTimer
 
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
 TIMING_NAMES = (*PHASES, "idle")  # idle: wall time of the process outside every phase
-SCALAR_NAMES = ("loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
-                "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped")
 
 
 @dataclass
