@@ -65,7 +65,6 @@ class Learner(LearnerBase):
         self._metric_count = 0
         layers = list(online.children()) if isinstance(online, nn.Sequential) and self.device is None else []
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
-        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -98,8 +97,6 @@ class Learner(LearnerBase):
         q = self.online(obs)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
         loss = td_loss(q_taken, targets, self.hyper.loss)
-        if self.poison_loss:
-            loss = loss * float("nan")
         self._local_nonfinite = not bool(torch.isfinite(loss.detach()))
         self.reducer.start(self._local_nonfinite)
         self.flat_grad.zero_()

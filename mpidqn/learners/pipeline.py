@@ -101,7 +101,6 @@ class PipelineLearner(LearnerBase):
         self.reducer = PipelineStageReducer(self.flat_grad, dp_comm, pp_comm)
         self._collective_seconds = 0.0  # batch gathers; the reducer and the stage link count their own
         self._metrics = torch.zeros(3, dtype=torch.float64)  # loss sum, q sum, count (last stage)
-        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
 
     # ------------------------------------------------------------------ description
     @property
@@ -210,8 +209,6 @@ class PipelineLearner(LearnerBase):
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
-            if self.poison_loss:
-                loss = loss * float("nan")
             value = float(loss.detach())
             if math.isfinite(value):
                 self._metrics[0] += value

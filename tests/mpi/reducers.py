@@ -11,6 +11,7 @@ from mpidqn.errors import NonFiniteError
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.learners.reducers import BucketReducer, HostStagedReducer, PipelineStageReducer
 from mpidqn.nn.mlp import mlp_layers
+from mpidqn.train.faults import poison_loss
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
@@ -69,9 +70,10 @@ for fault in ("nan", "inf"):
     for name, learner in {"fused": fused, **others}.items():
         before = [p.clone() for p in learner.params]
         skipped, updates = learner.nonfinite_skipped, learner.updates
-        learner.poison_loss = fault == "nan" and rank == 1
+        hook = poison_loss(learner) if fault == "nan" and rank == 1 else None
         update(learner, *minibatch(), inf_target=fault == "inf" and rank == 1)
-        learner.poison_loss = False
+        if hook is not None:
+            hook.remove()
         assert not np.isfinite(learner.reducer.grad_norm()), (rank, name, fault)
         learner.step()
         assert (learner.nonfinite_skipped, learner.updates) == (skipped + 1, updates), (rank, name, fault)
@@ -84,8 +86,10 @@ print(f"rank {rank}: every strategy agrees to skip")
 
 for name in ["fused", *STRATEGIES]:
     learner = make(name, nonfinite="stop")
-    learner.poison_loss = rank == 1
+    hook = poison_loss(learner) if rank == 1 else None
     update(learner, *minibatch())
+    if hook is not None:
+        hook.remove()
     try:
         learner.step()
         raise SystemExit(f"{name}: no NonFiniteError")

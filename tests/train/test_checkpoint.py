@@ -162,6 +162,25 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny, n):
             assert torch.equal(ma["optimizer"][name][k], mb["optimizer"][name][k]), (name, k)
 
 
+def test_checkpoint_without_replay_resumes_elastically_and_refills_before_updating(tmp_path, tiny):
+    run_dir = tmp_path / "r"
+    args = [*tiny, "checkpoint.replay=false"]  # tiny: learning_starts 200, a round of 4 updates per 100 steps
+    assert mpidqn(2, ["--run-dir", str(run_dir), *args], timeout=180).returncode == 0
+    first = inspect_json(run_dir)
+    assert (first["step"], first["updates"], first["replay_transitions"]) == (1200, 44, 0)
+    ckpt = find_latest(run_dir / "checkpoints")
+    for rank in range(2):
+        with h5py.File(ckpt.file(f"rank_{rank:05d}.h5"), "r") as h:
+            assert "replay" not in h and "counters" in h  # no replay at all, not an empty one
+    more = mpidqn(1, ["--run-dir", str(run_dir), *args, "train.total_steps=1600"], timeout=180)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "resumed (elastic)" in more.stdout
+    info = inspect_json(run_dir)
+    # the empty replay refills to learning_starts (steps 1201..1400) before the rounds at 1400, 1500, 1600
+    assert (info["step"], info["world_size"], info["replay_transitions"]) == (1600, 1, 0)
+    assert info["updates"] == 44 + 3 * 4
+
+
 @pytest.mark.parametrize("old, new", [(4, 2), (2, 4), (3, 1)])
 def test_elastic_resume_keeps_every_transition_once(tmp_path, tiny, old, new):
     run_dir = tmp_path / "r"
