@@ -60,7 +60,7 @@ def main() -> None:
     for i in range(args.repeats):
         trainer.counters.env_steps = i + 1  # a new checkpoint directory each time
         t0 = time.perf_counter()
-        path = manager.save(trainer)
+        path = manager.save(trainer.checkpoint_content())
         ckpt_s.append(time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in path.iterdir())
         sizes.append(size)

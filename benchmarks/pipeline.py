@@ -40,15 +40,21 @@ def batch(rows: int, rng: np.random.Generator) -> Batch:
                  np.full(rows, 0.99, np.float32))
 
 
+def _link_wait(learner) -> float:
+    """Seconds a pipeline stage spent blocked on its neighbours (0 for a data-parallel learner)."""
+    link = getattr(learner, "link", None)
+    return link.wait_seconds if link is not None else 0.0
+
+
 def timed_updates(learner, b: Batch, updates: int, comm) -> tuple[float, float]:
     """(wall seconds of `updates` updates, this rank's seconds blocked on the pipeline)."""
     learner.update_many(b, 2)  # warm-up
-    wait0 = getattr(learner, "wait_seconds", 0.0)
+    wait0 = _link_wait(learner)
     comm.Barrier()
     t0 = time.perf_counter()
     learner.update_many(b, updates)
     comm.Barrier()
-    return time.perf_counter() - t0, getattr(learner, "wait_seconds", 0.0) - wait0
+    return time.perf_counter() - t0, _link_wait(learner) - wait0
 
 
 def main() -> None:

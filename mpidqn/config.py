@@ -384,13 +384,29 @@ def to_yaml(cfg: Config) -> str:
 
 
 def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
-    """Yield (dotted name, field) for every leaf field, for documentation and ``--help-config``."""
+    """Yield (dotted name, field) for every leaf field (nested config classes are walked into)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             yield from iter_fields(hints[f.name], f"{prefix}{f.name}.")
         else:
             yield prefix + f.name, f
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of dataclass ``cls``: the string literal right below the field in
+    its class body (fields without one are absent)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, after in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 # ----------------------------------------------------------------------------- validation

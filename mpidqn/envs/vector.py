@@ -125,12 +125,13 @@ def spawn_seeds(root_seed: int, world: int, rank: int, epoch: int = 0) -> dict[s
 
     ``SeedSequence([root_seed, epoch]).spawn(world)[rank]`` is this rank's sequence; ``epoch`` is 0 for
     a fresh run and the resumed global step after an elastic resume (a different world size), so the
-    streams are re-derived deterministically. Children: env, explore, replay, eval.
+    streams are re-derived deterministically. Children: env, explore, replay (evaluation episodes are
+    seeded apart from these, by ``train.evaluation.episode_seeds``).
     """
     entropy = [root_seed] if epoch == 0 else [root_seed, epoch]
     rank_seq = np.random.SeedSequence(entropy).spawn(world)[rank]
-    env, explore, replay, evaluate = rank_seq.spawn(4)
-    return {"env": env, "explore": explore, "replay": replay, "eval": evaluate}
+    env, explore, replay = rank_seq.spawn(3)  # the first children of spawn(n) do not depend on n
+    return {"env": env, "explore": explore, "replay": replay}
 
 
 def env_reset_seeds(seq: np.random.SeedSequence, num_envs: int) -> list[int]:

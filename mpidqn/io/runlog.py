@@ -73,9 +73,10 @@ import numpy as np
 
 FORMAT_VERSION = 1
 
-DEFAULT_SCALAR_NAMES: tuple[str, ...] = (
-    "loss", "q_mean", "grad_norm", "epsilon", "learning_rate", "replay_size",
-    "updates", "episodes", "env_steps_per_s", "updates_per_s",
+# The scalar columns a training run writes (rank 0's reporter, one row per log.interval_steps).
+SCALAR_NAMES: tuple[str, ...] = (
+    "loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
+    "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped",
 )
 DEFAULT_TIMING_NAMES: tuple[str, ...] = ("env", "sample", "learn", "comm", "checkpoint", "eval", "idle")
 
@@ -289,7 +290,7 @@ class RunLog:
         metadata: dict[str, object],
         resume_step: int | None = None,
         flush_interval_s: float = 10.0,
-        scalar_names: Sequence[str] = DEFAULT_SCALAR_NAMES,
+        scalar_names: Sequence[str] = SCALAR_NAMES,
         timing_names: Sequence[str] = DEFAULT_TIMING_NAMES,
     ) -> None:
         if not flush_interval_s >= 0:

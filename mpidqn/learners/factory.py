@@ -6,10 +6,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mpidqn.errors import UserError
-from mpidqn.learners.data_parallel import Hyper, Learner
+from mpidqn.learners.base import QLearner
 from mpidqn.learners.device import make_dp_learner
+from mpidqn.learners.optim import Hyper
 from mpidqn.learners.pipeline import PipelineLearner
-from mpidqn.nn.mlp import parameter_count
 from mpidqn.nn.registry import q_network_layers
 
 
@@ -19,7 +19,7 @@ def layout_error(cfg: Any, e: ValueError) -> UserError:
 
 
 def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int, lr: float,
-                  say: Callable[[str], None] = lambda s: None) -> Learner | PipelineLearner:
+                  say: Callable[[str], None] = lambda s: None) -> QLearner:
     """The learner of this rank. Call it with the same torch seed on every rank.
 
     Pipeline: every rank builds the full layer list (so the pipelined model equals the unpartitioned
@@ -47,8 +47,6 @@ def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int,
     return learner
 
 
-def total_parameters(learner: Any) -> int:
-    """Parameters of the whole Q-network (all stages)."""
-    if isinstance(learner, PipelineLearner):
-        return learner.total_parameters
-    return parameter_count(learner.online)
+def total_parameters(learner: QLearner) -> int:
+    """Parameters of the whole Q-network (all stages): ``learner.total_parameters``."""
+    return learner.total_parameters

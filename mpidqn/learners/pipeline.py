@@ -14,11 +14,13 @@ Schedule (GPipe). Per update: one no-grad pass computes Q_target(s') and, for do
 Q_online(s') (both nets' activations travel stacked in one message per micro-batch), then the
 training step runs all micro-batch forwards followed by all backwards. Each stage then averages its flat gradient over the
 stage's data-parallel replicas (one Allreduce over ``dp_comm``), and the gradient norm for clipping
-is the GLOBAL one: squared stage norms summed over ``pp_comm``.
+is the GLOBAL one: squared stage norms summed over ``pp_comm`` (both in
+:class:`~mpidqn.learners.reducers.PipelineStageReducer`).
+
+Image observations (uint8) travel to stage 0 as uint8 and become float32 there.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +32,6 @@ from mpi4py import MPI
 from torch import nn
 
 from mpidqn.algo.dqn import td_loss, td_targets
-from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
 from mpidqn.distributed.pipeline import (
     StageLink,
@@ -41,16 +42,9 @@ from mpidqn.distributed.pipeline import (
     pipelined_forward,
     split_sizes,
 )
-from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
-from mpidqn.io.h5tree import Json
-from mpidqn.learners.data_parallel import (
-    Hyper,
-    apply_update,
-    load_optimizer_state,
-    make_optimizer,
-    optimizer_hparams,
-    set_optimizer_lr,
-)
+from mpidqn.learners.base import GreedyPolicy, LearnerBase
+from mpidqn.learners.optim import Hyper
+from mpidqn.learners.reducers import PipelineStageReducer
 
 BYTES_PER_PARAM = 4 * 5  # float32: online, gradient, two optimizer moments (Adam, centered RMSprop), target
 
@@ -67,7 +61,7 @@ def stage_module(layers: Sequence[nn.Module], start: int, end: int) -> nn.Sequen
 class GroupBatch:
     """A round of updates as the stages of one group see it (None where a stage does not need it)."""
 
-    obs: torch.Tensor | None  # stage 0: (U * N, *obs_shape)
+    obs: torch.Tensor | None  # stage 0: (U * N, *obs_shape), uint8 or float32 as stored
     next_obs: torch.Tensor | None  # stage 0
     actions: torch.Tensor | None  # last stage: (U * N,)
     rewards: torch.Tensor | None  # last stage
@@ -75,43 +69,38 @@ class GroupBatch:
     rows_per_update: int  # N = S * B
 
 
-class PipelineLearner:
+def _obs_dtype(obs: np.ndarray) -> np.dtype:
+    """The dtype observations travel in: uint8 images stay uint8 (4x fewer bytes), the rest float32."""
+    return np.dtype(np.uint8) if np.asarray(obs).dtype == np.uint8 else np.dtype(np.float32)
+
+
+def _as_float(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x if x is None or x.dtype == torch.float32 else x.float()
+
+
+class PipelineLearner(LearnerBase):
     """One pipeline stage of the online and target networks, its optimizer, dp + pp gradient reduction."""
 
     collective_acting = True  # greedy_actions is a collective over the pipeline group
 
     def __init__(self, layers: Sequence[nn.Module], obs_shape: Sequence[int], hyper: Hyper, pp_comm: Any,
                  dp_comm: Any, micro_batches: int = 4, split_points: Sequence[int] | None = None) -> None:
-        self.hyper, self.pp_comm, self.comm = hyper, pp_comm, dp_comm
+        self.pp_comm = pp_comm
         self.obs_shape = tuple(int(d) for d in obs_shape)
         self.micro_batches = int(micro_batches)
         self.link = StageLink(pp_comm)
         self.stage, self.stages = self.link.stage, self.link.stages
         self.ranges = partition_layers(layer_costs(layers), self.stages, split_points)
         self.shapes = boundary_shapes(layers, self.obs_shape, self.ranges)
-        self.total_parameters = int(sum(p.numel() for layer in layers for p in layer.parameters()))
         start, end = self.ranges[self.stage]
         self.layer_span = (start, end)
         self.layer_names = [type(layer).__name__ for layer in layers[start:end]]
-        self.online = stage_module(layers, start, end)  # the other stages' layers are dropped here
-        self.params = list(self.online.parameters())
-        self.param_names = [n for n, _ in self.online.named_parameters()]
-        C.broadcast_tensors_(self.params, dp_comm)  # every replica of this stage starts identical
-        self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params))
-        offset = 0
-        for p in self.params:
-            p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        # A stage of parameter-free layers has nothing to optimise (torch refuses an empty optimizer).
-        self.optimizer = make_optimizer(self.params, hyper) if self.params else None
-        self._lr = hyper.lr
-        self.updates = 0
-        self._collective_seconds = 0.0  # gathers, Allreduce, norm; the stage link counts its own waits
+        # the other stages' layers are dropped here; a stage may hold no parameters (optimizer None)
+        self._init_nets(stage_module(layers, start, end), hyper, dp_comm)
+        self._total_parameters = int(sum(p.numel() for layer in layers for p in layer.parameters()))
+        self.reducer = PipelineStageReducer(self.flat_grad, dp_comm, pp_comm)
+        self._collective_seconds = 0.0  # batch gathers; the reducer and the stage link count their own
         self._metrics = torch.zeros(3, dtype=torch.float64)  # loss sum, q sum, count (last stage)
-        self.nonfinite_skipped = 0  # updates skipped for a NaN/Inf loss or gradient (train.nonfinite=skip)
-        self.poison_loss = False  # TEST-ONLY fault injection (MPIDQN_FAULT=nan:...): this rank's loss becomes NaN
-        self._local_nonfinite = False
 
     # ------------------------------------------------------------------ description
     @property
@@ -126,13 +115,11 @@ class PipelineLearner:
 
     @property
     def comm_seconds(self) -> float:
-        """All communication time: collectives plus waits on activations and their gradients."""
-        return self._collective_seconds + self.link.wait_seconds
+        """All communication time: gathers, reduction and norm, waits on activations and their gradients."""
+        return self._collective_seconds + self.reducer.seconds + self.link.wait_seconds
 
-    @property
-    def wait_seconds(self) -> float:
-        """Seconds this stage spent blocked on activations / activation gradients (bubble + transfer)."""
-        return self.link.wait_seconds
+    def greedy_policy(self) -> GreedyPolicy:
+        return GreedyPolicy(self.group_greedy, collective=True)
 
     # ------------------------------------------------------------------ acting
     def group_greedy(self, obs: np.ndarray) -> tuple[np.ndarray, int]:
@@ -141,19 +128,25 @@ class PipelineLearner:
         Ranks may pass different numbers of rows (0 included). Returns this rank's actions and the
         group's total number of rows (0 tells every rank that the whole group is idle).
         """
-        obs = np.ascontiguousarray(obs, dtype=np.float32).reshape(-1, *self.obs_shape)
-        counts = np.zeros(self.stages, dtype=np.int64)
-        watchdog.wait(self.pp_comm.Iallgather(np.array([len(obs)], dtype=np.int64), counts), "pipeline gather")
+        obs = np.asarray(obs)
+        # rows and whether they are uint8 (a rank without rows does not vote): uint8 travels as uint8
+        mine_info = np.array([len(obs), len(obs) == 0 or obs.dtype == np.uint8], dtype=np.int64)
+        info = np.zeros((self.stages, 2), dtype=np.int64)
+        watchdog.wait(self.pp_comm.Iallgather(mine_info, info), "pipeline gather")
+        counts = np.ascontiguousarray(info[:, 0])
         total = int(counts.sum())
         if total == 0:
             return np.zeros(0, dtype=np.int64), 0
+        dtype, mpi_type = (np.uint8, MPI.UINT8_T) if info[:, 1].all() else (np.float32, MPI.FLOAT)
+        obs = np.ascontiguousarray(obs, dtype=dtype).reshape(-1, *self.obs_shape)
         width = int(np.prod(self.obs_shape))
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
         x = None
         if self.link.first:
-            x = torch.empty((total, *self.obs_shape), dtype=torch.float32)
-            watchdog.wait(self.pp_comm.Igatherv(obs, [x.numpy(), (counts * width, displs * width), MPI.FLOAT],
+            buf = np.empty((total, *self.obs_shape), dtype=dtype)
+            watchdog.wait(self.pp_comm.Igatherv(obs, [buf, (counts * width, displs * width), mpi_type],
                                                 root=0), "pipeline gather")
+            x = _as_float(torch.from_numpy(buf))
         else:
             watchdog.wait(self.pp_comm.Igatherv(obs, None, root=0), "pipeline gather")
         q = pipelined_forward([self.online], self.link, x, [total], self.shapes[self.stage])
@@ -184,8 +177,8 @@ class PipelineLearner:
     def gather_batch(self, batch: Any, num_updates: int) -> GroupBatch:
         t0 = time.perf_counter()
         last = self.stages - 1
-        obs = self._gather(np.asarray(batch.obs, dtype=np.float32), 0, num_updates)
-        next_obs = self._gather(np.asarray(batch.next_obs, dtype=np.float32), 0, num_updates)
+        obs = self._gather(np.asarray(batch.obs, dtype=_obs_dtype(batch.obs)), 0, num_updates)
+        next_obs = self._gather(np.asarray(batch.next_obs, dtype=_obs_dtype(batch.next_obs)), 0, num_updates)
         actions = self._gather(np.asarray(batch.actions, dtype=np.int64), last, num_updates)
         rewards = self._gather(np.asarray(batch.rewards, dtype=np.float32), last, num_updates)
         discounts = self._gather(np.asarray(batch.discounts, dtype=np.float32), last, num_updates)
@@ -199,7 +192,7 @@ class PipelineLearner:
     def targets(self, gb: GroupBatch, rows: slice) -> torch.Tensor | None:
         """TD targets of ``rows`` on the last stage (None elsewhere); no-grad passes through the pipe."""
         n = rows.stop - rows.start
-        x = gb.next_obs[rows] if self.link.first else None
+        x = _as_float(gb.next_obs[rows]) if self.link.first else None
         in_shape = self.shapes[self.stage]
         modules = [self.target, self.online] if self.hyper.double_dqn else [self.target]
         q = pipelined_forward(modules, self.link, x, self._sizes(n), in_shape)  # one pass for both nets
@@ -210,14 +203,12 @@ class PipelineLearner:
     def backward(self, gb: GroupBatch, rows: slice, targets: torch.Tensor | None) -> None:
         """GPipe forward/backward of ``rows``; the stage's gradient lands in ``flat_grad`` (overwritten)."""
         total = rows.stop - rows.start
-        x = gb.obs[rows] if self.link.first else None
+        x = _as_float(gb.obs[rows]) if self.link.first else None
         actions = gb.actions[rows] if self.link.last else None
 
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
-            if self.poison_loss:
-                loss = loss * float("nan")
             value = float(loss.detach())
             if math.isfinite(value):
                 self._metrics[0] += value
@@ -229,56 +220,20 @@ class PipelineLearner:
         self._local_nonfinite = False
         self.flat_grad.zero_()
         gpipe_backward(self.online, self.link, x, self._sizes(total), self.shapes[self.stage], loss_of)
-        if self._local_nonfinite:  # poison the sum so every replica and stage agrees to skip or stop
-            self.flat_grad.fill_(float("nan"))
-        else:
+        if not self._local_nonfinite:  # a non-finite loss is carried to every rank by the reducer
             self._metrics[2] += 1
 
-    def reduce_gradients(self) -> None:
-        """Average ``flat_grad`` over the replicas of this stage (one buffer, one Allreduce)."""
-        t0 = time.perf_counter()
-        C.allreduce_mean_(self.flat_grad, self.comm)
-        self._collective_seconds += time.perf_counter() - t0
-
-    def global_grad_norm(self) -> float:
-        """Norm of the whole network's gradient: squared stage norms summed over the group."""
-        sq = np.array([float(torch.sum(self.flat_grad.double() ** 2))])
-        return float(np.sqrt(C.allreduce_array(sq, self.pp_comm, phase="gradient norm")[0]))
-
-    def step(self) -> None:
-        """Clip by the global norm and step. The norm is a sum over the group of the stages' norms of
-        their dp-reduced gradients, so a NaN/Inf anywhere (a poisoned loss included) makes it non-finite
-        on every rank of every group: the skip-or-stop decision is agreed without another collective."""
-        t0 = time.perf_counter()
-        norm = self.global_grad_norm()
-        self._collective_seconds += time.perf_counter() - t0
-        if not math.isfinite(norm):
-            self._nonfinite_update()
-            return
-        apply_update(self, norm)
-
-    def update_many(self, batch: Any, num_updates: int) -> None:
-        """``num_updates`` pipelined updates; like Learner.update_many, targets are batched between
-        hard target updates when double DQN is off."""
+    def _prepare_round(self, batch: Any, num_updates: int) -> tuple[Any, int]:
         gb = self.gather_batch(batch, num_updates)
-        n, h = gb.rows_per_update, self.hyper
-        batch_targets = not h.double_dqn and h.tau >= 1.0
-        i = 0
-        while i < num_updates:
-            span = (h.target_update_interval - self.updates % h.target_update_interval) if batch_targets else 1
-            span = min(span, num_updates - i)
-            targets = self.targets(gb, slice(i * n, (i + span) * n))
-            for j in range(span):
-                t = targets[j * n : (j + 1) * n] if targets is not None else None
-                self.backward(gb, slice((i + j) * n, (i + j + 1) * n), t)
-                self.reduce_gradients()
-                self.step()
-            i += span
+        return gb, gb.rows_per_update
 
-    def set_lr(self, lr: float) -> None:
-        self._lr = lr
-        if self.optimizer is not None:
-            set_optimizer_lr(self.optimizer, lr)
+    def _round_targets(self, data: Any, rows: slice) -> torch.Tensor | None:
+        return self.targets(data, rows)
+
+    def _learn(self, data: Any, rows: slice, targets: torch.Tensor | None) -> None:
+        self.backward(data, rows, targets)
+        self.reduce_gradients()
+        self.step()
 
     def pop_metrics(self) -> dict[str, float]:
         """Mean loss and Q(s, a) since the last call, computed on the last stage, known by the group."""
@@ -290,69 +245,25 @@ class PipelineLearner:
         return {"loss": m[0] / n if n else float("nan"), "q_mean": m[1] / n if n else float("nan"),
                 "nonfinite_skipped": float(self.nonfinite_skipped)}
 
-    def _nonfinite_update(self) -> None:
-        """Skip this update (count it) or, with train.nonfinite=stop, raise on every rank in lockstep."""
-        if self.hyper.nonfinite == "stop":
-            watchdog.fence(self.comm, "non-finite diagnosis")
-            flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
-            watchdog.fence(self.pp_comm, "non-finite diagnosis")
-            per_stage = self.pp_comm.allgather(flags) if self.stages > 1 else [flags]
-            groups = [g for g, bad in enumerate(per_stage[-1]) if bad]  # the last stage computes the loss
-            where = (f"non-finite loss on the last stage of pipeline group(s) {groups}" if groups
-                     else "finite losses, non-finite gradient")
-            raise NonFiniteError(f"NaN/Inf in the loss or gradients at update {self.updates + 1} ({where}); "
-                                 "train.nonfinite=stop")
-        self.flat_grad.zero_()
-        self.nonfinite_skipped += 1
+    def _nonfinite_where(self) -> str:
+        watchdog.fence(self.comm, "non-finite diagnosis")
+        flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+        watchdog.fence(self.pp_comm, "non-finite diagnosis")
+        per_stage = self.pp_comm.allgather(flags) if self.stages > 1 else [flags]
+        groups = [g for g, bad in enumerate(per_stage[-1]) if bad]  # the last stage computes the loss
+        return (f"non-finite loss on the last stage of pipeline group(s) {groups}" if groups
+                else "finite losses, non-finite gradient")
 
-    def check_replicas(self) -> None:
-        """Collective over the stage's replicas, then agreed over the group: every rank raises together."""
-        bad = C.first_divergent(C.tensor_fingerprints(self.params), self.comm)
-        msg = None if bad is None else (
-            f"data-parallel replicas of pipeline stage {self.stage} diverged after {self.updates} updates: "
-            f"parameter {self.param_names[bad]!r} differs between ranks")
+    def _replicas_label(self) -> str:
+        return f"data-parallel replicas of pipeline stage {self.stage}"
+
+    def _layers_label(self) -> str:
+        return f" of pipeline stage {self.stage}"
+
+    def _agree_message(self, msg: str | None) -> str | None:
+        """Agreed over the group: every rank of every stage raises together."""
         if self.stages > 1:
             watchdog.fence(self.pp_comm, "replica check")
             found = [m for m in self.pp_comm.allgather(msg) if m is not None]
             msg = found[0] if found else None
-        if msg is not None:
-            raise ReplicaDivergenceError(msg)
-
-    # ------------------------------------------------------------------ state
-    def _adam_hparams(self) -> dict[str, Any]:
-        """The optimizer's hyper-parameters (stored as "adam_hparams" whichever optimizer it is)."""
-        if self.optimizer is not None:
-            return optimizer_hparams(self.optimizer)
-        # a parameter-free stage: ask torch for the chosen optimizer's hparams on a throw-away tensor
-        return optimizer_hparams(make_optimizer([torch.zeros(1, requires_grad=True)], self.hyper, lr=self._lr))
-
-    def state_dict(self) -> dict[str, Any]:
-        """This stage's parameters and optimizer state under GLOBAL parameter names (re-partitionable),
-        under the keys "adam" and "adam_hparams" whichever optimizer it is (see Learner.state_dict)."""
-        adam = {}
-        if self.optimizer is not None:
-            adam = {self.param_names[i]: dict(st) for i, st in self.optimizer.state_dict()["state"].items()}
-        return {
-            "online": dict(self.online.state_dict()),
-            "target": dict(self.target.state_dict()),
-            "adam": adam,
-            "adam_hparams": Json(self._adam_hparams()),
-            "updates": self.updates,
-            "nonfinite_skipped": self.nonfinite_skipped,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load this stage's share of a (merged, any-S) model state."""
-        mine = list(self.online.state_dict())
-        missing = [k for k in mine if k not in state["online"]]
-        if missing:
-            raise KeyError(f"model state lacks parameters {missing} of pipeline stage {self.stage}")
-        hparams = state["adam_hparams"]
-        hparams = hparams.value if isinstance(hparams, Json) else hparams
-        if self.optimizer is not None:
-            load_optimizer_state(self.optimizer, self.hyper, self.param_names, state["adam"], hparams)
-        self.online.load_state_dict({k: state["online"][k] for k in mine})
-        self.target.load_state_dict({k: state["target"][k] for k in mine})
-        self._lr = float(hparams.get("lr", self._lr))
-        self.updates = int(state["updates"])
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        return msg

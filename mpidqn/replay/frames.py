@@ -364,12 +364,6 @@ class FrameReplayShard:
         b = self._gather(self.oldest_first(), None)
         return dict(zip(FIELDS, b))
 
-    def frame_rows(self) -> FrameRows:
-        """Stored rows oldest first as FrameRows (only the frames they read)."""
-        from mpidqn.io.h5tree import unflatten
-
-        return frame_rows_from_state(unflatten(self.state_dict()), np.arange(self.size))
-
     def extend(self, rows: Transitions | FrameRows) -> int:
         """Append rows oldest first (FrameRows, or materialised transitions whose frames are
         deduplicated again); beyond capacity the newest are kept. Bypasses the n-step accumulator."""
@@ -412,7 +406,7 @@ class FrameReplayShard:
         """Restore a ``state_dict`` of a shard with equal settings; behaviour continues exactly."""
         if int(d["ring/capacity"]) != self.capacity:
             raise ValueError(f"ring/capacity={int(d['ring/capacity'])} differs from this shard's capacity "
-                             f"{self.capacity}; re-shard with frame_rows()/extend() instead")
+                             f"{self.capacity}; re-shard with frame_rows_from_state()/extend() instead")
         if int(d["frames/stack"]) != self.stack:
             raise ValueError(f"frames/stack={int(d['frames/stack'])} differs from this shard's {self.stack}")
         self.filled = int(d["ring/filled"])

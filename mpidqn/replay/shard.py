@@ -7,7 +7,8 @@ Composition (Dopamine ``replay_buffer.py`` + ``samplers.py``, SB3 ``buffers.py``
 - ``UniformSampler`` draws slot indices,
 - ``ReplayShard`` wires the three together; it is this rank's part of the global buffer, which is
   the union of the shards.
-- ``partition_transitions`` redistributes stored transitions over a new world size (elastic resume).
+- ``partition_plan`` assigns the stored rows of old shards to a new world size (elastic resume);
+  ``partition_transitions`` applies it to materialised transitions (its reference, for tests).
 
 A transition is ``(obs, action, n-step return, next_obs, discount)`` and the TD target is simply
 ``rewards + discounts * max_a Q(next_obs)``: ``discounts`` is ``gamma**m`` (``m`` the steps actually
@@ -163,10 +164,6 @@ class NStepAccumulator:
             for arr in (self._obs, self._actions, self._rewards):
                 arr[full, :-1] = arr[full, 1:]
             self._count[full] = self.n_step - 1
-
-    def pending(self) -> np.ndarray:
-        """Number of pending steps per env (a copy)."""
-        return self._count.copy()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Pending queues as arrays (copies), keys ``nstep/...``."""
@@ -440,5 +437,3 @@ class ReplayShard:
                              f"world size {world}")
         base, rest = divmod(global_capacity, world)
         return base + (1 if rank < rest else 0)
-
-    partition_transitions = staticmethod(partition_transitions)

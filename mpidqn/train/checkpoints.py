@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR/checkpoints/step_<global env steps, 12 digits>/``::
 
     model_s<stage>.h5   online + target parameters and optimizer state (Adam or RMSprop, under the
-                        historical key ``adam``), keyed by global parameter name
+                        key ``optimizer``; ``adam`` in older files), keyed by global parameter name
                         (``<layer index>.<name>``); written by the first data-parallel rank of each
                         pipeline stage, so a checkpoint of S stages loads with any S'.
     rank_<rank>.h5      everything else that rank needs to continue exactly: counters, numpy/torch
@@ -21,12 +21,10 @@ and ``mpidqn_version`` so plain h5py can read it (see h5tree.py for the node map
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from mpidqn import __version__
 from mpidqn.distributed import watchdog
 from mpidqn.errors import CheckpointWriteError, UserError
 from mpidqn.io.h5tree import read_tree, write_tree
+from mpidqn.train import faults
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
@@ -208,15 +207,17 @@ def resolve(target: str | Path, best: bool = False) -> Checkpoint:
 
 
 def read_model(ckpt: Checkpoint) -> dict[str, Any]:
-    """Merge the stage files into one model state: online, target, adam (the optimizer state, Adam or
-    RMSprop, by global name), updates."""
-    merged: dict[str, Any] = {"online": {}, "target": {}, "adam": {}}
+    """Merge the stage files into one model state: online, target, optimizer (Adam or RMSprop, by
+    global name), optimizer_hparams, updates. Files of older versions call the optimizer entries
+    "adam" and "adam_hparams" (whichever optimizer it was); they are read under the new names."""
+    merged: dict[str, Any] = {"online": {}, "target": {}, "optimizer": {}}
     for f in ckpt.model_files():
         with h5py.File(f, "r") as h:
             tree = read_tree(h["model"])
-        for key in ("online", "target", "adam"):
-            merged[key].update(tree.get(key, {}))
-        merged["adam_hparams"] = tree["adam_hparams"]
+        merged["online"].update(tree.get("online", {}))
+        merged["target"].update(tree.get("target", {}))
+        merged["optimizer"].update(tree.get("optimizer", tree.get("adam", {})))
+        merged["optimizer_hparams"] = tree["optimizer_hparams"] if "optimizer_hparams" in tree else tree["adam_hparams"]
         merged["updates"] = tree["updates"]
         merged["nonfinite_skipped"] = tree.get("nonfinite_skipped", 0)
     return merged
@@ -275,6 +276,16 @@ def _describe(e: OSError) -> str:
     return f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
 
 
+@dataclass
+class CheckpointContent:
+    """One rank's part of the checkpoint of global step ``step``."""
+
+    step: int
+    stage: int  # this rank's pipeline stage: names the model file
+    model: dict[str, Any] | None  # the learner's state_dict(); None where another rank of the stage writes it
+    rank: dict[str, Any]  # everything else this rank needs to continue (counters, RNGs, envs, replay, ...)
+
+
 class CheckpointManager:
     """Writes this rank's part of a checkpoint; rank 0 seals it with the manifest and prunes."""
 
@@ -299,14 +310,14 @@ class CheckpointManager:
         self.best_step = step
         self.prune()
 
-    def save(self, trainer: Any) -> Path | None:
+    def save(self, content: CheckpointContent) -> Path | None:
         """Write this rank's files; rank 0 seals the checkpoint once every rank succeeded.
 
         A write error on any rank (disk full, unwritable run dir) is agreed on by all ranks: rank 0
         removes this step's partial directory, no COMPLETE is written (the previous checkpoint stays the
         newest), and every rank raises CheckpointWriteError naming the error and the path.
         """
-        step = trainer.counters.env_steps
+        step = content.step
         if step == self.last_step:
             return None
         t0 = time.perf_counter()
@@ -315,11 +326,10 @@ class CheckpointManager:
         files: dict[str, dict[str, int]] = {}
         error = None
         try:
-            self._write_files(trainer, path, step, rank, files)
+            self._write_files(content, path, rank, files)
         except OSError as e:
             error = f"rank {rank}: {_describe(e)}"
-        if trainer.fault is not None and trainer.fault.fires("kill_in_checkpoint", rank, step):
-            os.kill(os.getpid(), signal.SIGKILL)  # test-only: die between the data files and the marker
+        faults.point("checkpoint", rank, step)  # test-only: between the data files and the marker
         watchdog.fence(self.comm, "checkpoint gather")
         gathered = self.comm.gather((files, error), root=0)
         if rank == 0:
@@ -341,20 +351,15 @@ class CheckpointManager:
         self.last_pause_s = time.perf_counter() - t0
         return path
 
-    def _write_files(self, trainer: Any, path: Path, step: int, rank: int, files: dict[str, dict[str, int]]) -> None:
+    def _write_files(self, content: CheckpointContent, path: Path, rank: int, files: dict[str, dict[str, int]]) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        attrs = {**self.attrs, "step": step, "rank": rank}
-        model = trainer.model_state_to_save()
-        if model is not None:
-            stage = trainer.topo.stage
-            files[f"model_s{stage}.h5"] = write_h5_atomic(path / f"model_s{stage}.h5", attrs, {"model": model})
+        attrs = {**self.attrs, "step": content.step, "rank": rank}
+        if content.model is not None:
+            name = f"model_s{content.stage}.h5"
+            files[name] = write_h5_atomic(path / name, attrs, {"model": content.model})
         name = f"rank_{rank:05d}.h5"
-        if trainer.fault is not None and trainer.fault.fires("enospc", rank, step):
-            # test-only (MPIDQN_FAULT=enospc:...): the disk fills up in the middle of this rank's file
-            (path / f".{name}.tmp").write_bytes(b"\0" * 4096)
-            (path / f".{name}.tmp").unlink()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / name))
-        files[name] = write_h5_atomic(path / name, attrs, trainer.rank_state())
+        faults.point("rank_file", rank, content.step, path=path / name)  # test-only: a full disk
+        files[name] = write_h5_atomic(path / name, attrs, content.rank)
 
     def _seal(self, path: Path, step: int, gathered: list[tuple[dict[str, Any], str | None]]) -> None:
         fsync_dir(path)

@@ -10,7 +10,7 @@ from mpi4py import MPI
 from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.vector import make_env
-from mpidqn.learners.pipeline import PipelineLearner
+from mpidqn.learners.base import QLearner
 
 _EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training streams of the same root seed
 
@@ -114,12 +114,13 @@ def summarize(mine: list[tuple[int, float, int]], comm: Any, step: int) -> dict[
     }
 
 
-def evaluate_learner(learner: Any, cfg: Any, topo: Any, step: int) -> dict[str, Any]:
-    """Greedy evaluation on all ranks; pipelines run episodes through their group's stages."""
+def evaluate_learner(learner: QLearner, cfg: Any, topo: Any, step: int) -> dict[str, Any]:
+    """Greedy evaluation on all ranks; a collective policy (a pipeline) runs episodes through its group's stages."""
     e = cfg.eval
-    if isinstance(learner, PipelineLearner):
+    policy = learner.greedy_policy()
+    if policy.collective:
         with torch.no_grad():
-            return evaluate_group_policy(learner.group_greedy, spec_from_config(cfg.env, evaluation=True), e.episodes, cfg.seed, topo.comm,
+            return evaluate_group_policy(policy.act, spec_from_config(cfg.env, evaluation=True), e.episodes, cfg.seed, topo.comm,
                                          cfg.env.max_episode_steps, step=step)
-    return evaluate_policy(learner.greedy_actions, spec_from_config(cfg.env, evaluation=True), e.episodes, cfg.seed, topo.dp_comm,
+    return evaluate_policy(policy.act, spec_from_config(cfg.env, evaluation=True), e.episodes, cfg.seed, topo.dp_comm,
                            cfg.env.max_episode_steps, step=step)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,14 +28,15 @@ from mpidqn.io.h5tree import Json, flatten, unflatten
 from mpidqn.learners.factory import build_learner, total_parameters
 from mpidqn.replay.frames import make_replay_shard
 from mpidqn.replay.shard import ReplayShard
+from mpidqn.train import faults
 from mpidqn.train import stop as signals
+from mpidqn.train.checkpoints import CheckpointContent
 from mpidqn.train.evaluation import evaluate_learner
+from mpidqn.train.reporting import Progress, RunHeader
 from mpidqn.train.timing import PhaseTimer
 
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
 TIMING_NAMES = (*PHASES, "idle")  # idle: wall time of the process outside every phase
-SCALAR_NAMES = ("loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
-                "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped")
 
 
 @dataclass
@@ -93,60 +92,6 @@ def crossed(prev: int, cur: int, interval: int) -> bool:
     return interval > 0 and prev // interval != cur // interval
 
 
-@dataclass
-class FaultInjection:
-    """TEST-ONLY fault injection, from ``MPIDQN_FAULT=<kind>:<rank>:<global step>``. Never set it in
-    real runs. Kinds, each firing on ``rank`` once the global step reaches ``step``:
-
-    * ``raise``: an exception in the loop (an error on one rank must end every rank);
-    * ``stop``: behave as if SIGUSR1 arrived (checkpoint, exit 75) at a deterministic step;
-    * ``kill_in_checkpoint``: SIGKILL this process in the middle of writing a checkpoint;
-    * ``kill``: SIGKILL this process in the loop (a rank dies mid-training);
-    * ``hang``: this rank sleeps forever (the others' watchdog must end the job);
-    * ``nan``: this rank's loss is NaN from then on (train.nonfinite decides: skip or stop);
-    * ``perturb``: add 1e-3 to this rank's first parameter once (the replica check must see it);
-    * ``enospc``: writing this rank's checkpoint file fails with "No space left on device".
-    """
-
-    KINDS = ("raise", "stop", "kill_in_checkpoint", "kill", "hang", "nan", "perturb", "enospc")
-
-    kind: str
-    rank: int
-    step: int
-    done: bool = False  # a one-shot fault (perturb) has fired
-
-    @classmethod
-    def from_env(cls) -> "FaultInjection | None":
-        spec = os.environ.get("MPIDQN_FAULT")
-        if not spec:
-            return None
-        kind, rank, step = spec.split(":")
-        if kind not in cls.KINDS:
-            raise ValueError(f"MPIDQN_FAULT={spec}: unknown kind {kind!r} (one of {', '.join(cls.KINDS)})")
-        return cls(kind, int(rank), int(step))
-
-    def fires(self, kind: str, rank: int, step: int) -> bool:
-        return kind == self.kind and rank == self.rank and step >= self.step
-
-    def maybe_fire(self, trainer: "Trainer") -> None:
-        rank, step = trainer.rank, trainer.counters.env_steps
-        if self.fires("raise", rank, step):
-            raise RuntimeError(f"injected fault (MPIDQN_FAULT) at step {step}")
-        if self.fires("stop", rank, step):
-            signals.request(signal.SIGUSR1)
-        if self.fires("kill", rank, step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.fires("hang", rank, step):
-            while True:
-                time.sleep(3600)
-        if self.fires("nan", rank, step):
-            trainer.learner.poison_loss = True
-        if self.fires("perturb", rank, step) and not self.done:
-            self.done = True
-            with torch.no_grad():
-                next(p for p in trainer.learner.params if p.numel()).view(-1)[0] += 1e-3
-
-
 class Trainer:
     """Runs one rank's part of a data-parallel DQN job."""
 
@@ -187,7 +132,7 @@ class Trainer:
         self.best = (-1, -math.inf)  # (step, mean return) of the best evaluation so far
         self._best_episodes = 0
         self.parameter_count = total_parameters(self.learner)
-        self.fault = FaultInjection.from_env()
+        faults.install()  # TEST-ONLY MPIDQN_FAULT; without it every fault point is a no-op
         self._last_report_step = -1
         self._last_checkpoint_time = time.monotonic()
         self.watchdog = watchdog.install(
@@ -226,8 +171,12 @@ class Trainer:
         self.obs = next_obs
 
     # ------------------------------------------------------------------ learning
+    def learning_rate(self) -> float:
+        """The optimizer's learning rate at the current step: base lr x the lr schedule's factor."""
+        return self.base_lr * self.schedules.lr_factor(self.counters.env_steps)
+
     def learn(self, num_updates: int) -> None:
-        self.learner.set_lr(self.base_lr * self.schedules.lr_factor(self.counters.env_steps))
+        self.learner.set_lr(self.learning_rate())
         with self.timer("replay"):
             batch = self.replay.sample_many(num_updates, self.batch_per_rank, self.replay_rng)
         comm_before = self.learner.comm_seconds
@@ -242,7 +191,11 @@ class Trainer:
         cfg = self.cfg
         signals.install()  # normally done by the CLI already; harmless twice
         agree_every = max(1, 256 // self.steps_per_iteration)  # collectives every ~256 global steps
-        self.reporter.start(self)
+        t, c = self.topo, cfg
+        self.reporter.start(RunHeader(
+            env_id=c.env.id, world=t.world, dp=t.dp, pipeline_stages=t.pipeline_stages, num_envs=c.env.num_envs,
+            parameters=self.parameter_count, total_steps=c.train.total_steps, torch_threads=c.parallel.torch_threads,
+            step=self.counters.env_steps, updates=self.learner.updates))
         t_start = time.perf_counter()
         while self.counters.env_steps < cfg.train.total_steps:
             prev = self.counters.env_steps
@@ -251,8 +204,7 @@ class Trainer:
             self.counters.iterations += 1
             cur = self.counters.env_steps
             self.watchdog.step = cur
-            if self.fault is not None:
-                self.fault.maybe_fire(self)
+            faults.point("step", self.rank, cur, learner=self.learner)
             rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)
             if rounds:
                 self.learn(rounds * cfg.train.gradient_steps)
@@ -284,7 +236,7 @@ class Trainer:
         with self.timer("eval"):
             result = evaluate_learner(self.learner, self.cfg, self.topo, self.counters.env_steps)
         self.last_eval = result
-        self.reporter.evaluation(self, result, final)
+        self.reporter.evaluation(result, final)
         if result["mean"] <= self.best[1]:
             return False
         self.best = (self.counters.env_steps, float(result["mean"]))
@@ -304,7 +256,11 @@ class Trainer:
             idle = time.perf_counter() - self._t_process - totals.sum()
             timings = self.topo.comm.gather(np.append(totals, idle), root=0)
             if self.topo.is_root:
-                self.reporter.progress(self, wall, gathered, metrics, np.stack(timings))
+                self.reporter.progress(Progress(
+                    step=self.counters.env_steps, updates=self.learner.updates, episodes=self.counters.episodes,
+                    recent_returns=tuple(self.recent_returns), epsilon=self.epsilon(),
+                    learning_rate=self.learning_rate(), replay_size=len(self.replay), metrics=metrics,
+                    new_episodes=gathered, timing_names=self.timing_names, timings=np.stack(timings), wall=wall))
 
     def _checkpoint_due(self) -> bool:
         """Wall-clock checkpoints: rank 0's clock decides (the flag is agreed like a stop)."""
@@ -318,14 +274,18 @@ class Trainer:
         self._last_checkpoint_time = time.monotonic()
         with self.timer("checkpoint"):
             self.reporter.flush()  # log rows up to this step are on disk before the checkpoint counts
-            self.checkpoints.save(self)
+            if self.checkpoints.last_step != self.counters.env_steps:  # not written at this step yet
+                self.checkpoints.save(self.checkpoint_content())
             if best:
                 self.checkpoints.mark_best(self.best[0], self.best[1], self._best_episodes)
 
     # ------------------------------------------------------------------ checkpoint state
-    def model_state_to_save(self) -> dict[str, Any] | None:
-        """The model is written once per pipeline stage: by that stage's first data-parallel rank."""
-        return self.learner.state_dict() if self.topo.dp_comm.Get_rank() == 0 else None
+    def checkpoint_content(self) -> CheckpointContent:
+        """This rank's part of a checkpoint of the current step. The model is written once per pipeline
+        stage: by that stage's first data-parallel rank."""
+        model = self.learner.state_dict() if self.topo.dp_comm.Get_rank() == 0 else None
+        return CheckpointContent(step=self.counters.env_steps, stage=self.topo.stage, model=model,
+                                 rank=self.rank_state())
 
     def rank_state(self) -> dict[str, Any]:
         """Everything besides the model that this rank needs to continue exactly."""

@@ -1,13 +1,16 @@
 """Rank 0's console: progress bar on a TTY, plain periodic lines otherwise (Slurm logs).
 
 Every rank-0 side effect of the loop (printing, and the run log once attached) lives here; the
-other ranks get :class:`SilentReporter`, so the loop has no scattered ``if rank == 0``.
+other ranks get :class:`SilentReporter`, so the loop has no scattered ``if rank == 0``. The trainer
+hands over plain values (:class:`RunHeader`, :class:`Progress`, evaluation results); nothing here
+reaches into the trainer, its learner or its optimizer.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, Sequence, TextIO
 
 import numpy as np
 
@@ -42,6 +45,40 @@ def launcher_on_terminal(max_depth: int = 4) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class RunHeader:
+    """What the first line of a run says, and where its progress starts."""
+
+    env_id: str
+    world: int
+    dp: int
+    pipeline_stages: int
+    num_envs: int  # per rank
+    parameters: int
+    total_steps: int
+    torch_threads: int
+    step: int  # global env steps at the start (non-zero on resume)
+    updates: int  # learner updates at the start
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of rank 0 (global values, gathered from every rank)."""
+
+    step: int  # global env steps
+    updates: int
+    episodes: int  # finished episodes of all ranks so far
+    recent_returns: Sequence[float]  # returns of the last (up to 100) episodes of all ranks
+    epsilon: float
+    learning_rate: float  # from the run's lr schedule at ``step``
+    replay_size: int  # transitions in rank 0's replay shard
+    metrics: dict[str, float]  # the learner's since the last report: loss, q_mean, nonfinite_skipped
+    new_episodes: list[np.ndarray]  # per rank: (global step, return, length) rows since the last report
+    timing_names: Sequence[str]
+    timings: np.ndarray  # (ranks, len(timing_names)) cumulative seconds per phase
+    wall: float  # seconds since the loop started
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x != x else f"{x:.{digits}g}"  # NaN -> "-"
 
@@ -49,9 +86,9 @@ def _fmt(x: float, digits: int = 3) -> str:
 class SilentReporter:
     """What ranks other than 0 report: nothing."""
 
-    def start(self, trainer: Any) -> None: ...
-    def progress(self, trainer: Any, wall: float, episodes: list, metrics: dict, timings: np.ndarray) -> None: ...
-    def evaluation(self, trainer: Any, result: dict, final: bool) -> None: ...
+    def start(self, header: RunHeader) -> None: ...
+    def progress(self, p: Progress) -> None: ...
+    def evaluation(self, result: dict, final: bool) -> None: ...
     def message(self, text: str) -> None: ...
     def event(self, step: int, kind: str, text: str) -> None: ...
     def flush(self) -> None: ...
@@ -77,6 +114,7 @@ class ConsoleReporter(SilentReporter):
         self.use_bar = use_bar
         self.quiet = mode == "none"
         self._last = (0.0, 0, 0, None)  # wall, env steps, updates, timings
+        self.total_steps = 0
 
     def message(self, text: str) -> None:
         if self.bar is not None:
@@ -84,36 +122,37 @@ class ConsoleReporter(SilentReporter):
         elif not self.quiet:
             print(text, file=self.stream, flush=True)
 
-    def start(self, trainer: Any) -> None:
-        t, c = trainer.topo, trainer.cfg
+    def start(self, header: RunHeader) -> None:
+        h = header
+        self.total_steps = h.total_steps
         self.message(
-            f"mpidqn: {c.env.id} | world {t.world} (dp {t.dp} x pipeline {t.pipeline_stages}) | "
-            f"{c.env.num_envs} env/rank | {trainer.parameter_count:,} parameters | "
-            f"{c.train.total_steps:,} global env steps | threads/rank {c.parallel.torch_threads}"
+            f"mpidqn: {h.env_id} | world {h.world} (dp {h.dp} x pipeline {h.pipeline_stages}) | "
+            f"{h.num_envs} env/rank | {h.parameters:,} parameters | "
+            f"{h.total_steps:,} global env steps | threads/rank {h.torch_threads}"
         )
         if self.use_bar:
-            self.bar = self._tqdm(total=c.train.total_steps, initial=trainer.counters.env_steps,
+            self.bar = self._tqdm(total=h.total_steps, initial=h.step,
                                   unit="step", file=self.stream, dynamic_ncols=True)
-        self._last = (0.0, trainer.counters.env_steps, trainer.learner.updates, None)
+        self._last = (0.0, h.step, h.updates, None)
 
-    def progress(self, trainer: Any, wall: float, episodes: list, metrics: dict, timings: np.ndarray) -> None:
-        steps, updates = trainer.counters.env_steps, trainer.learner.updates
+    def progress(self, p: Progress) -> None:
+        steps, updates, timings = p.step, p.updates, p.timings
         last_wall, last_steps, last_updates, last_timings = self._last
-        dt = max(wall - last_wall, 1e-9)
+        dt = max(p.wall - last_wall, 1e-9)
         delta = timings if last_timings is None else timings - last_timings
-        comm_idx = trainer.timing_names.index("comm")
+        comm_idx = list(p.timing_names).index("comm")
         comm_share = float(delta[:, comm_idx].mean() / dt)
         stats = {
             "env_steps_per_s": (steps - last_steps) / dt,
             "updates_per_s": (updates - last_updates) / dt,
-            "episode_return": float(np.mean(trainer.recent_returns)) if trainer.recent_returns else float("nan"),
-            "epsilon": trainer.epsilon(),
+            "episode_return": float(np.mean(p.recent_returns)) if len(p.recent_returns) else float("nan"),
+            "epsilon": p.epsilon,
             "comm_share": comm_share,
-            **metrics,
+            **p.metrics,
         }
-        self._last = (wall, steps, updates, timings)
+        self._last = (p.wall, steps, updates, timings)
         if self.runlog is not None:
-            self._log_rows(trainer, steps, episodes, stats, timings)
+            self._log_rows(p, stats)
         if self.bar is not None:
             self.bar.update(steps - self.bar.n)
             self.bar.set_postfix_str(
@@ -121,23 +160,22 @@ class ConsoleReporter(SilentReporter):
                 f"{stats['env_steps_per_s']:,.0f} st/s allreduce {100 * comm_share:.1f}%", refresh=False)
             return
         self.message(
-            f"step {steps:>9,}/{trainer.cfg.train.total_steps:,} | {stats['env_steps_per_s']:8,.0f} env-steps/s | "
+            f"step {steps:>9,}/{self.total_steps:,} | {stats['env_steps_per_s']:8,.0f} env-steps/s | "
             f"{stats['updates_per_s']:7,.1f} upd/s | return {_fmt(stats['episode_return'], 4):>6} "
-            f"(last {len(trainer.recent_returns)}) | loss {_fmt(stats['loss'])} | eps {stats['epsilon']:.3f} | "
+            f"(last {len(p.recent_returns)}) | loss {_fmt(stats['loss'])} | eps {stats['epsilon']:.3f} | "
             f"allreduce {100 * comm_share:4.1f}%"
         )
 
-    def _log_rows(self, trainer: Any, steps: int, episodes: list, stats: dict, timings: np.ndarray) -> None:
+    def _log_rows(self, p: Progress, stats: dict) -> None:
         log = self.runlog
-        log.scalars(steps, **stats, learning_rate=trainer.learner.optimizer.param_groups[0]["lr"],
-                    replay_size=float(len(trainer.replay)), updates=float(trainer.learner.updates),
-                    episodes=float(trainer.counters.episodes))
-        rows = [r for r in episodes if len(r)]
+        log.scalars(p.step, **stats, learning_rate=p.learning_rate, replay_size=float(p.replay_size),
+                    updates=float(p.updates), episodes=float(p.episodes))
+        rows = [r for r in p.new_episodes if len(r)]
         if rows:
-            ranks = np.concatenate([np.full(len(r), rank) for rank, r in enumerate(episodes) if len(r)])
+            ranks = np.concatenate([np.full(len(r), rank) for rank, r in enumerate(p.new_episodes) if len(r)])
             block = np.concatenate(rows)
             log.episodes(ranks, block[:, 0].astype(np.int64), block[:, 1], block[:, 2].astype(np.int64))
-        log.timings(steps, list(trainer.timing_names), timings)
+        log.timings(p.step, list(p.timing_names), p.timings)
         log.maybe_flush()
 
     def flush(self) -> None:
@@ -151,7 +189,7 @@ class ConsoleReporter(SilentReporter):
         if self.runlog is not None:
             self.runlog.event(step, kind, text)
 
-    def evaluation(self, trainer: Any, result: dict, final: bool) -> None:
+    def evaluation(self, result: dict, final: bool) -> None:
         if self.runlog is not None:
             self.runlog.evaluation(result["step"], np.asarray(result["returns"]))
             self.runlog.flush()

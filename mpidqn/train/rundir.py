@@ -200,8 +200,8 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     reporter = SilentReporter()
     if root:
-        from mpidqn.io.runlog import RunLog
-        from mpidqn.train.loop import SCALAR_NAMES, TIMING_NAMES
+        from mpidqn.io.runlog import SCALAR_NAMES, RunLog
+        from mpidqn.train.loop import TIMING_NAMES
 
         runlog = RunLog(run_dir / "log.h5", meta, resume_step=_checkpoint_step(ckpt_path),
                         scalar_names=SCALAR_NAMES, timing_names=TIMING_NAMES)

@@ -110,4 +110,4 @@ def test_rmsprop_learner_update_equals_torch_rmsprop_on_the_same_loss(compiled):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (name, (p - q).abs().max().item())
         moved |= not torch.equal(p, p0)
     assert moved
-    assert set(learner.state_dict()["adam"]["1.weight"]) == {"step", "square_avg", "grad_avg"}
+    assert set(learner.state_dict()["optimizer"]["1.weight"]) == {"step", "square_avg", "grad_avg"}

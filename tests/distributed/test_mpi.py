@@ -1,7 +1,7 @@
 """Data parallelism across real MPI processes (mpiexec subprocesses with timeouts)."""
 from __future__ import annotations
 
-import time
+import re
 
 import pytest
 
@@ -39,10 +39,11 @@ def test_unknown_env_fails_on_all_ranks_with_exit_2(tmp_path, tiny):
 
 
 def test_exception_on_one_rank_ends_all_ranks_quickly(tmp_path, tiny):
-    t0 = time.monotonic()
     p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), *tiny, "train.total_steps=100000"],
-               env={"MPIDQN_FAULT": "raise:1:600"}, timeout=90)
+               env={"MPIDQN_FAULT": "raise:1:600"}, timeout=90)  # a job that hangs instead fails here
     assert p.returncode not in (0, 2), p.stderr
     assert "mpidqn: rank 1: RuntimeError: injected fault" in p.stderr
     assert p.stderr.count("Traceback") == 1
-    assert time.monotonic() - t0 < 90
+    # rank 0 went no further than the next collective: no progress line after the fault's step
+    steps = [int(s.replace(",", "")) for s in re.findall(r"^step +([\d,]+)/100,000 ", p.stdout, re.M)]
+    assert all(s < 800 for s in steps) and "final evaluation" not in p.stdout, p.stdout

@@ -1,4 +1,4 @@
-"""Atari and MinAtar: env presets, CNNs, bucket layout, device choice, overlap equivalence, a tiny run."""
+"""Atari and MinAtar: env presets, CNNs, tiny runs (reducers and devices: tests/learners/test_reducers.py)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, mpidqn, mpirun, run
+from conftest import ROOT, mpidqn, run
 from mpidqn.nn.cnn import Scale, minatar_cnn_layers, nature_cnn_layers
 from mpidqn.nn.registry import build_network
 from mpidqn.config import load_config
 from mpidqn.envs.presets import infer_preset, spec_from_config
 from mpidqn.envs.vector import make_env, make_vector_env
-from mpidqn.learners.device import bucket_bounds, select_device
 
 pytest.importorskip("ale_py")
 pytest.importorskip("minatar")
@@ -57,29 +56,6 @@ def test_cnns_take_uint8_and_are_layer_lists():
     cfg = load_config(None, ["network.kind=nature_cnn"]).network
     with pytest.raises(ValueError, match="nature_cnn"):
         build_network((4,), 2, cfg)
-
-
-def test_bucket_bounds_reverse_order_cover_everything():
-    b = bucket_bounds([10, 5, 7, 3], 8)
-    assert [m for _, _, m in b] == [[3, 2], [1, 0]]
-    assert b[0][:2] == (15, 25) and b[-1][0] == 0
-    assert bucket_bounds([4], 100) == [(0, 4, [0])]
-
-
-def test_device_selection():
-    assert select_device("auto", 3, False, 0) == "cpu"
-    assert select_device("cpu", 3, True, 2) == "cpu"
-    assert select_device("auto", 3, True, 2) == "cuda:1"
-    assert select_device("cuda", 4, True, 4) == "cuda:0"
-    with pytest.raises(ValueError, match="cuda"):
-        select_device("cuda", 0, False, 0)
-
-
-@pytest.mark.mpi
-def test_overlap_gradients_equal_fused_at_two_ranks():
-    p = mpirun(2, [str(ROOT / "tests" / "mpi" / "overlap_grads.py")], timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("overlap == fused") == 2
 
 
 TINY_PONG = ["train.total_steps=400", "train.learning_starts=200", "train.buffer_size=2000", "train.batch_size=8",

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpidqn.io.runlog import (DEFAULT_SCALAR_NAMES, DEFAULT_TIMING_NAMES, FORMAT_VERSION, MESSAGE_BYTES, TABLES,
+from mpidqn.io.runlog import (SCALAR_NAMES, DEFAULT_TIMING_NAMES, FORMAT_VERSION, MESSAGE_BYTES, TABLES,
                          RunLog, read_log)
 from mpidqn.train.timing import PhaseTimer
 
@@ -36,12 +36,12 @@ def test_schema_and_metadata(tmp_path: Path) -> None:
             ds = f[name]
             assert ds.shape == (0,) and ds.maxshape == (None,) and ds.chunks is not None
             assert ds.compression == "gzip"
-        assert f["scalars"].dtype.names == ("step", "wall_time", *DEFAULT_SCALAR_NAMES)
+        assert f["scalars"].dtype.names == ("step", "wall_time", *SCALAR_NAMES)
         assert f["timings"].dtype.names == ("segment", "step", "wall_time", "rank", *DEFAULT_TIMING_NAMES)
     attrs = read_log(path).attrs
     assert attrs["config"] == META["config"] and attrs["world_size"] == 2 and attrs["git_rev"] == "abc123"
     assert attrs["hosts"] == ["n1", "n2"] and attrs["versions"] == {"torch": "2.13"}
-    assert attrs["slurm_job_id"] is None and attrs["scalar_names"] == list(DEFAULT_SCALAR_NAMES)
+    assert attrs["slurm_job_id"] is None and attrs["scalar_names"] == list(SCALAR_NAMES)
 
 
 def test_blocks_round_trip_exactly(tmp_path: Path) -> None:

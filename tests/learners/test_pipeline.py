@@ -125,8 +125,8 @@ def test_one_stage_pipeline_with_rmsprop_matches_the_plain_learner():
         ref.update_many(b, 2)
     for (name, p), q in zip(pipe.online.named_parameters(), ref.params):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
-    hparams = pipe.state_dict()["adam_hparams"].value
-    assert hparams == ref.state_dict()["adam_hparams"].value
+    hparams = pipe.state_dict()["optimizer_hparams"].value
+    assert hparams == ref.state_dict()["optimizer_hparams"].value
     assert (hparams["alpha"], hparams["eps"], hparams["centered"]) == (0.95, 0.01, True)
     pipe.optimizer = None  # as on a stage of parameter-free layers
-    assert pipe.state_dict()["adam_hparams"].value == hparams
+    assert pipe.state_dict()["optimizer_hparams"].value == hparams

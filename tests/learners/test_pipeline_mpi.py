@@ -55,3 +55,11 @@ def test_pipeline_training_checkpoints_evaluates_and_resumes_with_other_stages(t
     assert "resumed (elastic)" in p.stdout
     info = inspect_json(run_dir)
     assert (info["pipeline_stages"], info["step"]) == (1, 1200)
+
+
+def test_a_stage_without_parameters_trains_skips_saves_and_resumes(tmp_path):
+    """Stage 0 is Flatten alone (no optimizer): lr, updates, a NaN skip, stage files (new and legacy
+    optimizer keys) and a resume all work; uint8 observations reach stage 0 as uint8."""
+    p = mpirun(2, [str(MPI_SCRIPTS / "pipeline_free_stage.py"), str(tmp_path)], timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("OK") == 2

@@ -1,5 +1,6 @@
 """Run under mpiexec -n N: the overlapped bucketed reduction gives the fused Allreduce's gradients,
-and replicas stay bit-identical over several updates (small buckets: several per backward)."""
+and replicas stay bit-identical over several updates (small buckets: several per backward). The
+MinAtar CNN is built from its layer list (no environment needed)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,6 @@ from mpi4py import MPI
 
 from mpidqn.nn.cnn import minatar_cnn_layers
 from mpidqn.learners.data_parallel import Hyper, Learner
-from mpidqn.learners.device import ExtLearner
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
@@ -23,7 +23,7 @@ def net():
 
 hyper = Hyper(lr=1e-3, double_dqn=True, max_grad_norm=10.0, sync_check_interval=1)
 fused = Learner(net(), hyper, comm)
-overlap = ExtLearner(net(), hyper, comm, overlap=True, bucket_bytes=1024)
+overlap = Learner(net(), hyper, comm, overlap=True, bucket_bytes=1024)
 assert len(overlap.reducer.buckets) >= 3, overlap.reducer.buckets
 rng = np.random.default_rng(rank)  # each rank its own minibatch
 for it in range(4):

@@ -254,7 +254,6 @@ def test_partition_transitions_loses_and_duplicates_nothing(lengths: list[int],
             assert np.all(np.diff(rows) > 0)
     sizes = [len(p["actions"]) for p in new]
     assert max(sizes) - min(sizes) <= 1
-    assert ReplayShard.partition_transitions is partition_transitions
 
 
 def test_partition_mixes_ages_newest_aligned() -> None:

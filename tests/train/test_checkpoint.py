@@ -54,7 +54,8 @@ def test_learner_state_round_trip_through_hdf5(tmp_path, optimizer, compiled, ke
         write_tree(f, {"model": a.state_dict()})
     with h5py.File(tmp_path / "m.h5", "r") as f:
         state = read_tree(f["model"])
-    assert all(set(st) == keys for st in state["adam"].values())  # historical key, any optimizer
+    assert "adam" not in state and "adam_hparams" not in state
+    assert all(set(st) == keys for st in state["optimizer"].values())  # Adam or RMSprop alike
     b = make(1)
     b.load_state_dict(state)
     assert b.updates == 3
@@ -105,6 +106,40 @@ def _model_tensors(run_dir):
     return ckpt, read_model(ckpt)
 
 
+def test_model_files_of_older_versions_with_adam_keys_still_load(tmp_path):
+    """Model files written before the rename hold the optimizer state under "adam"/"adam_hparams"
+    (whichever optimizer it was): read_model and load_state_dict read them as the new keys."""
+    from mpidqn.train.checkpoints import read_model
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return Learner(torch.nn.Sequential(*mlp_layers(3, 2, [8])), Hyper(lr=1e-2, optimizer="rmsprop"), MPI.COMM_SELF)
+
+    a = make(0)
+    x = torch.randn(5, 3)
+    a.backward(x, torch.zeros(5, dtype=torch.long), a.targets(torch.ones(5), x, torch.full((5,), 0.9)))
+    a.step()
+    new = a.state_dict()
+    old = {k: v for k, v in new.items() if k not in ("optimizer", "optimizer_hparams")}
+    old["adam"], old["adam_hparams"] = new["optimizer"], new["optimizer_hparams"]
+    with h5py.File(tmp_path / "model_s0.h5", "w") as f:
+        write_tree(f, {"model": old})
+
+    class OldCheckpoint:
+        def model_files(self):
+            return [tmp_path / "model_s0.h5"]
+
+    merged = read_model(OldCheckpoint())
+    assert set(merged["optimizer"]) == set(new["optimizer"]) and "adam" not in merged
+    for state in (merged, old):  # through read_model, and a legacy state handed over directly
+        b = make(1)
+        b.load_state_dict(state)
+        assert b.updates == 1 and b.lr == pytest.approx(1e-2)
+        for k, st in b.state_dict()["optimizer"].items():
+            for name, t in st.items():
+                assert torch.equal(t, new["optimizer"][k][name]), (k, name)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_exact_resume_is_bit_identical(tmp_path, tiny, n):
     args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=0"]
@@ -122,9 +157,28 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny, n):
     for part in ("online", "target"):
         for name in ma[part]:
             assert torch.equal(ma[part][name], mb[part][name]), (part, name)
-    for name in ma["adam"]:
-        for k in ma["adam"][name]:
-            assert torch.equal(ma["adam"][name][k], mb["adam"][name][k]), (name, k)
+    for name in ma["optimizer"]:
+        for k in ma["optimizer"][name]:
+            assert torch.equal(ma["optimizer"][name][k], mb["optimizer"][name][k]), (name, k)
+
+
+def test_checkpoint_without_replay_resumes_elastically_and_refills_before_updating(tmp_path, tiny):
+    run_dir = tmp_path / "r"
+    args = [*tiny, "checkpoint.replay=false"]  # tiny: learning_starts 200, a round of 4 updates per 100 steps
+    assert mpidqn(2, ["--run-dir", str(run_dir), *args], timeout=180).returncode == 0
+    first = inspect_json(run_dir)
+    assert (first["step"], first["updates"], first["replay_transitions"]) == (1200, 44, 0)
+    ckpt = find_latest(run_dir / "checkpoints")
+    for rank in range(2):
+        with h5py.File(ckpt.file(f"rank_{rank:05d}.h5"), "r") as h:
+            assert "replay" not in h and "counters" in h  # no replay at all, not an empty one
+    more = mpidqn(1, ["--run-dir", str(run_dir), *args, "train.total_steps=1600"], timeout=180)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "resumed (elastic)" in more.stdout
+    info = inspect_json(run_dir)
+    # the empty replay refills to learning_starts (steps 1201..1400) before the rounds at 1400, 1500, 1600
+    assert (info["step"], info["world_size"], info["replay_transitions"]) == (1600, 1, 0)
+    assert info["updates"] == 44 + 3 * 4
 
 
 @pytest.mark.parametrize("old, new", [(4, 2), (2, 4), (3, 1)])

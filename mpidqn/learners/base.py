@@ -1,0 +1,306 @@
+"""The learner interface (:class:`QLearner`) and what every learner shares (:class:`LearnerBase`).
+
+The trainer, evaluation and checkpointing use a learner only through :class:`QLearner`, whatever its
+layout (data parallel on the CPU or a device, or one pipeline stage): no code outside
+``mpidqn.learners`` needs to know which class it holds.
+
+:class:`LearnerBase` holds the online and target networks of this rank (the whole network or one
+pipeline stage), the flat gradient buffer the parameters' ``.grad`` are views of, the optimizer (None
+for a stage of parameter-free layers), the gradient reducer (see :mod:`mpidqn.learners.reducers`),
+and the parts of an update that do not depend on the layout: the rounds of updates between target
+updates, skip-or-stop on a non-finite loss or gradient, clipping, the optimizer and target steps, the
+replica check, and the model state.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpidqn.algo.dqn import polyak_update_
+from mpidqn.distributed import collectives as C
+from mpidqn.distributed import watchdog
+from mpidqn.errors import NonFiniteError, ReplicaDivergenceError
+from mpidqn.io.h5tree import Json
+from mpidqn.learners.optim import (
+    Hyper,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_hparams,
+    set_optimizer_lr,
+)
+from mpidqn.learners.reducers import GradientReducer
+
+# Model-state keys of the optimizer state (Adam or RMSprop) and its hyper-parameters. Model files
+# written before RMSprop existed call them "adam" and "adam_hparams"; those are still read.
+OPTIMIZER_KEY, HPARAMS_KEY = "optimizer", "optimizer_hparams"
+LEGACY_OPTIMIZER_KEY, LEGACY_HPARAMS_KEY = "adam", "adam_hparams"
+
+
+def optimizer_entries(state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(optimizer state by parameter name, hyper-parameters) of a model state, new or legacy keys."""
+    opt = state.get(OPTIMIZER_KEY, state.get(LEGACY_OPTIMIZER_KEY, {}))
+    hparams = state[HPARAMS_KEY] if HPARAMS_KEY in state else state[LEGACY_HPARAMS_KEY]
+    return opt, hparams.value if isinstance(hparams, Json) else hparams
+
+
+@dataclass(frozen=True)
+class GreedyPolicy:
+    """How a learner acts greedily. ``collective=False``: ``act(obs) -> actions``, local to this rank.
+    ``collective=True``: ``act(obs) -> (actions, group rows)`` is a collective over the pipeline group;
+    every rank keeps calling it (with no rows once it is idle) until the group's rows are 0."""
+
+    act: Callable[[np.ndarray], Any]
+    collective: bool
+
+
+@runtime_checkable
+class QLearner(Protocol):
+    """What the trainer, evaluation and checkpointing use of a learner."""
+
+    hyper: Hyper
+    updates: int  # optimizer updates taken (the same on every rank)
+    nonfinite_skipped: int  # updates skipped for a NaN/Inf loss or gradient (train.nonfinite=skip)
+    params: list[torch.Tensor]  # this rank's parameters (possibly none: a stage of parameter-free layers)
+    collective_acting: bool  # greedy_actions is a collective over the pipeline group
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate (also on a rank whose stage has no parameters)."""
+
+    @property
+    def total_parameters(self) -> int:
+        """Parameters of the whole Q-network (all stages)."""
+
+    @property
+    def comm_seconds(self) -> float:
+        """Seconds spent communicating in updates so far (reductions, and a pipeline's transfers)."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray: ...
+
+    def greedy_policy(self) -> GreedyPolicy: ...
+
+    def update_many(self, batch: Any, num_updates: int) -> None: ...
+
+    def pop_metrics(self) -> dict[str, float]: ...
+
+    def check_replicas(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def bind_flat_grad(params: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """One contiguous gradient buffer; every parameter's ``.grad`` becomes a view of it, so backward
+    accumulates into it and a reduction needs no packing (DDP's gradient_as_bucket_view trick)."""
+    flat = torch.zeros(sum(p.numel() for p in params), device=device)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def to_cpu(tree: Any) -> Any:
+    """Tensors of a nested dict on the CPU (CPU tensors are returned as they are, no copy)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    return tree
+
+
+class LearnerBase:
+    """Shared by the data-parallel and the pipeline learner (see the module docstring).
+
+    Subclasses call :meth:`_init_nets`, set ``self.reducer`` and implement ``_prepare_round``,
+    ``_round_targets``, ``_learn``, ``greedy_actions`` and ``pop_metrics``.
+    """
+
+    collective_acting = False
+    device: torch.device | None = None  # None: the CPU
+    reducer: GradientReducer
+
+    def _init_nets(self, online: nn.Module, hyper: Hyper, comm: Any, device: str | torch.device = "cpu") -> None:
+        self.online, self.hyper, self.comm = online, hyper, comm
+        self.params = list(online.parameters())
+        self.param_names = [n for n, _ in online.named_parameters()]
+        C.broadcast_tensors_(self.params, comm)  # replicas start identical (fixed parameter order)
+        self.target = copy.deepcopy(online).requires_grad_(False)
+        dev = torch.device(device)
+        if dev.type != "cpu":  # module.to keeps the Parameter objects (the optimizer's and the buffer's)
+            self.device = dev
+            self.online.to(dev)
+            self.target.to(dev)
+        self.flat_grad = bind_flat_grad(self.params, dev)
+        # A stage of parameter-free layers has nothing to optimise (torch refuses an empty optimizer).
+        self.optimizer = make_optimizer(self.params, hyper) if self.params else None
+        self._lr = float(hyper.lr)
+        self._total_parameters = int(self.flat_grad.numel())
+        self.updates = 0
+        self.nonfinite_skipped = 0
+        self._local_nonfinite = False  # this rank's loss of the current update was NaN/Inf
+        self._loads = 0
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def set_lr(self, lr: float) -> None:
+        self._lr = float(lr)
+        if self.optimizer is not None:
+            set_optimizer_lr(self.optimizer, lr)
+
+    @property
+    def total_parameters(self) -> int:
+        return self._total_parameters
+
+    @property
+    def comm_seconds(self) -> float:
+        return self.reducer.seconds
+
+    def greedy_policy(self) -> GreedyPolicy:
+        return GreedyPolicy(self.greedy_actions, collective=False)
+
+    # ------------------------------------------------------------------ learning
+    def update_many(self, batch: Any, num_updates: int) -> None:
+        """``num_updates`` updates on consecutive equal slices of a batch from ``sample_many``.
+
+        Without double DQN and with hard target updates, the target network is constant between
+        two target updates, so the targets of all minibatches up to the next target update are
+        computed in one batched pass (same values, far fewer small matmuls).
+        """
+        data, n = self._prepare_round(batch, num_updates)
+        h = self.hyper
+        batch_targets = not h.double_dqn and h.tau >= 1.0
+        i = 0
+        while i < num_updates:
+            span = (h.target_update_interval - self.updates % h.target_update_interval) if batch_targets else 1
+            span = min(span, num_updates - i)
+            targets = self._round_targets(data, slice(i * n, (i + span) * n))
+            for j in range(span):
+                t = targets[j * n : (j + 1) * n] if targets is not None else None
+                self._learn(data, slice((i + j) * n, (i + j + 1) * n), t)
+            i += span
+
+    def _prepare_round(self, batch: Any, num_updates: int) -> tuple[Any, int]:
+        """The round's data as this learner needs it, and the rows per update."""
+        raise NotImplementedError
+
+    def _round_targets(self, data: Any, rows: slice) -> torch.Tensor | None:
+        """TD targets of ``rows`` (None on a rank that does not compute them)."""
+        raise NotImplementedError
+
+    def _learn(self, data: Any, rows: slice, targets: torch.Tensor | None) -> None:
+        """One update on ``rows``: backward, reduce, step."""
+        raise NotImplementedError
+
+    def reduce_gradients(self) -> None:
+        """Average ``flat_grad`` over the replicas (the reducer strategy; carries a non-finite loss)."""
+        self.reducer.reduce(self._local_nonfinite)
+
+    def step(self) -> None:
+        """Clip the reduced gradient by the global norm, step, update the target network.
+
+        The reducer guarantees that a NaN/Inf loss or gradient on any rank makes the norm non-finite
+        on every rank that must agree, so skip-or-stop is decided in lockstep.
+        """
+        norm = self.reducer.grad_norm()
+        if not math.isfinite(norm):
+            self._nonfinite_update()
+            return
+        h = self.hyper
+        if h.max_grad_norm is not None:
+            self.flat_grad.mul_(min(1.0, h.max_grad_norm / (norm + 1e-6)))
+        self.updates += 1
+        if self.optimizer is not None:  # None: a pipeline stage of parameter-free layers
+            self.optimizer.step()
+            if h.tau < 1.0:
+                polyak_update_(self.target.parameters(), self.params, h.tau)
+            elif self.updates % h.target_update_interval == 0:
+                polyak_update_(self.target.parameters(), self.params, 1.0)
+        if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
+            self.check_replicas()
+
+    def _nonfinite_update(self) -> None:
+        """Skip this update (count it) or, with train.nonfinite=stop, raise on every rank in lockstep."""
+        if self.hyper.nonfinite == "stop":
+            raise NonFiniteError(f"NaN/Inf in the loss or gradients at update {self.updates + 1} "
+                                 f"({self._nonfinite_where()}); train.nonfinite=stop")
+        self.flat_grad.zero_()
+        self.nonfinite_skipped += 1
+
+    def _nonfinite_where(self) -> str:
+        """Which ranks had a non-finite loss (a collective over the replicas)."""
+        watchdog.fence(self.comm, "non-finite diagnosis")
+        flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+        ranks = [r for r, bad in enumerate(flags) if bad]
+        return f"non-finite loss on rank(s) {ranks}" if ranks else "finite losses, non-finite gradient"
+
+    # ------------------------------------------------------------------ replicas
+    def check_replicas(self) -> None:
+        """Raise ReplicaDivergenceError naming the first tensor that differs between replicas."""
+        bad = C.first_divergent(C.tensor_fingerprints([p.detach().cpu() for p in self.params]), self.comm)
+        msg = None if bad is None else (
+            f"{self._replicas_label()} diverged after {self.updates} updates: "
+            f"parameter {self.param_names[bad]!r} differs between ranks")
+        msg = self._agree_message(msg)
+        if msg is not None:
+            raise ReplicaDivergenceError(msg)
+
+    def _replicas_label(self) -> str:
+        return "data-parallel replicas"
+
+    def _layers_label(self) -> str:
+        return ""
+
+    def _agree_message(self, msg: str | None) -> str | None:
+        """The divergence message every rank that must stop together raises (a pipeline's whole group)."""
+        return msg
+
+    # ------------------------------------------------------------------ state
+    def _optimizer_hparams(self) -> dict[str, Any]:
+        if self.optimizer is not None:
+            return optimizer_hparams(self.optimizer)
+        # a parameter-free stage: ask torch for the chosen optimizer's hparams on a throw-away tensor
+        return optimizer_hparams(make_optimizer([torch.zeros(1, requires_grad=True)], self.hyper, lr=self._lr))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and optimizer state (Adam or RMSprop) keyed by GLOBAL parameter name, on the CPU,
+        so any layout (another S) can re-partition them."""
+        opt = {}
+        if self.optimizer is not None:
+            opt = {self.param_names[i]: dict(st) for i, st in self.optimizer.state_dict()["state"].items()}
+        return to_cpu({
+            "online": dict(self.online.state_dict()),
+            "target": dict(self.target.state_dict()),
+            OPTIMIZER_KEY: opt,
+            HPARAMS_KEY: Json(self._optimizer_hparams()),
+            "updates": self.updates,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load this rank's share of a (merged, any-layout) model state; legacy "adam" keys are read."""
+        mine = list(self.online.state_dict())
+        missing = [k for k in mine if k not in state["online"]]
+        if missing:
+            raise KeyError(f"model state lacks parameters {missing}{self._layers_label()}")
+        opt, hparams = optimizer_entries(state)
+        if self.optimizer is not None:
+            load_optimizer_state(self.optimizer, self.hyper, self.param_names, opt, hparams)
+        self.online.load_state_dict({k: state["online"][k] for k in mine})
+        self.target.load_state_dict({k: state["target"][k] for k in mine})
+        self._lr = float(hparams.get("lr", self._lr))
+        self._loads += 1
+        self.updates = int(state["updates"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
