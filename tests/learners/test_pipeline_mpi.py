@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
+
+from mpidqn.io.runlog import read_log
 
 from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun, program_lines, run
 
@@ -63,3 +66,19 @@ def test_a_stage_without_parameters_trains_skips_saves_and_resumes(tmp_path):
     p = mpirun(2, [str(MPI_SCRIPTS / "pipeline_free_stage.py"), str(tmp_path)], timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("OK") == 2
+
+
+def test_the_real_command_with_a_parameter_free_first_stage_logs_and_resumes(tmp_path, tiny):
+    """`train parallel.pipeline_stages=4` on the default MLP puts Flatten alone on stage 0 (no
+    optimizer): every log row, evaluation and checkpoint works, and the run resumes."""
+    run_dir = tmp_path / "run"
+    tiny = [*tiny, "parallel.pipeline_stages=4", "log.interval_steps=200", "eval.interval_steps=400"]
+    p = mpidqn(4, ["--run-dir", str(run_dir), *tiny, "train.total_steps=800"], timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Flatten" in p.stdout.split("stage 1:")[0], p.stdout  # stage 0 holds Flatten alone
+    p = mpidqn(4, ["--run-dir", str(run_dir), *tiny, "train.total_steps=1200"], timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    info = inspect_json(run_dir)
+    assert (info["pipeline_stages"], info["step"], info["complete"]) == (4, 1200, True)
+    lr = np.asarray(read_log(run_dir / "log.h5").tables["scalars"]["learning_rate"])
+    assert len(lr) >= 4 and np.all(lr > 0), lr  # the schedule's lr, logged by rank 0 (stage 0)
