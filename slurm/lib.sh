@@ -127,9 +127,11 @@ mpidqn_launch() {
     local -a extra=()
     # shellcheck disable=SC2206  # word splitting is the point
     [[ -n ${MPIDQN_LAUNCHER_ARGS:-} ]] && extra=($MPIDQN_LAUNCHER_ARGS)
+    local flavor=
+    if [[ -z $launcher || $launcher == mpiexec ]]; then flavor=$(mpidqn_mpiexec_flavor "$mpiexec"); fi
     if [[ -z $launcher ]]; then
         launcher=mpiexec
-        if [[ $(mpidqn_mpiexec_flavor "$mpiexec") == openmpi ]] && srun --mpi=list 2>&1 | grep -qw pmix; then
+        if [[ $flavor == openmpi ]] && srun --mpi=list 2>&1 | grep -qw pmix; then
             launcher=srun
             ((${#extra[@]})) || extra=(--mpi=pmix)
             mpidqn_log "Open MPI ($mpiexec): launching with srun ${extra[*]}, so that Slurm's SIGTERM" \
@@ -153,7 +155,7 @@ mpidqn_launch() {
             # so the ranks would see SLURM_NTASKS=<number of nodes> and the trainer's SLURM_NTASKS
             # guard would stop them. Hand the ranks SLURM_NTASKS=<size of this launch> explicitly.
             local -a envarg
-            case $(mpidqn_mpiexec_flavor "$mpiexec") in
+            case $flavor in
                 openmpi)
                     envarg=(-x SLURM_NTASKS)
                     # Open MPI refuses to start as root unless told (containers, test clusters).

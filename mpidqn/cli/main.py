@@ -131,7 +131,7 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     topo = collective(comm, build_topology)
     from mpidqn.envs.presets import spec_from_config
     from mpidqn.envs.vector import check_env_id
-    from mpidqn.learners.data_parallel import check_compile_optimizer
+    from mpidqn.learners.optim import check_compile_optimizer
     from mpidqn.train.preflight import check_layout
 
     # every check of the input before anything is written to the run dir

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -118,7 +119,7 @@ def to_cpu(tree: Any) -> Any:
     return tree
 
 
-class LearnerBase:
+class LearnerBase(ABC):
     """Shared by the data-parallel and the pipeline learner (see the module docstring).
 
     Subclasses call :meth:`_init_nets`, set ``self.reducer`` and implement ``_prepare_round``,
@@ -192,17 +193,25 @@ class LearnerBase:
                 self._learn(data, slice((i + j) * n, (i + j + 1) * n), t)
             i += span
 
+    @abstractmethod
     def _prepare_round(self, batch: Any, num_updates: int) -> tuple[Any, int]:
         """The round's data as this learner needs it, and the rows per update."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _round_targets(self, data: Any, rows: slice) -> torch.Tensor | None:
         """TD targets of ``rows`` (None on a rank that does not compute them)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _learn(self, data: Any, rows: slice, targets: torch.Tensor | None) -> None:
         """One update on ``rows``: backward, reduce, step."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions of this rank's observations."""
+
+    @abstractmethod
+    def pop_metrics(self) -> dict[str, float]:
+        """Mean loss and Q(s, a) since the last call, and the skipped-update count."""
 
     def reduce_gradients(self) -> None:
         """Average ``flat_grad`` over the replicas (the reducer strategy; carries a non-finite loss)."""
@@ -239,10 +248,14 @@ class LearnerBase:
         self.flat_grad.zero_()
         self.nonfinite_skipped += 1
 
+    def _nonfinite_flags(self) -> list[bool]:
+        """Every replica's "my loss was non-finite" flag (a collective over the replicas)."""
+        watchdog.fence(self.comm, "non-finite diagnosis")
+        return self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+
     def _nonfinite_where(self) -> str:
         """Which ranks had a non-finite loss (a collective over the replicas)."""
-        watchdog.fence(self.comm, "non-finite diagnosis")
-        flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+        flags = self._nonfinite_flags()
         ranks = [r for r, bad in enumerate(flags) if bad]
         return f"non-finite loss on rank(s) {ranks}" if ranks else "finite losses, non-finite gradient"
 

@@ -14,21 +14,12 @@ import torch
 from torch import nn
 
 from mpidqn.algo.dqn import td_loss, td_targets
-from mpidqn.errors import ReplicaDivergenceError
 from mpidqn.learners.base import LearnerBase
-from mpidqn.learners.optim import (
-    Hyper,
-    check_compile_optimizer,
-    load_optimizer_state,
-    make_optimizer,
-    optimizer_hparams,
-    set_optimizer_lr,
-)
+from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import make_reducer
 from mpidqn.nn.actor import NumpyActor
 
-__all__ = ["Hyper", "Learner", "ReplicaDivergenceError", "check_compile_optimizer", "load_optimizer_state",
-           "make_optimizer", "optimizer_hparams", "set_optimizer_lr"]
+__all__ = ["Hyper", "Learner"]  # Hyper: the learner's constructor argument, importable beside it
 
 
 def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
@@ -46,7 +37,6 @@ def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.T
         obs, next_obs = obs.float(), next_obs.float()
     return (obs, torch.from_numpy(batch.actions).long(), torch.from_numpy(batch.rewards),
             next_obs, torch.from_numpy(batch.discounts))
-
 
 
 class Learner(LearnerBase):

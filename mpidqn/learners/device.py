@@ -12,6 +12,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpidqn.errors import UserError
 from mpidqn.learners.data_parallel import Hyper, Learner
 
 
@@ -39,8 +40,6 @@ def make_dp_learner(online: nn.Module, hyper: Hyper, cfg: Any, topo: Any) -> Lea
         device = select_device(cfg.train.device, local_rank(topo.comm), torch.cuda.is_available(),
                                torch.cuda.device_count())
     except ValueError as e:
-        from mpidqn.errors import UserError
-
         raise UserError(str(e)) from None
     return Learner(online, hyper, topo.dp_comm, device, cfg.parallel.overlap_allreduce,
                    int(cfg.parallel.bucket_mb * (1 << 20)))

@@ -46,7 +46,3 @@ def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int,
             say(f"mpidqn: {line}")
     return learner
 
-
-def total_parameters(learner: QLearner) -> int:
-    """Parameters of the whole Q-network (all stages): ``learner.total_parameters``."""
-    return learner.total_parameters

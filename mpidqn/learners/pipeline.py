@@ -246,8 +246,7 @@ class PipelineLearner(LearnerBase):
                 "nonfinite_skipped": float(self.nonfinite_skipped)}
 
     def _nonfinite_where(self) -> str:
-        watchdog.fence(self.comm, "non-finite diagnosis")
-        flags = self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+        flags = self._nonfinite_flags()
         watchdog.fence(self.pp_comm, "non-finite diagnosis")
         per_stage = self.pp_comm.allgather(flags) if self.stages > 1 else [flags]
         groups = [g for g, bad in enumerate(per_stage[-1]) if bad]  # the last stage computes the loss

@@ -25,12 +25,18 @@ from mpidqn.envs.vector import (
     true_next_obs,
 )
 from mpidqn.io.h5tree import Json, flatten, unflatten
-from mpidqn.learners.factory import build_learner, total_parameters
+from mpidqn.learners.factory import build_learner
 from mpidqn.replay.frames import make_replay_shard
-from mpidqn.replay.shard import ReplayShard
+from mpidqn.replay.shard import ReplayShard, partition_plan
 from mpidqn.train import faults
 from mpidqn.train import stop as signals
-from mpidqn.train.checkpoints import CheckpointContent
+from mpidqn.train.checkpoints import (
+    CheckpointContent,
+    read_model,
+    read_rank,
+    read_replay_rows,
+    replay_lengths,
+)
 from mpidqn.train.evaluation import evaluate_learner
 from mpidqn.train.reporting import Progress, RunHeader
 from mpidqn.train.timing import PhaseTimer
@@ -131,7 +137,7 @@ class Trainer:
         self.last_eval: dict[str, float] | None = None
         self.best = (-1, -math.inf)  # (step, mean return) of the best evaluation so far
         self._best_episodes = 0
-        self.parameter_count = total_parameters(self.learner)
+        self.parameter_count = self.learner.total_parameters
         faults.install()  # TEST-ONLY MPIDQN_FAULT; without it every fault point is a no-op
         self._last_report_step = -1
         self._last_checkpoint_time = time.monotonic()
@@ -306,14 +312,6 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: Any) -> str:
         """Resume from a verified checkpoint; "exact" on the same layout, else "elastic"."""
-        from mpidqn.replay.shard import partition_plan
-        from mpidqn.train.checkpoints import (
-            read_model,
-            read_rank,
-            read_replay_rows,
-            replay_lengths,
-        )
-
         self.learner.load_state_dict(read_model(ckpt))
         self._resume_schedules(ckpt)
         self._resume_warmup(ckpt)
@@ -356,8 +354,6 @@ class Trainer:
 
     def _resume_schedules(self, ckpt: Any) -> None:
         """Epsilon and lr continue from their checkpointed values, re-anchored if total_steps changed."""
-        from mpidqn.train.checkpoints import read_rank
-
         saved = read_rank(ckpt, 0, ("schedules",)).get("schedules")
         # checkpoints before schedules were saved: the schedules of the config they were written with
         before = Schedules.from_state_dict(saved) if saved else Schedules.from_config(ckpt.config().train)
@@ -365,8 +361,6 @@ class Trainer:
 
     def _resume_warmup(self, ckpt: Any) -> None:
         """A checkpoint without (enough) replay: collect until the replay holds learning_starts again."""
-        from mpidqn.train.checkpoints import replay_lengths
-
         restored = sum(replay_lengths(ckpt) or [])
         missing = self.cfg.train.learning_starts - restored
         if missing > 0 or restored == 0:

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpidqn.learners.data_parallel import Hyper, Learner, ReplicaDivergenceError
+from mpidqn.errors import ReplicaDivergenceError
+from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import mlp_layers
 
 comm = MPI.COMM_WORLD

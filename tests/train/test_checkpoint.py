@@ -17,7 +17,8 @@ from conftest import MPI_SCRIPTS, _env, inspect_json, mpidqn, mpiexec, mpirun, r
 from mpidqn.train.checkpoints import MARKER, CheckpointManager, find_latest, read_best, read_model, step_dir_name
 from mpidqn.io.runlog import read_log
 from mpidqn.io.h5tree import Json, read_tree, write_tree
-from mpidqn.learners.data_parallel import Hyper, Learner, optimizer_hparams
+from mpidqn.learners.data_parallel import Hyper, Learner
+from mpidqn.learners.optim import optimizer_hparams
 from mpidqn.nn.mlp import mlp_layers
 
 
