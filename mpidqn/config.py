@@ -164,6 +164,23 @@ class TrainConfig:
     """transitions: every row holds obs and next_obs. frames: image observations are stored one frame
     per env step and stacks are rebuilt at sampling (about 7 KB instead of 56 KB per Atari transition).
     auto: frames for uint8 observations of 2 or more dimensions, transitions otherwise."""
+    prioritized: bool = False
+    """Prioritized replay (Schaul et al. 2016): a transition is drawn with probability p ** alpha / sum of
+    p ** alpha, p = |TD error| + priority_eps written back after every update, new transitions at the
+    running maximum priority, losses weighted by importance weights (N P(i)) ** -beta / max."""
+    priority_alpha: float | None = None
+    """Priority exponent alpha (0 = uniform); null means 0.6. Only with prioritized true."""
+    priority_beta: float | None = None
+    """Initial importance-weight exponent beta, annealed linearly to 1 at total_steps; null means 0.4.
+    Only with prioritized true."""
+    priority_eps: float | None = None
+    """Added to |TD error| so no transition gets priority 0; null means 1e-6. Only with prioritized true."""
+    replay_sampling: Literal["auto", "local", "global"] = "auto"
+    """local: every rank draws its share of the global batch from its own shard (prioritized: normalised
+    per shard, as Ape-X). global: the global batch is drawn exactly as from one buffer holding every
+    shard (one small Allgather of the shard masses per draw; ranks then draw uneven counts, 0 included).
+    auto: global with prioritized replay, local otherwise (uniform local sampling is the stratified
+    version of the global draw, with no collective)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the learner's networks and batches live: cuda:<node-local rank % GPUs> when CUDA is
     available (auto) or required (cuda); replay stays in host memory. Pipelines run on the CPU."""
@@ -434,6 +451,28 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+PRIORITY_DEFAULTS = {"priority_alpha": 0.6, "priority_beta": 0.4, "priority_eps": 1e-6}
+
+
+def priority_params(train: TrainConfig) -> dict[str, float]:
+    """alpha, beta and eps of prioritized replay, defaults filled in."""
+    return {k: float(getattr(train, k) if getattr(train, k) is not None else v) for k, v in PRIORITY_DEFAULTS.items()}
+
+
+def _validate_priority(t: TrainConfig) -> None:
+    if not t.prioritized:
+        for key in PRIORITY_DEFAULTS:
+            _require(getattr(t, key) is None, f"train.{key}",
+                     "is set but train.prioritized is false (set train.prioritized=true, or remove it)")
+        return
+    p = priority_params(t)
+    _require(math.isfinite(p["priority_alpha"]) and p["priority_alpha"] >= 0, "train.priority_alpha",
+             f"must be >= 0, got {p['priority_alpha']}")
+    _require(0.0 <= p["priority_beta"] <= 1.0, "train.priority_beta", f"must be in [0, 1], got {p['priority_beta']}")
+    _require(math.isfinite(p["priority_eps"]) and p["priority_eps"] > 0, "train.priority_eps",
+             f"must be > 0, got {p['priority_eps']}")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values, naming the key. World-size dependent checks live in Topology."""
     t, x = cfg.train, cfg.train.exploration
@@ -471,6 +510,7 @@ def validate(cfg: Config) -> None:
         _require(t.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {t.max_grad_norm}")
     _require(t.target_update_interval >= 1, "train.target_update_interval", f"must be >= 1, got {t.target_update_interval}")
     _require(0.0 < t.tau <= 1.0, "train.tau", f"must be in (0, 1], got {t.tau}")
+    _validate_priority(t)
     for name in ("eps_start", "eps_end"):
         value = getattr(x, name)
         _require(0.0 <= value <= 1.0, f"train.exploration.{name}", f"must be in [0, 1], got {value}")

@@ -28,13 +28,16 @@ def td_targets(
     return rewards + discounts * next_v
 
 
-def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber") -> torch.Tensor:
-    """Mean Huber (smooth L1, delta 1) or squared TD error."""
-    if kind == "huber":
-        return F.smooth_l1_loss(q_taken, targets)
-    if kind == "mse":
-        return F.mse_loss(q_taken, targets)
-    raise ValueError(f"unknown loss {kind!r} (expected 'huber' or 'mse')")
+def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Huber (smooth L1, delta 1) or squared TD error; with ``weights``, ``sum(weights * loss_i)``
+    (importance weights and the batch normalisation folded in by the caller)."""
+    if kind not in ("huber", "mse"):
+        raise ValueError(f"unknown loss {kind!r} (expected 'huber' or 'mse')")
+    fn = F.smooth_l1_loss if kind == "huber" else F.mse_loss
+    if weights is None:
+        return fn(q_taken, targets)
+    return (weights * fn(q_taken, targets, reduction="none")).sum()
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:

@@ -21,12 +21,16 @@ class Schedules:
     """Exploration epsilon (before the Ape-X per-rank spread)."""
     lr_factor: LinearSchedule
     """Multiplier of the base learning rate."""
+    beta: LinearSchedule
+    """Importance-weight exponent of prioritized replay, annealed to 1 at the end of the run."""
 
     @classmethod
     def from_config(cls, train: Any) -> "Schedules":
         x = train.exploration
+        beta = train.priority_beta if train.priority_beta is not None else 0.4
         return cls(LinearSchedule(0, x.eps_start, x.eps_fraction * train.total_steps, x.eps_end),
-                   LinearSchedule(0, 1.0, train.total_steps, train.lr_final_fraction))
+                   LinearSchedule(0, 1.0, train.total_steps, train.lr_final_fraction),
+                   LinearSchedule(0, beta, train.total_steps, 1.0))
 
     def resumed(self, step: int, train: Any) -> "Schedules":
         """These (checkpointed) schedules continued under ``train`` from ``step``: unchanged when the
@@ -36,11 +40,15 @@ class Schedules:
             self.epsilon.extended(step, fresh.epsilon.end_step)
         lr = self.lr_factor if fresh.lr_factor.end_step == self.lr_factor.end_step else \
             self.lr_factor.extended(step, fresh.lr_factor.end_step)
-        return Schedules(eps, lr)
+        beta = self.beta if fresh.beta.end_step == self.beta.end_step else self.beta.extended(step, fresh.beta.end_step)
+        return Schedules(eps, lr, beta)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"epsilon": np.array(self.epsilon.as_array()), "lr_factor": np.array(self.lr_factor.as_array())}
+        return {"epsilon": np.array(self.epsilon.as_array()), "lr_factor": np.array(self.lr_factor.as_array()),
+                "beta": np.array(self.beta.as_array())}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "Schedules":
-        return cls(LinearSchedule.from_array(state["epsilon"]), LinearSchedule.from_array(state["lr_factor"]))
+    def from_state_dict(cls, state: dict[str, Any], train: Any) -> "Schedules":
+        """Saved schedules; a checkpoint written before beta existed takes it from ``train``."""
+        beta = LinearSchedule.from_array(state["beta"]) if "beta" in state else cls.from_config(train).beta
+        return cls(LinearSchedule.from_array(state["epsilon"]), LinearSchedule.from_array(state["lr_factor"]), beta)

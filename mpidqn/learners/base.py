@@ -51,6 +51,36 @@ def optimizer_entries(state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 
 
 @dataclass(frozen=True)
+class RoundPlan:
+    """How a round's rows divide into updates and weigh in the loss (global or prioritized replay).
+
+    Without a plan every rank brings ``num_updates`` equal slices and the loss of an update is the mean
+    over its rows. With one, rank ``s`` of this rank's pipeline group (``s = 0`` alone in pure data
+    parallelism) brings ``counts[u, s]`` rows to update ``u`` (0 allowed), its rows of the round in
+    update order, and the loss of an update is ``sum_i weights[i] * loss_i`` over the group's rows:
+    ``weights`` already holds the importance weight and the normalisation (``dp / global batch``, so that
+    the average over the data-parallel replicas is the weighted mean over the global batch).
+    """
+
+    counts: np.ndarray
+    """(U, S) int64 rows per update of each rank of the pipeline group (S = 1: this rank's alone)."""
+    weights: np.ndarray
+    """(rows of this rank,) float32 loss weight of every row this rank brings."""
+    td_errors: bool = False
+    """Return ``|target - Q(s, a)|`` of this rank's rows (for priority write-back)."""
+
+    def bounds(self) -> np.ndarray:
+        """(U + 1,) offsets of the updates in the group's update-major rows."""
+        return np.concatenate([[0], np.cumsum(self.counts.sum(axis=1))]).astype(np.int64)
+
+
+def equal_bounds(rows: int, num_updates: int) -> np.ndarray:
+    """(U + 1,) offsets of ``num_updates`` equal slices of ``rows``."""
+    n = rows // num_updates
+    return np.arange(num_updates + 1, dtype=np.int64) * n
+
+
+@dataclass(frozen=True)
 class GreedyPolicy:
     """How a learner acts greedily. ``collective=False``: ``act(obs) -> actions``, local to this rank.
     ``collective=True``: ``act(obs) -> (actions, group rows)`` is a collective over the pipeline group;
@@ -88,7 +118,7 @@ class QLearner(Protocol):
 
     def greedy_policy(self) -> GreedyPolicy: ...
 
-    def update_many(self, batch: Any, num_updates: int) -> None: ...
+    def update_many(self, batch: Any, num_updates: int, plan: RoundPlan | None = None) -> np.ndarray | None: ...
 
     def pop_metrics(self) -> dict[str, float]: ...
 
@@ -173,29 +203,37 @@ class LearnerBase(ABC):
         return GreedyPolicy(self.greedy_actions, collective=False)
 
     # ------------------------------------------------------------------ learning
-    def update_many(self, batch: Any, num_updates: int) -> None:
-        """``num_updates`` updates on consecutive equal slices of a batch from ``sample_many``.
+    def update_many(self, batch: Any, num_updates: int, plan: RoundPlan | None = None) -> np.ndarray | None:
+        """``num_updates`` updates on consecutive slices of a batch: equal slices of ``sample_many``, or
+        the slices and loss weights of ``plan``. Returns ``|TD error|`` of this rank's rows when the plan
+        asks for them (priority write-back), else None.
 
         Without double DQN and with hard target updates, the target network is constant between
         two target updates, so the targets of all minibatches up to the next target update are
         computed in one batched pass (same values, far fewer small matmuls).
         """
-        data, n = self._prepare_round(batch, num_updates)
+        data, b = self._prepare_round(batch, num_updates, plan)
         h = self.hyper
         batch_targets = not h.double_dqn and h.tau >= 1.0
         i = 0
         while i < num_updates:
             span = (h.target_update_interval - self.updates % h.target_update_interval) if batch_targets else 1
             span = min(span, num_updates - i)
-            targets = self._round_targets(data, slice(i * n, (i + span) * n))
+            targets = self._round_targets(data, slice(int(b[i]), int(b[i + span])))
             for j in range(span):
-                t = targets[j * n : (j + 1) * n] if targets is not None else None
-                self._learn(data, slice((i + j) * n, (i + j + 1) * n), t)
+                lo, hi = int(b[i + j]), int(b[i + j + 1])
+                t = targets[lo - b[i]:hi - b[i]] if targets is not None else None
+                self._learn(data, slice(lo, hi), t)
             i += span
+        return self._td_errors(data) if plan is not None and plan.td_errors else None
 
     @abstractmethod
-    def _prepare_round(self, batch: Any, num_updates: int) -> tuple[Any, int]:
-        """The round's data as this learner needs it, and the rows per update."""
+    def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[Any, np.ndarray]:
+        """The round's data as this learner needs it, and the (U + 1,) row offsets of the updates."""
+
+    @abstractmethod
+    def _td_errors(self, data: Any) -> np.ndarray:
+        """``|TD error|`` of this rank's rows of the round (in the order it brought them)."""
 
     @abstractmethod
     def _round_targets(self, data: Any, rows: slice) -> torch.Tensor | None:

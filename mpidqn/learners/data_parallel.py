@@ -7,6 +7,7 @@ for a device buffer. THE CUDA PATH IS UNTESTED (no GPU was available).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from mpidqn.algo.dqn import td_loss, td_targets
-from mpidqn.learners.base import LearnerBase
+from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds
 from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import make_reducer
 from mpidqn.nn.actor import NumpyActor
@@ -37,6 +38,15 @@ def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.T
         obs, next_obs = obs.float(), next_obs.float()
     return (obs, torch.from_numpy(batch.actions).long(), torch.from_numpy(batch.rewards),
             next_obs, torch.from_numpy(batch.discounts))
+
+
+@dataclass
+class _Round:
+    """A round of updates on this replica: the batch as tensors, the plan's loss weights, the TD errors."""
+
+    tensors: tuple[torch.Tensor, ...]  # obs, actions, rewards, next_obs, discounts
+    weights: torch.Tensor | None  # per-row loss weights (RoundPlan), None: mean loss
+    td: torch.Tensor | None  # |TD error| per row, filled by the updates when the plan asks for it
 
 
 class Learner(LearnerBase):
@@ -79,38 +89,54 @@ class Learner(LearnerBase):
             next_online = self.online(next_obs) if self.hyper.double_dqn else None
             return td_targets(rewards, discounts, self.target(next_obs), next_online)
 
-    def backward(self, obs, actions, targets) -> torch.Tensor:
+    def backward(self, obs, actions, targets, weights: torch.Tensor | None = None,
+                 td_out: torch.Tensor | None = None) -> torch.Tensor:
         """Local loss and gradient into ``flat_grad`` (overwritten). Returns the detached loss.
+
+        ``weights``: per-row loss weights (the loss is their weighted sum, see RoundPlan); ``td_out``
+        receives ``|target - Q(s, a)|`` of the rows. No rows (a rank with no share of a global batch)
+        give a zero loss and gradient, and the replica still joins the reduction.
 
         The loss's finiteness is known before backward and handed to the reducer, which carries it to
         every replica (an overlapped reducer starts reducing during backward)."""
         q = self.online(obs)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
-        loss = td_loss(q_taken, targets, self.hyper.loss)
+        loss = td_loss(q_taken, targets, self.hyper.loss, weights)
+        if td_out is not None:
+            td_out.copy_((targets - q_taken.detach()).abs())
         self._local_nonfinite = not bool(torch.isfinite(loss.detach()))
         self.reducer.start(self._local_nonfinite)
         self.flat_grad.zero_()
         loss.backward()
-        if not self._local_nonfinite:
+        if not self._local_nonfinite and len(q_taken):
             self._q_sum += q_taken.detach().mean()
         return loss.detach()
 
-    def _prepare_round(self, batch: Any, num_updates: int) -> tuple[Any, int]:
-        data = _as_tensors(batch, self.device)
-        return data, data[0].shape[0] // num_updates
+    def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[_Round, np.ndarray]:
+        tensors = _as_tensors(batch, self.device)
+        if plan is None:
+            return _Round(tensors, None, None), equal_bounds(tensors[0].shape[0], num_updates)
+        weights = torch.from_numpy(np.asarray(plan.weights, dtype=np.float32)).to(tensors[2].device)
+        td = torch.zeros(len(weights), device=tensors[2].device) if plan.td_errors else None
+        return _Round(tensors, weights, td), plan.bounds()
 
-    def _round_targets(self, data: Any, rows: slice) -> torch.Tensor:
-        _, _, rewards, next_obs, discounts = data
+    def _round_targets(self, data: _Round, rows: slice) -> torch.Tensor:
+        _, _, rewards, next_obs, discounts = data.tensors
         return self.targets(rewards[rows], next_obs[rows], discounts[rows])
 
-    def _learn(self, data: Any, rows: slice, targets: torch.Tensor | None) -> None:
-        obs, actions = data[0], data[1]
-        loss = self.backward(obs[rows], actions[rows], targets)
+    def _learn(self, data: _Round, rows: slice, targets: torch.Tensor | None) -> None:
+        obs, actions = data.tensors[0], data.tensors[1]
+        loss = self.backward(obs[rows], actions[rows], targets,
+                             None if data.weights is None else data.weights[rows],
+                             None if data.td is None else data.td[rows])
         self.reduce_gradients()
         self.step()
         if not self._local_nonfinite:
             self._loss_sum += loss
             self._metric_count += 1
+
+    def _td_errors(self, data: _Round) -> np.ndarray:
+        return data.td.cpu().numpy()
 
     def pop_metrics(self) -> dict[str, float]:
         """Mean loss and mean Q(s, a) of this replica since the last call (NaN when no update ran)."""

@@ -42,7 +42,7 @@ from mpidqn.distributed.pipeline import (
     pipelined_forward,
     split_sizes,
 )
-from mpidqn.learners.base import GreedyPolicy, LearnerBase
+from mpidqn.learners.base import GreedyPolicy, LearnerBase, RoundPlan, equal_bounds
 from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import PipelineStageReducer
 
@@ -66,7 +66,10 @@ class GroupBatch:
     actions: torch.Tensor | None  # last stage: (U * N,)
     rewards: torch.Tensor | None  # last stage
     discounts: torch.Tensor | None  # last stage
-    rows_per_update: int  # N = S * B
+    bounds: np.ndarray  # (U + 1,) offsets of the updates in the group's update-major rows
+    weights: torch.Tensor | None = None  # last stage: per-row loss weights of a RoundPlan (None: mean loss)
+    td: torch.Tensor | None = None  # last stage: |TD error| per row when the plan asks for it
+    plan: RoundPlan | None = None
 
 
 def _obs_dtype(obs: np.ndarray) -> np.dtype:
@@ -174,17 +177,52 @@ class PipelineLearner(LearnerBase):
         out = out.reshape(self.stages, num_updates, rows, *arr.shape[1:]).swapaxes(0, 1)
         return torch.from_numpy(np.ascontiguousarray(out).reshape(-1, *arr.shape[1:]))
 
-    def gather_batch(self, batch: Any, num_updates: int) -> GroupBatch:
+    @staticmethod
+    def _update_major(counts: np.ndarray) -> np.ndarray:
+        """Positions, in the group's stage-major rows (stage 0's rows of the round, then stage 1's, ...),
+        of its update-major rows (update 0's rows of stage 0, of stage 1, ..., then update 1's)."""
+        labels = np.concatenate([np.repeat(np.arange(len(counts)), counts[:, s]) for s in range(counts.shape[1])])
+        return np.argsort(labels, kind="stable")
+
+    def _gatherv(self, arr: np.ndarray, root: int, plan: RoundPlan) -> torch.Tensor | None:
+        """Gather every group rank's rows of the round (uneven counts, 0 included) to ``root``, update-major."""
+        arr = np.ascontiguousarray(arr)
+        totals = plan.counts.sum(axis=0)
+        if self.stages == 1:
+            return torch.from_numpy(arr)
+        width = int(np.prod(arr.shape[1:], dtype=np.int64))
+        displs = np.concatenate([[0], np.cumsum(totals)[:-1]])
+        if self.stage != root:
+            watchdog.wait(self.pp_comm.Igatherv(arr.reshape(-1), None, root=root), "pipeline gather")
+            return None
+        out = np.empty((int(totals.sum()), *arr.shape[1:]), dtype=arr.dtype)
+        watchdog.wait(self.pp_comm.Igatherv(arr.reshape(-1), [out.reshape(-1), (totals * width, displs * width)],
+                                            root=root), "pipeline gather")
+        return torch.from_numpy(np.ascontiguousarray(out[self._update_major(plan.counts)]))
+
+    def gather_batch(self, batch: Any, num_updates: int, plan: RoundPlan | None = None) -> GroupBatch:
         t0 = time.perf_counter()
         last = self.stages - 1
-        obs = self._gather(np.asarray(batch.obs, dtype=_obs_dtype(batch.obs)), 0, num_updates)
-        next_obs = self._gather(np.asarray(batch.next_obs, dtype=_obs_dtype(batch.next_obs)), 0, num_updates)
-        actions = self._gather(np.asarray(batch.actions, dtype=np.int64), last, num_updates)
-        rewards = self._gather(np.asarray(batch.rewards, dtype=np.float32), last, num_updates)
-        discounts = self._gather(np.asarray(batch.discounts, dtype=np.float32), last, num_updates)
+        if plan is None:
+            def gather(a: np.ndarray, root: int) -> torch.Tensor | None:
+                return self._gather(a, root, num_updates)
+        else:
+            def gather(a: np.ndarray, root: int) -> torch.Tensor | None:
+                return self._gatherv(a, root, plan)
+        obs = gather(np.asarray(batch.obs, dtype=_obs_dtype(batch.obs)), 0)
+        next_obs = gather(np.asarray(batch.next_obs, dtype=_obs_dtype(batch.next_obs)), 0)
+        actions = gather(np.asarray(batch.actions, dtype=np.int64), last)
+        rewards = gather(np.asarray(batch.rewards, dtype=np.float32), last)
+        discounts = gather(np.asarray(batch.discounts, dtype=np.float32), last)
+        if plan is None:
+            gb = GroupBatch(obs, next_obs, actions, rewards, discounts,
+                            equal_bounds(self.stages * len(batch.actions), num_updates))
+        else:
+            weights = gather(np.asarray(plan.weights, dtype=np.float32), last)
+            td = torch.zeros(len(weights)) if plan.td_errors and weights is not None else None
+            gb = GroupBatch(obs, next_obs, actions, rewards, discounts, plan.bounds(), weights, td, plan)
         self._collective_seconds += time.perf_counter() - t0
-        rows = self.stages * (len(batch.actions) // num_updates)
-        return GroupBatch(obs, next_obs, actions, rewards, discounts, rows)
+        return gb
 
     def _sizes(self, rows: int) -> list[int]:
         return split_sizes(rows, self.micro_batches)
@@ -206,13 +244,21 @@ class PipelineLearner(LearnerBase):
         x = _as_float(gb.obs[rows]) if self.link.first else None
         actions = gb.actions[rows] if self.link.last else None
 
+        weights = gb.weights[rows] if gb.weights is not None and self.link.last else None
+        td = gb.td[rows] if gb.td is not None and self.link.last else None
+
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
-            loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
+            if weights is None:
+                loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
+            else:  # a RoundPlan's weights hold the normalisation
+                loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss, weights[offset : offset + n])
+            if td is not None:
+                td[offset : offset + n] = (targets[offset : offset + n] - q_taken.detach()).abs()
             value = float(loss.detach())
             if math.isfinite(value):
                 self._metrics[0] += value
-                self._metrics[1] += float(q_taken.detach().sum()) / total
+                self._metrics[1] += float(q_taken.detach().sum()) / max(total, 1)
             else:
                 self._local_nonfinite = True
             return loss
@@ -223,9 +269,27 @@ class PipelineLearner(LearnerBase):
         if not self._local_nonfinite:  # a non-finite loss is carried to every rank by the reducer
             self._metrics[2] += 1
 
-    def _prepare_round(self, batch: Any, num_updates: int) -> tuple[Any, int]:
-        gb = self.gather_batch(batch, num_updates)
-        return gb, gb.rows_per_update
+    def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[GroupBatch, np.ndarray]:
+        gb = self.gather_batch(batch, num_updates, plan)
+        return gb, gb.bounds
+
+    def _td_errors(self, gb: GroupBatch) -> np.ndarray:
+        """The last stage's |TD errors| of the group's rows, scattered back to the ranks that drew them."""
+        plan = gb.plan
+        totals = plan.counts.sum(axis=0)
+        mine = np.empty(int(totals[self.stage]), dtype=np.float32)
+        if self.stages == 1:
+            return gb.td.numpy()
+        t0 = time.perf_counter()
+        send = None
+        if self.link.last:
+            stage_major = np.empty(int(totals.sum()), dtype=np.float32)
+            stage_major[self._update_major(plan.counts)] = gb.td.numpy()
+            displs = np.concatenate([[0], np.cumsum(totals)[:-1]])
+            send = [stage_major, (totals, displs), MPI.FLOAT]
+        watchdog.wait(self.pp_comm.Iscatterv(send, mine, root=self.stages - 1), "pipeline scatter")
+        self._collective_seconds += time.perf_counter() - t0
+        return mine
 
     def _round_targets(self, data: Any, rows: slice) -> torch.Tensor | None:
         return self.targets(data, rows)

@@ -44,6 +44,7 @@ from mpidqn.replay.shard import (
     Transitions,
     UniformSampler,
 )
+from mpidqn.replay.priority import Priorities, ShardMass
 
 ROW_FIELDS = ("obs_idx", "next_idx", "actions", "rewards", "discounts", "need")
 
@@ -78,6 +79,8 @@ class FrameRows:
     actions: np.ndarray
     rewards: np.ndarray
     discounts: np.ndarray
+    priority: np.ndarray | None = None
+    """(B,) float64 priorities of the rows of a prioritized shard, else None."""
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -85,7 +88,8 @@ class FrameRows:
     def take(self, order: np.ndarray) -> "FrameRows":
         """The rows in ``order`` (the frame pool is shared)."""
         return FrameRows(self.frames, self.prev, self.obs_idx[order], self.next_idx[order],
-                         self.actions[order], self.rewards[order], self.discounts[order])
+                         self.actions[order], self.rewards[order], self.discounts[order],
+                         None if self.priority is None else self.priority[order])
 
     @staticmethod
     def concat(parts: list["FrameRows"]) -> "FrameRows":
@@ -95,7 +99,8 @@ class FrameRows:
         return FrameRows(
             cat([p.frames for p in parts]), cat([p.prev + o for p, o in zip(parts, offsets)]),
             cat([p.obs_idx + o for p, o in zip(parts, offsets)]), cat([p.next_idx + o for p, o in zip(parts, offsets)]),
-            cat([p.actions for p in parts]), cat([p.rewards for p in parts]), cat([p.discounts for p in parts]))
+            cat([p.actions for p in parts]), cat([p.rewards for p in parts]), cat([p.discounts for p in parts]),
+            None if any(p.priority is None for p in parts) else cat([p.priority for p in parts]))
 
 
 def frame_rows_from_state(state: dict[str, Any], rows: np.ndarray) -> FrameRows:
@@ -214,7 +219,7 @@ class FrameReplayShard:
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, num_envs: int,
                  n_step: int = 1, gamma: float = 0.99, stack: int = 1,
-                 frame_capacity: int | None = None) -> None:
+                 frame_capacity: int | None = None, priority: tuple[float, float] | None = None) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity={capacity} must be > 0")
         if np.dtype(obs_dtype) != np.uint8:
@@ -240,6 +245,7 @@ class FrameReplayShard:
                       "discounts": np.zeros(capacity, np.float32), "need": np.zeros(capacity, np.int64)}
         self.pos = self.size = self.filled = self.num_added = 0
         self._sampler = UniformSampler()
+        self.priorities = Priorities(capacity, *priority) if priority is not None else None
         self._cur = np.zeros(self.num_envs, np.int64)  # newest frame of each env's current obs
         self._fresh = np.ones(self.num_envs, bool)  # the next obs of this env starts a new chain
 
@@ -292,7 +298,7 @@ class FrameReplayShard:
         self._fresh[:] = True
 
     def _write_rows(self, obs_idx: np.ndarray, next_idx: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                    discounts: np.ndarray, need: np.ndarray | None = None) -> int:
+                    discounts: np.ndarray, need: np.ndarray | None = None, priority: np.ndarray | None = None) -> int:
         k = len(actions)
         if need is None:
             need = chase(self._frames.prev, obs_idx, self.stack, self._frames.capacity)[:, 0]
@@ -302,6 +308,8 @@ class FrameReplayShard:
         slots = (self.pos + np.arange(k - skip)) % self.capacity
         for name, arr in self._rows.items():
             arr[slots] = np.asarray(cols[name])[skip:]
+        if self.priorities is not None:
+            self.priorities.written(slots, None if priority is None else np.asarray(priority)[skip:])
         self.pos = (self.pos + k - skip) % self.capacity
         self.size = min(self.size + k - skip, self.capacity)
         self.filled = max(self.filled, min(self.capacity, self.filled + k - skip))
@@ -314,6 +322,8 @@ class FrameReplayShard:
         limit = self._frames.oldest_alive + self.in_flight
         need = self._rows["need"]
         while self.size and self._frames.oldest_alive > 0 and need[(self.pos - self.size) % self.capacity] < limit:
+            if self.priorities is not None:
+                self.priorities.dropped(np.array([(self.pos - self.size) % self.capacity]))
             self.size -= 1
 
     # ------------------------------------------------------------------ sampling
@@ -334,6 +344,29 @@ class FrameReplayShard:
         if num_batches < 1:
             raise ValueError(f"num_batches={num_batches} must be >= 1")
         return self.sample(num_batches * batch_size, rng, out)
+
+    def sample_slots(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` physical slots by priority or uniformly (see ``ReplayShard.sample_slots``)."""
+        if count == 0:
+            return np.zeros(0, np.int64)
+        if self.priorities is not None:
+            return self.priorities.sample(count, rng)
+        return self._slots(self._sampler.indices(self.size, count, rng))
+
+    def gather(self, slots: np.ndarray, out: Batch | None = None) -> Batch:
+        return self._gather(slots, out)
+
+    def mass(self) -> ShardMass:
+        if self.priorities is not None:
+            return self.priorities.shard_mass(self.size)
+        return ShardMass(float(self.size), 1.0 if self.size else np.inf, self.size)
+
+    def slot_masses(self, slots: np.ndarray) -> np.ndarray:
+        return np.ones(len(slots)) if self.priorities is None else self.priorities.masses(slots)
+
+    def update_priorities(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
+        if self.priorities is not None:
+            self.priorities.update(slots, td_abs)
 
     def empty_batch(self, batch_size: int) -> Batch:
         b = batch_size
@@ -361,21 +394,26 @@ class FrameReplayShard:
 
     def transitions(self) -> Transitions:
         """Stored rows oldest first, MATERIALISED (2 stacks per row: for tests and small shards)."""
-        b = self._gather(self.oldest_first(), None)
-        return dict(zip(FIELDS, b))
+        idx = self.oldest_first()
+        out = dict(zip(FIELDS, self._gather(idx, None)))
+        if self.priorities is not None:
+            out["priority"] = self.priorities.p[idx]
+        return out
 
     def extend(self, rows: Transitions | FrameRows) -> int:
         """Append rows oldest first (FrameRows, or materialised transitions whose frames are
         deduplicated again); beyond capacity the newest are kept. Bypasses the n-step accumulator."""
         if not isinstance(rows, FrameRows):
+            priority = rows.get("priority")
             rows = frame_rows_from_transitions(rows, self.stack, self.frame_shape)
+            rows.priority = None if priority is None else np.asarray(priority, np.float64)
         if len(rows) == 0:
             return 0
         base = self._frames.written
         need = base + chase(rows.prev, rows.obs_idx, self.stack)[:, 0]
         self._frames.write(rows.frames, base + rows.prev)
         self._write_rows(base + rows.obs_idx, base + rows.next_idx, rows.actions, rows.rewards,
-                         rows.discounts, need)
+                         rows.discounts, need, rows.priority)
         self._compact()
         return len(rows)
 
@@ -387,6 +425,8 @@ class FrameReplayShard:
             return
         for arr in self._rows.values():
             arr[:len(keep)] = arr[keep]
+        if self.priorities is not None:
+            self.priorities.reload(self.priorities.p[keep], self.priorities.max_p)
         self.size = self.filled = len(keep)
         self.pos = self.size % self.capacity
 
@@ -400,6 +440,9 @@ class FrameReplayShard:
         d.update({"frames/stack": self.stack, "frames/cur": self._cur.copy(),
                   "frames/fresh": self._fresh.astype(np.uint8)})
         d.update(self._nstep.state_dict())
+        if self.priorities is not None:
+            d["ring/priority"] = self.priorities.p[:self.filled].copy()
+            d["ring/max_priority"] = float(self.priorities.max_p)
         return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -417,10 +460,16 @@ class FrameReplayShard:
         self._cur[:] = np.asarray(d["frames/cur"])
         self._fresh[:] = np.asarray(d["frames/fresh"]).astype(bool)
         self._nstep.load_state_dict(d)
+        if self.priorities is not None:
+            if "ring/priority" in d:
+                self.priorities.reload(np.asarray(d["ring/priority"]), float(d["ring/max_priority"]))
+            else:
+                self.priorities.reload(np.ones(self.filled), 1.0)
+                self.priorities.dropped(np.setdiff1d(np.arange(self.filled), self.oldest_first()))
 
 
 def make_replay_shard(storage: str, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, num_envs: int,
-                      n_step: int, gamma: float, stack: int) -> Any:
+                      n_step: int, gamma: float, stack: int, priority: tuple[float, float] | None = None) -> Any:
     """``ReplayShard`` or ``FrameReplayShard`` for ``train.replay_storage`` (auto: frames for uint8
     observations with 2 or more dimensions)."""
     from mpidqn.replay.shard import ReplayShard
@@ -428,5 +477,5 @@ def make_replay_shard(storage: str, capacity: int, obs_shape: tuple[int, ...], o
     if storage == "auto":
         storage = "frames" if np.dtype(obs_dtype) == np.uint8 and len(obs_shape) >= 2 else "transitions"
     if storage == "frames":
-        return FrameReplayShard(capacity, obs_shape, obs_dtype, num_envs, n_step, gamma, stack)
-    return ReplayShard(capacity, obs_shape, obs_dtype, num_envs, n_step, gamma)
+        return FrameReplayShard(capacity, obs_shape, obs_dtype, num_envs, n_step, gamma, stack, priority=priority)
+    return ReplayShard(capacity, obs_shape, obs_dtype, num_envs, n_step, gamma, priority)

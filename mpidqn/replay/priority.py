@@ -115,18 +115,20 @@ class ShardMass:
     total: float  # sum of the masses (the size, for uniform replay)
     min: float  # smallest positive mass (+inf for an empty shard; 1 for uniform replay)
     size: int  # filled slots
+    max_p: float = 1.0  # running maximum priority (1 for uniform replay)
 
 
-def split_batch(masses: list[ShardMass], batch: int, rng: np.random.Generator) -> np.ndarray:
+def split_batch(masses: list[ShardMass], batch: int, rng: np.random.Generator,
+                updates: int | None = None) -> np.ndarray:
     """How many of ``batch`` draws from the union fall in each shard (the same on every rank when
     ``rng`` is a shared stream). A multinomial over the shard masses: the shard choices of ``batch``
     independent draws from one buffer holding every shard, so counts differ between shards and
-    between updates (a count of 0 included)."""
+    between updates (a count of 0 included). ``updates``: that many independent splits, (updates, shards)."""
     totals = np.array([m.total for m in masses], dtype=np.float64)
     grand = totals.sum()
     if grand <= 0:
         raise ValueError("cannot sample: every replay shard is empty")
-    return rng.multinomial(batch, totals / grand)
+    return rng.multinomial(batch, totals / grand, size=updates)
 
 
 def importance_weights(masses_drawn: np.ndarray, shards: list[ShardMass], beta: float) -> np.ndarray:
@@ -142,3 +144,74 @@ def importance_weights(masses_drawn: np.ndarray, shards: list[ShardMass], beta: 
     p = np.asarray(masses_drawn, dtype=np.float64) / grand
     max_w = (n * smallest / grand) ** (-beta)
     return ((n * p) ** (-beta) / max_w).astype(np.float32)
+
+
+class Priorities:
+    """The priorities of one shard's slots and their sum/min tree (:class:`SumTree` of ``p ** alpha``).
+
+    ``p`` (``|delta| + eps`` after an update, the running maximum for a new transition) is kept per
+    slot in float64, so a checkpoint stores ``p`` and the tree is rebuilt from it exactly (every inner
+    node is the sum/min of its children, a function of the leaves), also under another ``alpha``.
+    ``max_p`` is the running maximum priority; in global sampling the trainer raises it to the
+    maximum over all shards (:meth:`raise_max`) before new transitions are written.
+    """
+
+    def __init__(self, capacity: int, alpha: float, eps: float) -> None:
+        if alpha < 0:
+            raise ValueError(f"priority alpha {alpha} must be >= 0")
+        if eps <= 0:
+            raise ValueError(f"priority eps {eps} must be > 0")
+        self.alpha, self.eps = float(alpha), float(eps)
+        self.tree = SumTree(capacity)
+        self.p = np.zeros(capacity, dtype=np.float64)
+        self.max_p = 1.0
+
+    def _mass(self, p: np.ndarray) -> np.ndarray:
+        return np.power(p, self.alpha)
+
+    def written(self, slots: np.ndarray, p: np.ndarray | None = None) -> None:
+        """New rows at ``slots``: the running maximum priority (or the given ``p``, e.g. carried by an
+        elastic resume)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        p = np.full(slots.shape, self.max_p) if p is None else np.asarray(p, dtype=np.float64)
+        self.p[slots] = p
+        self.tree.set(slots, self._mass(p))
+
+    def dropped(self, slots: np.ndarray) -> None:
+        """Rows gone from ``slots`` (never drawn again until written)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        self.p[slots] = 0.0
+        self.tree.set(slots, 0.0)
+
+    def update(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
+        """After an update: ``p = |delta| + eps`` of the drawn slots (the last of repeated slots wins)."""
+        p = np.asarray(td_abs, dtype=np.float64) + self.eps
+        if p.size == 0:
+            return
+        if not np.all(np.isfinite(p)):
+            raise ValueError("non-finite TD error given as a priority")
+        self.p[np.asarray(slots, dtype=np.int64)] = p
+        self.tree.set(slots, self._mass(p))
+        self.max_p = max(self.max_p, float(p.max()))
+
+    def raise_max(self, value: float) -> None:
+        self.max_p = max(self.max_p, float(value))
+
+    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        return self.tree.sample(count, rng)
+
+    def masses(self, slots: np.ndarray) -> np.ndarray:
+        return self.tree.get(slots)
+
+    def shard_mass(self, size: int) -> ShardMass:
+        return ShardMass(self.tree.total, self.tree.min, int(size), self.max_p)
+
+    def reload(self, p: np.ndarray, max_p: float) -> None:
+        """Restore every slot's priority (0 = empty) and the running maximum."""
+        p = np.asarray(p, dtype=np.float64)
+        self.p[:] = 0.0
+        self.p[:len(p)] = p
+        self.tree = SumTree(self.tree.capacity)
+        filled = np.flatnonzero(self.p > 0)
+        self.tree.set(filled, self._mass(self.p[filled]))
+        self.max_p = float(max_p)

@@ -4,8 +4,9 @@ Composition (Dopamine ``replay_buffer.py`` + ``samplers.py``, SB3 ``buffers.py``
 
 - ``NStepAccumulator`` turns per-env steps into n-step transitions (pure bookkeeping, no storage),
 - ``TransitionRing`` stores transitions in preallocated arrays (a ring, oldest overwritten first),
-- ``UniformSampler`` draws slot indices,
-- ``ReplayShard`` wires the three together; it is this rank's part of the global buffer, which is
+- ``UniformSampler`` draws slot indices (or, with ``priority``, :class:`~mpidqn.replay.priority.Priorities`
+  draws them by priority),
+- ``ReplayShard`` wires them together; it is this rank's part of the global buffer, which is
   the union of the shards.
 - ``partition_plan`` assigns the stored rows of old shards to a new world size (elastic resume);
   ``partition_transitions`` applies it to materialised transitions (its reference, for tests).
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from mpidqn.replay.priority import Priorities, ShardMass
 
 Transitions = dict[str, np.ndarray]
 """Column dict of transitions: the keys of ``Batch._fields``, equal leading dims."""
@@ -313,7 +316,10 @@ def partition_transitions(per_rank: list[Transitions], new_world: int) -> list[T
 
 
 class ReplayShard:
-    """This rank's replay shard: n-step accumulator -> ring storage -> uniform sampler."""
+    """This rank's replay shard: n-step accumulator -> ring storage -> uniform or prioritized sampler.
+
+    ``priority``: ``(alpha, eps)`` for prioritized replay (:class:`Priorities`), None for uniform.
+    """
 
     def __init__(
         self,
@@ -323,10 +329,12 @@ class ReplayShard:
         num_envs: int,
         n_step: int = 1,
         gamma: float = 0.99,
+        priority: tuple[float, float] | None = None,
     ) -> None:
         self._ring = TransitionRing(capacity, obs_shape, obs_dtype)
         self._nstep = NStepAccumulator(num_envs, n_step, gamma, obs_shape, obs_dtype)
         self._sampler = UniformSampler()
+        self.priorities = Priorities(capacity, *priority) if priority is not None else None
         self.obs_shape = self._ring.obs_shape
         self.obs_dtype = self._ring.obs_dtype
         self.num_envs = self._nstep.num_envs
@@ -357,7 +365,17 @@ class ReplayShard:
     ) -> int:
         """Add one vector-env step (see ``NStepAccumulator.push``); return transitions written."""
         rows = self._nstep.push(obs, actions, rewards, next_obs, terminated, truncated)
-        return self._ring.write(rows)
+        return self._write(rows)
+
+    def _write(self, rows: Transitions, priority: np.ndarray | None = None) -> int:
+        """Write rows; new rows get the running maximum priority (or ``priority``, the newest kept)."""
+        pos = self._ring.pos
+        k = self._ring.write(rows)
+        if self.priorities is not None and k:
+            kept = min(k, self.capacity)
+            slots = (pos + np.arange(kept)) % self.capacity
+            self.priorities.written(slots, None if priority is None else np.asarray(priority)[k - kept:])
+        return k
 
     def sample(self, batch_size: int, rng: np.random.Generator,
                out: Batch | None = None) -> Batch:
@@ -381,6 +399,36 @@ class ReplayShard:
             raise ValueError(f"num_batches={num_batches} must be >= 1")
         return self.sample(num_batches * batch_size, rng, out)
 
+    # ------------------------------------------------------------------ sampling by slot
+    def sample_slots(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` slots drawn with replacement: by priority, or uniformly (``count`` may be 0)."""
+        if count == 0:
+            return np.zeros(0, np.int64)
+        if self.priorities is not None:
+            return self.priorities.sample(count, rng)
+        return self._sampler.indices(len(self._ring), count, rng)
+
+    def gather(self, slots: np.ndarray, out: Batch | None = None) -> Batch:
+        """The transitions at ``slots`` (from ``sample_slots``)."""
+        return self._gather(slots, out)
+
+    def mass(self) -> ShardMass:
+        """What a global draw needs to know of this shard (its size, for uniform replay)."""
+        if self.priorities is not None:
+            return self.priorities.shard_mass(len(self))
+        return ShardMass(float(len(self)), 1.0 if len(self) else np.inf, len(self))
+
+    def slot_masses(self, slots: np.ndarray) -> np.ndarray:
+        """``p ** alpha`` of ``slots`` (1 for uniform replay)."""
+        if self.priorities is None:
+            return np.ones(len(slots))
+        return self.priorities.masses(slots)
+
+    def update_priorities(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
+        """New priorities ``|delta| + eps`` for the drawn ``slots`` (prioritized replay only)."""
+        if self.priorities is not None:
+            self.priorities.update(slots, td_abs)
+
     def empty_batch(self, batch_size: int) -> Batch:
         """Preallocated arrays of the right shapes and dtypes, for ``sample(..., out=)``."""
         arrays = self._ring.arrays
@@ -402,28 +450,46 @@ class ReplayShard:
         self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
 
     def transitions(self) -> Transitions:
-        """Stored transitions, oldest first (copies)."""
+        """Stored transitions, oldest first (copies); with priorities, their ``priority`` too."""
         idx = self._ring.oldest_first()
-        return {k: v[idx] for k, v in self._ring.arrays.items()}
+        out = {k: v[idx] for k, v in self._ring.arrays.items()}
+        if self.priorities is not None:
+            out["priority"] = self.priorities.p[idx]
+        return out
 
     def extend(self, transitions: Transitions) -> int:
         """Append transitions (oldest first); beyond capacity the newest are kept.
 
-        Bypasses the n-step accumulator: rows are complete transitions. Returns rows given.
+        Bypasses the n-step accumulator: rows are complete transitions. A ``priority`` column (an
+        elastic resume of a prioritized shard) is kept; without it rows get the running maximum.
+        Returns rows given.
         """
-        return self._ring.write({k: np.asarray(v) for k, v in transitions.items()})
+        rows = {k: np.asarray(v) for k, v in transitions.items()}
+        return self._write(rows, rows.get("priority"))
 
     def state_dict(self) -> dict[str, np.ndarray | int]:
-        """Flat ``ring/...`` and ``nstep/...`` entries (HDF5-ready names).
+        """Flat ``ring/...`` and ``nstep/...`` entries (HDF5-ready names); with priorities also
+        ``ring/priority`` (per slot) and ``ring/max_priority``.
 
         Ring arrays are views of the filled part: write them out before the next ``add``.
         """
-        return {**self._ring.state_dict(), **self._nstep.state_dict()}
+        d = {**self._ring.state_dict(), **self._nstep.state_dict()}
+        if self.priorities is not None:
+            d["ring/priority"] = self.priorities.p[:len(self)].copy()
+            d["ring/max_priority"] = float(self.priorities.max_p)
+        return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Restore a ``state_dict`` of a shard with equal settings; behaviour continues exactly."""
+        """Restore a ``state_dict`` of a shard with equal settings; behaviour continues exactly.
+
+        A prioritized shard loading a uniform one's state gives every row priority 1."""
         self._ring.load_state_dict(d)
         self._nstep.load_state_dict(d)
+        if self.priorities is not None:
+            if "ring/priority" in d:
+                self.priorities.reload(np.asarray(d["ring/priority"]), float(d["ring/max_priority"]))
+            else:
+                self.priorities.reload(np.ones(len(self)), 1.0)
 
     @staticmethod
     def shard_capacity(global_capacity: int, world: int, rank: int) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from mpidqn.algo.dqn import per_rank_epsilon, update_rounds
 from mpidqn.algo.schedules import Schedules
-from mpidqn.config import Config, lr_batch_factor, samples_per_rank
+from mpidqn.config import Config, lr_batch_factor, priority_params, samples_per_rank
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
@@ -39,6 +39,7 @@ from mpidqn.train.checkpoints import (
 )
 from mpidqn.train.evaluation import evaluate_learner
 from mpidqn.train.reporting import Progress, RunHeader
+from mpidqn.train.sampling import RoundSampler, shared_seed
 from mpidqn.train.timing import PhaseTimer
 
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")
@@ -119,11 +120,14 @@ class Trainer:
         self.min_fill = self.world * cfg.env.num_envs * cfg.train.n_step
         self.updates_start = max(cfg.train.learning_starts, self.min_fill)
         self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message)
+        prio = priority_params(cfg.train)
         self.replay = make_replay_shard(  # the env's obs dtype: uint8 images stay uint8
             cfg.train.replay_storage, ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
             self.obs_shape, self.envs.single_observation_space.dtype, cfg.env.num_envs,
             cfg.train.n_step, cfg.train.gamma, self.env_spec.frame_stack,
+            priority=(prio["priority_alpha"], prio["priority_eps"]) if cfg.train.prioritized else None,
         )
+        self.sampler = RoundSampler(cfg.train, topo, self.replay, self.batch_per_rank, shared_seed(cfg.seed))
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
         self.counters = Counters()
@@ -183,11 +187,17 @@ class Trainer:
 
     def learn(self, num_updates: int) -> None:
         self.learner.set_lr(self.learning_rate())
-        with self.timer("replay"):
-            batch = self.replay.sample_many(num_updates, self.batch_per_rank, self.replay_rng)
         comm_before = self.learner.comm_seconds
-        with self.timer("learn"):
-            self.learner.update_many(batch, num_updates)
+        if self.sampler.plain:
+            with self.timer("replay"):
+                batch = self.replay.sample_many(num_updates, self.batch_per_rank, self.replay_rng)
+            with self.timer("learn"):
+                self.learner.update_many(batch, num_updates)
+        else:
+            exchange_before = self.sampler.exchange_seconds
+            self.sampler.learn(self.learner, num_updates, self.replay_rng,
+                               self.schedules.beta(self.counters.env_steps), self.timer)
+            self.timer.move("replay", "comm", self.sampler.exchange_seconds - exchange_before)
         comm = self.learner.comm_seconds - comm_before
         self.timer.move("learn", "comm", comm)  # the Allreduce ran inside update_many
 
@@ -299,7 +309,8 @@ class Trainer:
             "counters": {"env_steps": self.counters.env_steps, "iterations": self.counters.iterations,
                          "episodes": self.counters.episodes},
             "rng": {"explore": Json(self.explore_rng.bit_generator.state),
-                    "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state()},
+                    "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state(),
+                    "shared": Json(self.sampler.shared_rng.bit_generator.state)},
             "envs": {"pickle": pickle_envs(self.envs), "obs": np.asarray(self.obs)},
             "episodes": self.episodes.state_dict(),
             "schedules": self.schedules.state_dict(),
@@ -320,6 +331,8 @@ class Trainer:
             self._load_counters(state)
             self.explore_rng.bit_generator.state = state["rng"]["explore"]
             self.replay_rng.bit_generator.state = state["rng"]["replay"]
+            if "shared" in state["rng"]:
+                self.sampler.shared_rng.bit_generator.state = state["rng"]["shared"]
             torch.set_rng_state(state["rng"]["torch"])
             if len(state["envs"]["pickle"]):
                 self.envs.close()
@@ -344,6 +357,7 @@ class Trainer:
         self.seeds = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        self.sampler.shared_rng = np.random.default_rng(shared_seed(self.cfg.seed, self.counters.env_steps))
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
         lengths = replay_lengths(ckpt)
         if lengths:
@@ -356,7 +370,8 @@ class Trainer:
         """Epsilon and lr continue from their checkpointed values, re-anchored if total_steps changed."""
         saved = read_rank(ckpt, 0, ("schedules",)).get("schedules")
         # checkpoints before schedules were saved: the schedules of the config they were written with
-        before = Schedules.from_state_dict(saved) if saved else Schedules.from_config(ckpt.config().train)
+        old_train = ckpt.config().train
+        before = Schedules.from_state_dict(saved, old_train) if saved else Schedules.from_config(old_train)
         self.schedules = before.resumed(ckpt.step, self.cfg.train)
 
     def _resume_warmup(self, ckpt: Any) -> None:

@@ -47,3 +47,33 @@ def test_exception_on_one_rank_ends_all_ranks_quickly(tmp_path, tiny):
     # rank 0 went no further than the next collective: no progress line after the fault's step
     steps = [int(s.replace(",", "")) for s in re.findall(r"^step +([\d,]+)/100,000 ", p.stdout, re.M)]
     assert all(s < 800 for s in steps) and "final evaluation" not in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("n,stages", [(3, 1), (2, 2)])
+def test_global_replay_over_unequal_shards_equals_one_buffer(n, stages):
+    """Weights, reduced gradient (0-row ranks included), TD errors back to their ranks, a uniform round of
+    uneven updates, and chi-square frequencies: all against one process holding the union."""
+    p = mpirun(n, ["-m", "mpi4py", str(MPI_SCRIPTS / "global_replay.py"), str(stages)], timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("OK") == n
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.priority_alpha=-0.5", "train.priority_alpha: must be >= 0, got -0.5"),
+    ("train.priority_beta=1.5", "train.priority_beta: must be in [0, 1], got 1.5"),
+    ("train.priority_eps=0", "train.priority_eps: must be > 0, got 0.0"),
+])
+def test_bad_priority_settings_fail_with_exit_2_before_anything_is_written(tmp_path, override, message):
+    p = mpidqn(2, ["--run-dir", str(tmp_path / "r"), "train.prioritized=true", override], timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert program_lines(p.stderr) == [f"mpidqn: error: {message}"], p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_priority_settings_without_prioritized_replay_are_refused(tmp_path):
+    p = mpidqn(1, ["--run-dir", str(tmp_path / "r"), "train.priority_alpha=0.7"], timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert program_lines(p.stderr) == [
+        "mpidqn: error: train.priority_alpha: is set but train.prioritized is false "
+        "(set train.prioritized=true, or remove it)"], p.stderr
+    assert not (tmp_path / "r").exists()

@@ -115,3 +115,105 @@ def test_uniform_masses_are_sizes():
     np.testing.assert_array_equal(importance_weights(np.ones(4), shards, BETA), np.ones(4, dtype=np.float32))
     with pytest.raises(ValueError):
         split_batch([ShardMass(0.0, np.inf, 0)], 8, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- shards with priorities
+from mpidqn.replay.frames import FrameReplayShard  # noqa: E402
+from mpidqn.replay.shard import ReplayShard  # noqa: E402
+
+
+def _rows(n: int, seed: int = 0, obs_shape=(3,)) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"obs": rng.normal(size=(n, *obs_shape)).astype(np.float32), "actions": rng.integers(2, size=n),
+            "rewards": rng.normal(size=n).astype(np.float32),
+            "next_obs": rng.normal(size=(n, *obs_shape)).astype(np.float32),
+            "discounts": np.full(n, 0.99, np.float32)}
+
+
+def test_new_transitions_get_the_running_maximum_and_updates_write_back():
+    shard = ReplayShard(8, (3,), np.float32, 1, priority=(ALPHA, 1e-3))
+    shard.extend(_rows(4))
+    assert np.all(shard.priorities.p[:4] == 1.0)  # the initial maximum
+    shard.update_priorities(np.array([0, 2]), np.array([3.0, 0.5]))
+    np.testing.assert_allclose(shard.priorities.p[:4], [3.001, 1.0, 0.501, 1.0])
+    shard.extend(_rows(2, seed=1))  # new rows at the running maximum, 3.001
+    np.testing.assert_allclose(shard.priorities.p[4:6], [3.001, 3.001])
+    assert shard.mass().total == pytest.approx(np.sum(shard.priorities.p[:6] ** ALPHA))
+    assert shard.mass().min == pytest.approx(0.501 ** ALPHA)
+    shard.extend(_rows(4, seed=2))  # wraps: slots 0 and 1 overwritten, at the maximum again
+    np.testing.assert_allclose(shard.priorities.p[:2], [3.001, 3.001])
+    assert len(shard) == 8 and shard.mass().size == 8
+
+
+def test_prioritized_shard_draws_in_proportion_and_resumes_bit_identically():
+    shard = ReplayShard(64, (3,), np.float32, 1, priority=(ALPHA, 1e-3))
+    shard.extend(_rows(50))
+    shard.update_priorities(np.arange(50), np.random.default_rng(3).exponential(size=50))
+    slots = shard.sample_slots(40_000, np.random.default_rng(4))
+    assert _chi2_pvalue(slots, shard.priorities.masses(np.arange(50))) > 1e-3
+    state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in shard.state_dict().items()}
+    back = ReplayShard(64, (3,), np.float32, 1, priority=(ALPHA, 1e-3))
+    back.load_state_dict(state)
+    assert back.priorities.max_p == shard.priorities.max_p
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(3):  # the same draws, the same write-backs, the same trees
+        sa, sb = shard.sample_slots(32, a), back.sample_slots(32, b)
+        np.testing.assert_array_equal(sa, sb)
+        td = np.abs(np.random.default_rng(len(sa)).normal(size=32))
+        shard.update_priorities(sa, td)
+        back.update_priorities(sb, td)
+    assert shard.priorities.tree.total == back.priorities.tree.total
+    np.testing.assert_array_equal(shard.priorities.tree._sum, back.priorities.tree._sum)
+
+
+def test_rows_moved_by_extend_keep_their_priorities():
+    old = ReplayShard(16, (3,), np.float32, 1, priority=(ALPHA, 1e-3))
+    old.extend(_rows(10))
+    old.update_priorities(np.arange(10), np.arange(10) * 0.5)
+    moved = old.transitions()
+    assert "priority" in moved
+    new = ReplayShard(16, (3,), np.float32, 1, priority=(ALPHA, 1e-3))
+    new.extend(moved)
+    np.testing.assert_array_equal(new.priorities.p[:10], old.priorities.p[:10])
+    uniform = ReplayShard(16, (3,), np.float32, 1)  # a uniform shard ignores the column
+    uniform.extend(moved)
+    assert len(uniform) == 10
+
+
+def test_uniform_shard_mass_is_its_size_and_weights_are_one():
+    shard = ReplayShard(16, (3,), np.float32, 1)
+    assert shard.mass().total == 0 and shard.mass().min == np.inf
+    shard.extend(_rows(5))
+    assert shard.mass() == ShardMass(5.0, 1.0, 5)
+    assert np.all(shard.slot_masses(np.arange(3)) == 1)
+    assert shard.sample_slots(0, np.random.default_rng(0)).shape == (0,)
+
+
+def _frame_rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """n stacked (2, 4, 4) uint8 transitions of one long episode (next_obs shares a frame with obs)."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 255, size=(n + 2, 4, 4), dtype=np.uint8)
+    obs = np.stack([frames[i:i + 2] for i in range(n)])
+    nxt = np.stack([frames[i + 1:i + 3] for i in range(n)])
+    return {"obs": obs, "actions": rng.integers(2, size=n), "rewards": np.zeros(n, np.float32),
+            "next_obs": nxt, "discounts": np.full(n, 0.99, np.float32)}
+
+
+def test_frame_shard_priorities_follow_rows_through_eviction_and_compaction():
+    shard = FrameReplayShard(12, (2, 4, 4), np.uint8, 1, stack=2, priority=(ALPHA, 1e-3))
+    shard.extend(_frame_rows(8))
+    shard.update_priorities(np.arange(8), np.arange(8, dtype=np.float64))
+    moved = shard.transitions()
+    np.testing.assert_allclose(moved["priority"], np.arange(8) + 1e-3)
+    again = FrameReplayShard(12, (2, 4, 4), np.uint8, 1, stack=2, priority=(ALPHA, 1e-3))
+    again.extend(moved)
+    np.testing.assert_array_equal(again.transitions()["priority"], moved["priority"])
+    # a tiny frame ring forces the oldest rows out: their slots must never be drawn again
+    small = FrameReplayShard(12, (2, 4, 4), np.uint8, 1, stack=2, priority=(ALPHA, 1e-3),
+                             frame_capacity=4 * (2 + 1) + 4)
+    for i in range(5):
+        small.extend(_frame_rows(4, seed=i))
+    live = set(small.oldest_first().tolist())
+    drawn = set(small.sample_slots(5000, np.random.default_rng(0)).tolist())
+    assert drawn <= live and small.mass().size == len(small)
+    assert small.mass().total == pytest.approx(np.sum(small.priorities.p[list(live)] ** ALPHA))

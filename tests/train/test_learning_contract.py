@@ -76,8 +76,19 @@ def test_schedules_resume_unchanged_when_total_steps_is_unchanged():
     cfg = load_config(None, ["train.total_steps=2000"])
     s = Schedules.from_config(cfg.train)
     assert s.resumed(700, cfg.train) == s
-    back = Schedules.from_state_dict(s.state_dict())
+    back = Schedules.from_state_dict(s.state_dict(), cfg.train)
     assert back == s
+    older = {k: v for k, v in s.state_dict().items() if k != "beta"}  # written before beta existed
+    assert Schedules.from_state_dict(older, cfg.train).beta == s.beta
+
+
+def test_priority_beta_anneals_to_one_and_continues_on_an_extended_resume():
+    cfg = load_config(None, ["train.total_steps=2000", "train.prioritized=true", "train.priority_beta=0.5"])
+    s = Schedules.from_config(cfg.train)
+    assert s.beta(0) == 0.5 and s.beta(1000) == pytest.approx(0.75) and s.beta(2000) == 1.0
+    longer = load_config(None, ["train.total_steps=4000", "train.prioritized=true", "train.priority_beta=0.5"])
+    r = s.resumed(1000, longer.train)
+    assert r.beta(1000) == pytest.approx(0.75) and r.beta(2500) == pytest.approx(0.875) and r.beta(4000) == 1.0
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_written(tmp_path):
