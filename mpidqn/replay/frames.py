@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mpidqn.replay.priority import Priorities, ShardMass
 from mpidqn.replay.shard import (
     FIELDS,
     Batch,
@@ -44,7 +45,6 @@ from mpidqn.replay.shard import (
     Transitions,
     UniformSampler,
 )
-from mpidqn.replay.priority import Priorities, ShardMass
 
 ROW_FIELDS = ("obs_idx", "next_idx", "actions", "rewards", "discounts", "need")
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from mpidqn.replay.frames import FrameReplayShard
 from mpidqn.replay.priority import ShardMass, SumTree, importance_weights, split_batch
+from mpidqn.replay.shard import ReplayShard
 
 ALPHA, BETA = 0.6, 0.4
 
@@ -118,8 +120,6 @@ def test_uniform_masses_are_sizes():
 
 
 # ----------------------------------------------------------------------------- shards with priorities
-from mpidqn.replay.frames import FrameReplayShard  # noqa: E402
-from mpidqn.replay.shard import ReplayShard  # noqa: E402
 
 
 def _rows(n: int, seed: int = 0, obs_shape=(3,)) -> dict[str, np.ndarray]:
