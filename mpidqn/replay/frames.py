@@ -26,10 +26,11 @@ short episodes), those rows are dropped first: ``len()`` may then stay a little 
 Checkpoints: ``state_dict`` holds the frame ring and the table (``ring/...`` with the attributes
 ``capacity``/``pos``/``size`` that ``replay_lengths`` reads, ``frames/...``, ``nstep/...``). An elastic
 resume moves rows between shards as :class:`FrameRows`, which carry only the frames their stacks read
-(no materialised stacks); ``frame_rows_from_spans`` builds them from the parts of a saved shard that hold
-those rows and frames, so a loader need not read the whole shard. ``transitions()`` materialises the stacked rows (2 k frames per row: 56 KB
-per Atari row, 56 GB for 1M rows: for tests and small shards only); ``extend`` accepts such
-materialised rows too and deduplicates their frames again.
+(no materialised stacks); ``frame_rows_from_spans`` builds them from the parts of a saved shard that
+hold those rows and their frames, so a loader need not read the whole shard. ``transitions()``
+materialises the stacked rows (2 k frames per row: 56 KB per Atari row, 56 GB for 1M rows: for tests
+and small shards only); ``extend`` accepts such materialised rows too and deduplicates their frames
+again.
 """
 from __future__ import annotations
 

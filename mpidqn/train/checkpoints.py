@@ -291,7 +291,6 @@ def read_shard_rows(replay: h5py.Group, rows: np.ndarray) -> dict[str, np.ndarra
     from mpidqn.replay.frames import frame_rows_from_spans
 
     frames = replay["frames"]
-    fcap = int(frames.attrs["capacity"])
     ends = np.cumsum([b - a for a, b in runs])
     windows = sorted((int(cols["need"][e - (b - a):e].min()), int(cols["next_idx"][e - (b - a):e].max()) + 1)
                      for (a, b), e in zip(runs, ends))
@@ -301,11 +300,26 @@ def read_shard_rows(replay: h5py.Group, rows: np.ndarray) -> dict[str, np.ndarra
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
+    picked = {k: v[back] for k, v in cols.items()}
+    stack = int(frames.attrs["stack"])
+    try:
+        return frame_rows_from_spans(picked, _frame_spans(frames, merged or [[0, 0]]), stack)
+    except ValueError:
+        # A next_obs stack linked to frames older than its row's ``need`` (possible only for rows that
+        # ``extend`` deduplicated from materialised stacks): read all the saved frames instead.
+        saved = len(frames["frames"])
+        written = int(frames.attrs["written"])
+        return frame_rows_from_spans(picked, _frame_spans(frames, [[written - saved, written]]), stack)
+
+
+def _frame_spans(frames: h5py.Group, windows: list[list[int]]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(lo, frames, prev)`` of the saved frame ring for the absolute index windows ``[lo, hi)``."""
+    fcap = int(frames.attrs["capacity"])
     spans = []
-    for lo, hi in merged:
-        fslabs = _ring_slabs(lo, hi - lo, fcap)
-        spans.append((lo, _read_slabs(frames["frames"], fslabs), _read_slabs(frames["prev"], fslabs)))
-    return frame_rows_from_spans({k: v[back] for k, v in cols.items()}, spans, int(frames.attrs["stack"]))
+    for lo, hi in windows:
+        slabs = _ring_slabs(lo, hi - lo, fcap)
+        spans.append((lo, _read_slabs(frames["frames"], slabs), _read_slabs(frames["prev"], slabs)))
+    return spans
 
 
 def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray] | FrameRows | None:

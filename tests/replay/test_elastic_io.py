@@ -146,6 +146,25 @@ def test_frame_rows_from_partial_reads_equal_frame_rows_from_state(tmp_path):
             _assert_same(read_shard_rows(h["replay"], rows), frame_rows_from_state(state, rows))
 
 
+def test_a_next_stack_reaching_before_need_is_still_read_right(tmp_path):
+    """A row whose next_obs stack links to a frame older than its obs stack (``extend`` of rows built by
+    hand, or deduplicated from materialised stacks) lies outside the window read for it; the reader
+    then reads all saved frames of that shard and the rows are still right. Frames: 0 A, 1 B (after A),
+    2 C, 3 D (after C), 4 E (after B); the row is obs (C, D) -> next_obs (B, E), so need = 2 > 1."""
+    pool = np.stack([np.full(FRAME, v, np.uint8) for v in (10, 11, 12, 13, 14)])
+    rows = FrameRows(pool, np.array([0, 0, 2, 2, 1]), np.array([3, 3]), np.array([4, 4]),
+                     np.array([1, 2]), np.array([0.5, 1.5], np.float32), np.array([0.9, 0.0], np.float32))
+    shard = FrameReplayShard(10, (2, *FRAME), np.uint8, 1, 1, 0.9, 2)
+    shard.extend(rows)
+    assert shard.transitions()["next_obs"][0, 0, 0, 0] == 11  # B: before the row's need
+    ckpt = _save(tmp_path, [shard])
+    with h5py.File(ckpt.file("rank_00000.h5"), "r") as h:
+        state = read_tree(h["replay"])
+        for subset in (np.array([0]), np.array([1]), np.array([0, 1])):
+            _assert_same(read_shard_rows(h["replay"], subset), frame_rows_from_state(state, subset))
+        _assert_same(read_shard_rows(h["replay"], np.array([], np.int64)), frame_rows_from_state(state, np.array([], np.int64)))
+
+
 def test_unknown_ring_columns_travel_and_are_ignored_by_extend(tmp_path):
     """A per-row column this version does not know (a float64 priority) comes with the rows."""
     shards = _old_shards("transitions", 3)
