@@ -26,9 +26,11 @@ short episodes), those rows are dropped first: ``len()`` may then stay a little 
 Checkpoints: ``state_dict`` holds the frame ring and the table (``ring/...`` with the attributes
 ``capacity``/``pos``/``size`` that ``replay_lengths`` reads, ``frames/...``, ``nstep/...``). An elastic
 resume moves rows between shards as :class:`FrameRows`, which carry only the frames their stacks read
-(no materialised stacks). ``transitions()`` materialises the stacked rows (2 k frames per row: 56 KB
-per Atari row, 56 GB for 1M rows: for tests and small shards only); ``extend`` accepts such
-materialised rows too and deduplicates their frames again.
+(no materialised stacks); ``frame_rows_from_spans`` builds them from the parts of a saved shard that
+hold those rows and their frames, so a loader need not read the whole shard. ``transitions()``
+materialises the stacked rows (2 k frames per row: 56 KB per Atari row, 56 GB for 1M rows: for tests
+and small shards only); ``extend`` accepts such materialised rows too and deduplicates their frames
+again.
 """
 from __future__ import annotations
 
@@ -122,6 +124,52 @@ def frame_rows_from_state(state: dict[str, Any], rows: np.ndarray) -> FrameRows:
     return FrameRows(frames, prev, np.searchsorted(needed, obs_abs), np.searchsorted(needed, next_abs),
                      np.asarray(ring["actions"])[slots], np.asarray(ring["rewards"])[slots],
                      np.asarray(ring["discounts"])[slots])
+
+
+def frame_rows_from_spans(cols: dict[str, np.ndarray], spans: list[tuple[int, np.ndarray, np.ndarray]],
+                          stack: int) -> FrameRows:
+    """FrameRows of rows of a saved frame shard read in part: what ``frame_rows_from_state`` gives for them.
+
+    ``cols``: the rows' table columns (``obs_idx``, ``next_idx`` absolute frame indices, ``actions``,
+    ``rewards``, ``discounts``), in the order wanted. ``spans``: ``(first, frames, prev)`` pieces of the
+    frame ring, each the frames and ``prev`` pointers of the absolute indices ``first, first + 1, ...``,
+    ascending and disjoint; together they hold every frame the rows' stacks read (a chronological block
+    of rows reads the frames from its oldest ``need`` to its newest ``next_idx``). Raises ValueError if a
+    stack reads a frame outside the spans.
+    """
+    if not spans:
+        raise ValueError("no frame spans given")
+    starts = np.array([first for first, _, _ in spans], np.int64)
+    lengths = np.array([len(f) for _, f, _ in spans], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    prev_all = np.concatenate([np.asarray(p, np.int64) for _, _, p in spans])
+
+    def local(absolute: np.ndarray) -> np.ndarray:
+        """Absolute frame indices -> indices into the concatenated spans."""
+        i = np.searchsorted(starts, absolute, side="right") - 1
+        inside = (i >= 0) & (absolute - starts[i.clip(0)] < lengths[i.clip(0)])
+        if not inside.all():
+            raise ValueError(f"frame {int(absolute[~inside][0])} is outside the frame spans read")
+        return offsets[i] + absolute - starts[i]
+
+    def stacks(newest: np.ndarray) -> np.ndarray:
+        out = np.empty((len(newest), stack), np.int64)
+        out[:, stack - 1] = cur = np.asarray(newest, np.int64)
+        for j in range(stack - 2, -1, -1):
+            cur = prev_all[local(cur)]
+            out[:, j] = cur
+        return out
+
+    obs_abs, next_abs = np.asarray(cols["obs_idx"], np.int64), np.asarray(cols["next_idx"], np.int64)
+    needed = np.unique(np.concatenate([stacks(obs_abs).ravel(), stacks(next_abs).ravel()]))
+    at = local(needed)  # ascending, as ``needed``
+    prev_abs = prev_all[at]
+    where = np.searchsorted(needed, prev_abs).clip(max=max(len(needed) - 1, 0))
+    prev = np.where(needed[where] == prev_abs, where, np.arange(len(needed)))  # as frame_rows_from_state
+    cuts = np.searchsorted(at, offsets[1:])
+    frames = np.concatenate([np.asarray(f)[part - o] for (_, f, _), part, o in zip(spans, np.split(at, cuts), offsets)])
+    return FrameRows(frames, prev, np.searchsorted(needed, obs_abs), np.searchsorted(needed, next_abs),
+                     np.asarray(cols["actions"]), np.asarray(cols["rewards"]), np.asarray(cols["discounts"]))
 
 
 def frame_rows_from_transitions(t: Transitions, stack: int, frame_shape: tuple[int, ...]) -> FrameRows:

@@ -8,8 +8,9 @@ Composition (Dopamine ``replay_buffer.py`` + ``samplers.py``, SB3 ``buffers.py``
   draws them by priority),
 - ``ReplayShard`` wires them together; it is this rank's part of the global buffer, which is
   the union of the shards.
-- ``partition_plan`` assigns the stored rows of old shards to a new world size (elastic resume);
-  ``partition_transitions`` applies it to materialised transitions (its reference, for tests).
+- ``partition_plan`` assigns the stored rows of old shards to a new world size (elastic resume) in
+  contiguous blocks; ``partition_transitions`` applies it to materialised transitions (its
+  reference, for tests).
 
 A transition is ``(obs, action, n-step return, next_obs, discount)`` and the TD target is simply
 ``rewards + discounts * max_a Q(next_obs)``: ``discounts`` is ``gamma**m`` (``m`` the steps actually
@@ -18,6 +19,7 @@ A truncated episode (time limit) still bootstraps from its true final observatio
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -280,18 +282,32 @@ class UniformSampler:
         return rng.integers(0, size, count)
 
 
-def partition_plan(lengths: list[int], new_world: int) -> list[tuple[np.ndarray, np.ndarray]]:
+PARTITION_BLOCK = 4096
+"""Merged rows per block of :func:`partition_plan` (at most): an elastic resume reads each old shard in
+runs of about ``PARTITION_BLOCK / old_world`` contiguous rows."""
+
+
+def partition_plan(lengths: list[int], new_world: int,
+                   block: int = PARTITION_BLOCK) -> list[tuple[np.ndarray, np.ndarray]]:
     """Where each new shard's rows come from: per new shard, (old rank, oldest-first row) arrays.
 
     Order: the old shards are aligned at their NEWEST row (shards fill at the same pace, so row
     ``-1`` of every shard is equally recent) and merged oldest first, ties by old rank. The merged
-    sequence is dealt round-robin: new shard ``s`` gets merged rows ``s, s + new_world, ...``.
-    Every new shard thus spans all ages and stays oldest first (ready for ``extend``, which keeps
-    the newest if a new shard is smaller than its share). Deterministic; no randomness. Only the
-    lengths are needed, so a checkpoint loader can read just the rows a new rank gets.
+    sequence is dealt in contiguous blocks of at most ``block`` rows, round-robin: it is cut into
+    ``R = ceil(total / (block * new_world))`` rounds, and round ``j`` is the blocks of new shards
+    ``0, 1, ..., new_world - 1`` in turn. New shard ``s`` gets ``total // new_world`` rows, one more if
+    ``s < total % new_world`` (the split of ``ReplayShard.shard_capacity``, so a new shard's share never
+    exceeds its capacity when the old shards fit theirs), spread over the rounds as evenly as integers
+    allow. Within a block the old shards are interleaved by age, so a block holds one contiguous run of
+    rows of each old shard: a loader reads few, long hyperslabs. Every new shard spans all ages (at
+    block granularity) and stays oldest first (ready for ``extend``, which keeps the newest if a new
+    shard is smaller than its share). Deterministic; nothing lost or doubled. Only the lengths are
+    needed, so a checkpoint loader can read just the rows a new rank gets.
     """
     if new_world < 1:
         raise ValueError(f"new_world={new_world} must be >= 1")
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1")
     if not lengths:
         raise ValueError("no old shards to partition")
     lengths_arr = np.asarray(lengths, dtype=np.int64)
@@ -300,15 +316,24 @@ def partition_plan(lengths: list[int], new_world: int) -> list[tuple[np.ndarray,
     age = np.concatenate([np.arange(n)[::-1] for n in lengths_arr])  # 0 = newest row of its shard
     order = np.lexsort((old_rank, -age))  # primary key: oldest first
     old_rank, row = old_rank[order], row[order]
-    return [(old_rank[s::new_world], row[s::new_world]) for s in range(new_world)]
+    total = len(row)
+    share = total // new_world + (np.arange(new_world) < total % new_world)
+    rounds = max(1, -(-total // (block * new_world)))
+    cuts = (np.arange(rounds + 1)[:, None] * share[None, :]) // rounds  # (rounds + 1, new_world)
+    sizes = np.diff(cuts, axis=0).ravel()  # round-major: block of (round j, shard s); each <= block
+    owner = np.repeat(np.tile(np.arange(new_world), rounds), sizes)  # new shard of each merged row
+    mine = np.argsort(owner, kind="stable")  # merged order kept within each new shard
+    bounds = np.concatenate([[0], np.cumsum(share)])
+    return [(old_rank[mine[a:b]], row[mine[a:b]]) for a, b in itertools.pairwise(bounds)]
 
 
-def partition_transitions(per_rank: list[Transitions], new_world: int) -> list[Transitions]:
+def partition_transitions(per_rank: list[Transitions], new_world: int,
+                          block: int = PARTITION_BLOCK) -> list[Transitions]:
     """Redistribute old shards' transitions over ``new_world`` new shards; nothing lost or doubled
     (the order of :func:`partition_plan`)."""
     if not per_rank:
         raise ValueError("per_rank is empty: no old shards to partition")
-    plan = partition_plan([len(t["actions"]) for t in per_rank], new_world)
+    plan = partition_plan([len(t["actions"]) for t in per_rank], new_world, block)
     offsets = np.concatenate([[0], np.cumsum([len(t["actions"]) for t in per_rank])])
     merged = {k: np.concatenate([np.asarray(t[k]) for t in per_rank]) for k in FIELDS}
     return [{k: np.ascontiguousarray(v[offsets[ranks] + rows]) for k, v in merged.items()}

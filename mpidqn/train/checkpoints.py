@@ -29,7 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import h5py
 import numpy as np
@@ -39,6 +39,9 @@ from mpidqn.distributed import watchdog
 from mpidqn.errors import CheckpointWriteError, UserError
 from mpidqn.io.h5tree import read_tree, write_tree
 from mpidqn.train import faults
+
+if TYPE_CHECKING:
+    from mpidqn.replay.frames import FrameRows
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
@@ -229,32 +232,116 @@ def read_rank(ckpt: Checkpoint, rank: int, groups: tuple[str, ...] | None = None
         return {g: read_tree(h[g]) for g in names if g in h}
 
 
-def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """The replay rows an elastic resume assigns to one new rank (see replay.partition_plan)."""
-    from mpidqn.replay.shard import FIELDS
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the maximal runs of consecutive values of sorted, unique ``rows``."""
+    if len(rows) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    firsts, lasts = rows[np.concatenate([[0], cut])], rows[np.concatenate([cut - 1, [len(rows) - 1]])]
+    return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)]
 
+
+def _ring_slabs(first: int, count: int, capacity: int) -> list[tuple[int, int]]:
+    """Physical ``[a, b)`` slot ranges of ``count`` consecutive ring positions from position ``first``
+    (position ``i`` lives in slot ``i % capacity``): one range, or two where the ring wraps."""
+    if count > capacity:
+        raise ValueError(f"{count} ring positions exceed the ring's capacity {capacity}")
+    a = first % capacity
+    if a + count <= capacity:
+        return [(a, a + count)]
+    return [(a, capacity), (0, a + count - capacity)]
+
+
+def _read_slabs(ds: h5py.Dataset, slabs: list[tuple[int, int]]) -> np.ndarray:
+    """The hyperslabs ``ds[a:b]`` one after the other (only they are read)."""
+    out = np.empty((sum(b - a for a, b in slabs), *ds.shape[1:]), ds.dtype)
+    at = 0
+    for a, b in slabs:
+        if b > a:
+            out[at:at + b - a] = ds[a:b]
+            at += b - a
+    return out
+
+
+def read_shard_rows(replay: h5py.Group, rows: np.ndarray) -> dict[str, np.ndarray] | FrameRows:
+    """The oldest-first ``rows`` of one saved replay shard (its ``replay`` group), reading only them.
+
+    Every dataset of ``replay/ring`` with one entry per stored slot (whatever columns the shard saved)
+    is read in the hyperslabs that hold the rows: a run of consecutive rows is one slab, two where the
+    ring wraps (oldest-first row ``r`` is slot ``(pos - size + r) % capacity``). A transition shard gives
+    those columns; a frame shard gives FrameRows, reading of its frame ring (and ``prev`` pointers)
+    only the frames from the oldest ``need`` to the newest ``next_idx`` of each run of rows.
+    """
+    ring = replay["ring"]
+    cap, pos, size = (int(ring.attrs[k]) for k in ("capacity", "pos", "size"))
+    slots_saved = int(ring.attrs.get("filled", size))  # frame shards keep rows beyond ``size`` (dropped ones)
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= size):
+        raise ValueError(f"rows outside the {size} stored rows of {replay.file.filename}")
+    unique = np.unique(rows)
+    runs = _runs(unique)
+    slabs = [s for a, b in runs for s in _ring_slabs(pos - size + a, b - a, cap)]
+    cols = {name: _read_slabs(ds, slabs) for name, ds in ring.items()
+            if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] == slots_saved}
+    back = np.searchsorted(unique, rows)  # unique -> the order asked for
+    if "frames" not in replay:
+        if len(unique) == len(rows) and np.array_equal(unique, rows):
+            return cols
+        return {k: v[back] for k, v in cols.items()}
+    from mpidqn.replay.frames import frame_rows_from_spans
+
+    frames = replay["frames"]
+    ends = np.cumsum([b - a for a, b in runs])
+    windows = sorted((int(cols["need"][e - (b - a):e].min()), int(cols["next_idx"][e - (b - a):e].max()) + 1)
+                     for (a, b), e in zip(runs, ends))
+    merged: list[list[int]] = []
+    for lo, hi in windows:  # overlapping or touching windows are read once
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    picked = {k: v[back] for k, v in cols.items()}
+    stack = int(frames.attrs["stack"])
+    try:
+        return frame_rows_from_spans(picked, _frame_spans(frames, merged or [[0, 0]]), stack)
+    except ValueError:
+        # A next_obs stack linked to frames older than its row's ``need`` (possible only for rows that
+        # ``extend`` deduplicated from materialised stacks): read all the saved frames instead.
+        saved = len(frames["frames"])
+        written = int(frames.attrs["written"])
+        return frame_rows_from_spans(picked, _frame_spans(frames, [[written - saved, written]]), stack)
+
+
+def _frame_spans(frames: h5py.Group, windows: list[list[int]]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(lo, frames, prev)`` of the saved frame ring for the absolute index windows ``[lo, hi)``."""
+    fcap = int(frames.attrs["capacity"])
+    spans = []
+    for lo, hi in windows:
+        slabs = _ring_slabs(lo, hi - lo, fcap)
+        spans.append((lo, _read_slabs(frames["frames"], slabs), _read_slabs(frames["prev"], slabs)))
+    return spans
+
+
+def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray] | FrameRows | None:
+    """The replay rows an elastic resume assigns to one new rank (see replay.partition_plan), in the
+    plan's order: a dict of the ring's columns (all of them, also columns this version does not know),
+    or FrameRows for frame shards; None if the plan is empty. Each old rank file is opened in turn and
+    only the hyperslabs holding the new rank's rows are read (``read_shard_rows``)."""
     old_ranks, rows = plan
-    parts: list[dict[str, np.ndarray]] = []
+    parts: list[Any] = []
     order: list[np.ndarray] = []
     for old in np.unique(old_ranks):
         mine = np.flatnonzero(old_ranks == old)
         with h5py.File(ckpt.file(f"rank_{int(old):05d}.h5"), "r") as h:
-            ring = h["replay/ring"]
-            cap, pos, size = (int(ring.attrs[k]) for k in ("capacity", "pos", "size"))
-            slots = ((pos - size) % cap + rows[mine]) % cap  # oldest-first row -> physical slot
-            if "frames" in h["replay"]:  # frame-deduplicated shard: rows travel with their frames only
-                from mpidqn.replay.frames import frame_rows_from_state
-
-                parts.append(frame_rows_from_state(read_tree(h["replay"]), rows[mine]))
-            else:
-                parts.append({k: ring[k][()][slots] for k in FIELDS})  # one old shard in memory at a time
+            parts.append(read_shard_rows(h["replay"], rows[mine]))
         order.append(mine)
     if not parts:
         return None
     where = np.argsort(np.concatenate(order), kind="stable")
     if not isinstance(parts[0], dict):
         return type(parts[0]).concat(parts).take(where)
-    return {k: np.concatenate([p[k] for p in parts])[where] for k in FIELDS}
+    keys = [k for k in parts[0] if all(k in p for p in parts)]  # columns every old shard saved
+    return {k: np.concatenate([p[k] for p in parts])[where] for k in keys}
 
 
 def replay_lengths(ckpt: Checkpoint) -> list[int] | None:

@@ -8,6 +8,7 @@ from mpidqn.replay.shard import (
     Batch,
     NStepAccumulator,
     ReplayShard,
+    partition_plan,
     partition_transitions,
 )
 
@@ -236,12 +237,13 @@ def _unique_shards(lengths: list[int]) -> list[dict[str, np.ndarray]]:
     return out
 
 
-@pytest.mark.parametrize("lengths,new_world", [
-    ([7, 7, 6, 6], 2), ([11, 10], 4), ([5, 4, 4], 1), ([3, 0, 2, 2], 3)])
-def test_partition_transitions_loses_and_duplicates_nothing(lengths: list[int],
-                                                            new_world: int) -> None:
+@pytest.mark.parametrize("lengths,new_world,block", [
+    ([7, 7, 6, 6], 2, 4096), ([11, 10], 4, 4096), ([5, 4, 4], 1, 4096), ([3, 0, 2, 2], 3, 4096),
+    ([7, 7, 6, 6], 2, 3), ([11, 10], 4, 1), ([50, 50, 49], 2, 7), ([3, 0, 2, 2], 3, 2)])
+def test_partition_transitions_loses_and_duplicates_nothing(lengths: list[int], new_world: int,
+                                                            block: int) -> None:
     old = _unique_shards(lengths)
-    new = partition_transitions(old, new_world)
+    new = partition_transitions(old, new_world, block=block)
     assert len(new) == new_world
     got = np.concatenate([p["obs"][:, 0] for p in new])
     want = np.concatenate([o["obs"][:, 0] for o in old])
@@ -253,7 +255,7 @@ def test_partition_transitions_loses_and_duplicates_nothing(lengths: list[int],
             rows = part["obs"][:, 0][part["obs"][:, 0] // 1000 == rank]
             assert np.all(np.diff(rows) > 0)
     sizes = [len(p["actions"]) for p in new]
-    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1  # shard_capacity's split
 
 
 def test_partition_mixes_ages_newest_aligned() -> None:
@@ -261,9 +263,68 @@ def test_partition_mixes_ages_newest_aligned() -> None:
     merged = partition_transitions(old, 1)[0]["obs"][:, 0]
     # newest rows aligned: rank 0's extra row is the oldest overall
     np.testing.assert_array_equal(merged, [0, 1, 1000, 2, 1001, 3, 1002])
+    # one block each (the default block is larger than the buffer): the first 4 merged rows, the rest
     halves = partition_transitions(old, 2)
-    np.testing.assert_array_equal(halves[0]["obs"][:, 0], [0, 1000, 1001, 1002])
-    np.testing.assert_array_equal(halves[1]["obs"][:, 0], [1, 2, 3])
+    np.testing.assert_array_equal(halves[0]["obs"][:, 0], [0, 1, 1000, 2])
+    np.testing.assert_array_equal(halves[1]["obs"][:, 0], [1001, 3, 1002])
+    # blocks of at most 2 merged rows in rounds (shard 0, shard 1): [0 1][1000] [2 1001][3 1002]
+    halves = partition_transitions(old, 2, block=2)
+    np.testing.assert_array_equal(halves[0]["obs"][:, 0], [0, 1, 2, 1001])
+    np.testing.assert_array_equal(halves[1]["obs"][:, 0], [1000, 3, 1002])
+
+
+def _runs(rows: np.ndarray) -> int:
+    """Number of maximal runs of consecutive integers in ``rows``."""
+    return int(len(rows) > 0) + int(np.count_nonzero(np.diff(rows) != 1))
+
+
+@pytest.mark.parametrize("lengths,new_world,block", [
+    ([1000, 1000, 1000], 2, 64), ([997, 1000], 3, 50), ([1000], 4, 100), ([600, 600, 600, 599], 3, 128)])
+def test_partition_plan_deals_contiguous_blocks_spanning_all_ages(lengths: list[int], new_world: int,
+                                                                  block: int) -> None:
+    plan = partition_plan(lengths, new_world, block=block)
+    total = sum(lengths)
+    rounds = -(-total // (block * new_world))
+    assert sum(len(r) for _, r in plan) == total
+    oldest, band = max(lengths) - 1, block * new_world  # a round: at most `band` merged rows
+    for ranks, rows in plan:
+        age = np.asarray(lengths)[ranks] - 1 - rows  # 0 = newest, aligned over the old shards
+        assert np.all(np.diff(age) <= 0)  # oldest first
+        # spans all ages: a block in every round, so no gap of ages wider than two rounds
+        assert age.max() >= oldest - band and age.min() <= band and np.all(np.diff(age) >= -2 * band)
+        for old in range(len(lengths)):
+            mine = rows[ranks == old]
+            assert np.all(np.diff(mine) > 0)
+            assert _runs(mine) <= rounds  # one contiguous run of old rows per block at most
+    # the new shards' blocks tile the merged sequence: each block at most `block` merged rows
+    owner = np.empty(total, np.int64)
+    merged = partition_plan(lengths, 1)[0]
+    key = {(int(r), int(i)): m for m, (r, i) in enumerate(zip(*merged))}
+    for s, (ranks, rows) in enumerate(plan):
+        owner[[key[(int(r), int(i))] for r, i in zip(ranks, rows)]] = s
+    change = np.flatnonzero(np.diff(owner)) + 1
+    blocks = np.diff(np.concatenate([[0], change, [total]]))
+    assert blocks.max() <= block and len(blocks) <= rounds * new_world
+
+
+def test_partition_of_full_shards_fits_the_new_capacities() -> None:
+    """Full old shards of a global capacity re-dealt to another world size: every new share fits the
+    new shard's capacity, so ``extend`` drops nothing."""
+    global_capacity, old_world = 10_001, 3
+    lengths = [ReplayShard.shard_capacity(global_capacity, old_world, r) for r in range(old_world)]
+    for new_world in (1, 2, 4, 7):
+        plan = partition_plan(lengths, new_world, block=16)
+        for rank, (_, rows) in enumerate(plan):
+            assert len(rows) <= ReplayShard.shard_capacity(global_capacity, new_world, rank)
+
+
+def test_partition_plan_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="new_world=0"):
+        partition_plan([3], 0)
+    with pytest.raises(ValueError, match="block=0"):
+        partition_plan([3], 2, block=0)
+    with pytest.raises(ValueError, match="no old shards"):
+        partition_plan([], 2)
 
 
 @pytest.mark.parametrize("global_capacity,world", [(10, 3), (1_000_000, 8), (7, 7), (100, 1)])
