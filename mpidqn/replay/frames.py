@@ -169,7 +169,8 @@ def frame_rows_from_spans(cols: dict[str, np.ndarray], spans: list[tuple[int, np
     cuts = np.searchsorted(at, offsets[1:])
     frames = np.concatenate([np.asarray(f)[part - o] for (_, f, _), part, o in zip(spans, np.split(at, cuts), offsets)])
     return FrameRows(frames, prev, np.searchsorted(needed, obs_abs), np.searchsorted(needed, next_abs),
-                     np.asarray(cols["actions"]), np.asarray(cols["rewards"]), np.asarray(cols["discounts"]))
+                     np.asarray(cols["actions"]), np.asarray(cols["rewards"]), np.asarray(cols["discounts"]),
+                     np.asarray(cols["priority"], np.float64) if "priority" in cols else None)
 
 
 def frame_rows_from_transitions(t: Transitions, stack: int, frame_shape: tuple[int, ...]) -> FrameRows:

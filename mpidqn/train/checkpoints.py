@@ -344,6 +344,16 @@ def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> d
     return {k: np.concatenate([p[k] for p in parts])[where] for k in keys}
 
 
+def replay_max_priority(ckpt: Checkpoint) -> float | None:
+    """The largest running maximum priority of the old shards (None: no prioritized replay saved)."""
+    tops = []
+    for r in range(ckpt.world):
+        with h5py.File(ckpt.file(f"rank_{r:05d}.h5"), "r") as h:
+            if "replay/ring" in h and "max_priority" in h["replay/ring"].attrs:
+                tops.append(float(h["replay/ring"].attrs["max_priority"]))
+    return max(tops) if tops else None
+
+
 def replay_lengths(ckpt: Checkpoint) -> list[int] | None:
     """Stored transitions per old rank, or None when the checkpoint holds no replay."""
     lengths = []

@@ -36,6 +36,7 @@ from mpidqn.train.checkpoints import (
     read_rank,
     read_replay_rows,
     replay_lengths,
+    replay_max_priority,
 )
 from mpidqn.train.evaluation import evaluate_learner
 from mpidqn.train.reporting import Progress, RunHeader
@@ -364,6 +365,9 @@ class Trainer:
             rows = read_replay_rows(ckpt, partition_plan(lengths, self.world)[self.rank])
             if rows is not None:
                 self.replay.extend(rows)
+            top = replay_max_priority(ckpt) if self.replay.priorities is not None else None
+            if top is not None:  # new transitions keep getting the run's maximum priority
+                self.replay.priorities.raise_max(top)
         return "elastic"
 
     def _resume_schedules(self, ckpt: Any) -> None:

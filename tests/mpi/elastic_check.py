@@ -30,17 +30,25 @@ for name, p in trainer.learner.online.state_dict().items():
     assert torch.equal(p, model["online"][name]), name
 mine = trainer.replay.transitions()
 assert len(trainer.replay) <= trainer.replay.capacity
+prioritized = "priority" in mine  # every row carries its priority
+extra = [mine["priority"][:, None].astype(np.float32)] if prioritized else []
 rows = comm.gather(np.concatenate([mine["obs"], mine["next_obs"], mine["actions"][:, None].astype(np.float32),
-                                   mine["rewards"][:, None]], axis=1), root=0)
+                                   mine["rewards"][:, None], *extra], axis=1), root=0)
+tops = []
 if comm.Get_rank() == 0:
     old = []
     for r in range(ckpt.world):
         with h5py.File(ckpt.file(f"rank_{r:05d}.h5"), "r") as h:
             g = h["replay/ring"]
+            extra = [g["priority"][()][:, None].astype(np.float32)] if prioritized else []
             old.append(np.concatenate([g["obs"][()], g["next_obs"][()], g["actions"][()][:, None].astype(np.float32),
-                                       g["rewards"][()][:, None]], axis=1))
+                                       g["rewards"][()][:, None], *extra], axis=1))
+            tops.append(g.attrs.get("max_priority", 1.0))
     new, old = np.concatenate(rows), np.concatenate(old)
     assert len(new) == len(old), (len(new), len(old))
     key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731 - sort rows to compare as multisets
     assert np.array_equal(key(new), key(old)), "transitions lost or duplicated"
+    if prioritized:
+        assert len(np.unique(new[:, -1])) > 10, "priorities were never written back: the check has no teeth"
+        assert trainer.replay.priorities.max_p == max(tops), (trainer.replay.priorities.max_p, tops)
     print(f"OK {mode} {ckpt.world}->{comm.Get_size()}: {len(new)} transitions")

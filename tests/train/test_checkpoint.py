@@ -141,9 +141,11 @@ def test_model_files_of_older_versions_with_adam_keys_still_load(tmp_path):
                 assert torch.equal(t, new["optimizer"][k][name]), (k, name)
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_exact_resume_is_bit_identical(tmp_path, tiny, n):
-    args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=0"]
+@pytest.mark.parametrize("n,extra", [(1, []), (2, []), (2, ["train.prioritized=true"]),
+                                     (2, ["train.prioritized=true", "parallel.pipeline_stages=2"])])
+def test_exact_resume_is_bit_identical(tmp_path, tiny, n, extra):
+    """Also with prioritized replay (global sampling: priorities, sum-trees, running maximum, shared stream)."""
+    args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=0", *extra]
     a, b = tmp_path / "a", tmp_path / "b"
     assert mpidqn(n, ["--run-dir", str(a), *args], timeout=180).returncode == 0
     first = mpidqn(n, ["--run-dir", str(b), *args], env={"MPIDQN_FAULT": "stop:0:1100"}, timeout=180)
@@ -182,10 +184,11 @@ def test_checkpoint_without_replay_resumes_elastically_and_refills_before_updati
     assert info["updates"] == 44 + 3 * 4
 
 
-@pytest.mark.parametrize("old, new", [(4, 2), (2, 4), (3, 1)])
-def test_elastic_resume_keeps_every_transition_once(tmp_path, tiny, old, new):
+@pytest.mark.parametrize("old, new, extra", [(4, 2, []), (2, 4, []), (3, 1, []), (3, 2, ["train.prioritized=true"])])
+def test_elastic_resume_keeps_every_transition_once(tmp_path, tiny, old, new, extra):
+    """Prioritized: every transition keeps its priority, and the run's maximum priority carries over."""
     run_dir = tmp_path / "r"
-    args = [*tiny, "train.total_steps=1200", "train.buffer_size=5000"]
+    args = [*tiny, *extra, "train.total_steps=1200", "train.buffer_size=5000"]
     assert mpidqn(old, ["--run-dir", str(run_dir), *args], timeout=240).returncode == 0
     check = mpirun(new, [str(MPI_SCRIPTS / "elastic_check.py"), str(run_dir)], timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
