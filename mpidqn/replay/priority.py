@@ -67,26 +67,42 @@ class SumTree:
         nodes = self._size + slots
         self._sum[nodes] = masses  # numpy fancy assignment: the last of repeated indices wins
         self._min[nodes] = np.where(masses > 0, masses, np.inf)
-        nodes = np.unique(nodes) >> 1  # sorted; stays sorted under the shift, so dedupe neighbours
+        if nodes.size == 1:  # one new transition per env step: a scalar walk up beats numpy calls
+            self._set_path(int(nodes[0]) >> 1)
+            return
+        # Repeated parents need no dedupe: every copy writes the same value, computed from children
+        # that are already final.
+        nodes = nodes >> 1
         for _ in range(self._depth):
-            nodes = nodes[np.concatenate(([True], nodes[1:] != nodes[:-1]))]
-            self._sum[nodes] = self._sum[2 * nodes] + self._sum[2 * nodes + 1]
-            self._min[nodes] = np.minimum(self._min[2 * nodes], self._min[2 * nodes + 1])
-            nodes = nodes >> 1
+            left = nodes << 1
+            self._sum[nodes] = self._sum[left] + self._sum[left + 1]
+            self._min[nodes] = np.minimum(self._min[left], self._min[left + 1])
+            nodes >>= 1
+
+    def _set_path(self, node: int) -> None:
+        """Recompute the ancestors from ``node`` up to the root (same sums as the vector path)."""
+        total, low = self._sum, self._min
+        while node:
+            left = node << 1
+            total[node] = total[left] + total[left + 1]
+            low[node] = min(low[left], low[left + 1])
+            node >>= 1
 
     def find(self, values: np.ndarray) -> np.ndarray:
         """Slots whose cumulative mass interval ``[c_i, c_i + m_i)`` holds each value in ``[0, total)``.
 
         Values at or beyond the total (rounding) land on the last slot with mass.
         """
-        v = np.asarray(values, dtype=np.float64).copy()
+        v = np.array(values, dtype=np.float64)
         node = np.ones(v.shape, dtype=np.int64)
+        total = self._sum
         for _ in range(self._depth):
-            left = 2 * node
-            lmass = self._sum[left]
-            right = (v >= lmass) & (self._sum[left + 1] > 0)
-            v = np.where(right, v - lmass, v)
-            node = np.where(right, left + 1, left)
+            node <<= 1  # the left child
+            lmass = total[node]
+            right = v >= lmass
+            right &= total[node + 1] > 0  # rounding must not walk into an empty subtree
+            v -= lmass * right
+            node += right
         slots = node - self._size
         return np.minimum(slots, self.capacity - 1)
 
