@@ -252,3 +252,34 @@ def test_new_ranks_together_read_each_stored_row_once(tmp_path, monkeypatch, kin
     main = "/replay/ring/obs" if kind == "transitions" else "/replay/frames/frames"
     assert reads.elements[main] >= new_world * sum(
         len(s) * 3 if kind == "transitions" else min(s._frames.written, s.frame_capacity) * frame_elems for s in shards)
+
+
+@pytest.mark.parametrize("kind", ["transitions", "frames"])
+def test_priorities_travel_with_their_rows_to_the_new_shards(tmp_path, kind):
+    """A prioritized shard re-sharded 3 -> 2: every new shard holds each row with the priority it had."""
+    old = []
+    for r in range(3):
+        if kind == "transitions":
+            shard = ReplayShard(40, (3,), np.float32, num_envs=2, n_step=N_STEP, gamma=0.9, priority=(0.6, 1e-3))
+            fresh = _transition_shard(r, 40, 38 + 13 * r)
+            shard.extend(fresh.transitions())
+        else:
+            shard = FrameReplayShard(40, (STACK, *FRAME), np.uint8, 2, N_STEP, 0.9, STACK, priority=(0.6, 1e-3))
+            fill([shard], 70 + 9 * r, 2, STACK, seed=r)
+        shard.update_priorities(shard.oldest_first() if kind == "frames" else np.arange(len(shard)),
+                                np.random.default_rng(r).exponential(size=len(shard)))
+        old.append(shard)
+    ckpt = _save(tmp_path / "c", old)
+    plan = partition_plan([len(s) for s in old], 2, block=5)
+    moved = []
+    for new_rank in range(2):
+        new = (ReplayShard(60, (3,), np.float32, 2, N_STEP, 0.9, priority=(0.6, 1e-3)) if kind == "transitions" else
+               FrameReplayShard(60, (STACK, *FRAME), np.uint8, 2, N_STEP, 0.9, STACK, priority=(0.6, 1e-3)))
+        new.extend(read_replay_rows(ckpt, plan[new_rank]))
+        moved.append(new.transitions())
+
+    def rows(ts: list[dict]) -> Counter:
+        return Counter((t["obs"][i].tobytes(), t["next_obs"][i].tobytes(), float(t["priority"][i]))
+                       for t in ts for i in range(len(t["actions"])))
+    assert rows(moved) == rows([s.transitions() for s in old])
+    assert len({p for t in moved for p in t["priority"]}) > 10  # real, distinct priorities moved
