@@ -174,7 +174,10 @@ class TrainConfig:
     """Initial importance-weight exponent beta, annealed linearly to 1 at total_steps; null means 0.4.
     Only with prioritized true."""
     priority_eps: float | None = None
-    """Added to |TD error| so no transition gets priority 0; null means 1e-6. Only with prioritized true."""
+    """Added to |TD error| so no transition gets priority 0; null means 0.01. It bounds the smallest
+    priority, and importance weights are normalised by the globally smallest probability, so the loss
+    scale shrinks like (eps / p) ** (alpha * beta): with 1e-6 and RMSprop (eps 0.01 outside the root)
+    MinAtar Breakout stopped learning (README, Measured). Only with prioritized true."""
     replay_sampling: Literal["auto", "local", "global"] = "auto"
     """local: every rank draws its share of the global batch from its own shard (prioritized: normalised
     per shard, as Ape-X). global: the global batch is drawn exactly as from one buffer holding every
@@ -451,7 +454,7 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-PRIORITY_DEFAULTS = {"priority_alpha": 0.6, "priority_beta": 0.4, "priority_eps": 1e-6}
+PRIORITY_DEFAULTS = {"priority_alpha": 0.6, "priority_beta": 0.4, "priority_eps": 0.01}
 
 
 def priority_params(train: TrainConfig) -> dict[str, float]:
