@@ -33,6 +33,9 @@ from types import SimpleNamespace
 
 import numpy as np
 from mpi4py import MPI
+from replay_priority import (
+    cpu_model,  # the sibling script (python benchmarks/global_sampling.py)
+)
 
 from mpidqn.distributed.topology import Topology
 from mpidqn.replay.shard import ReplayShard
@@ -40,17 +43,6 @@ from mpidqn.train.sampling import RoundSampler, shared_seed
 
 OBS, ALPHA, EPS, BETA = 4, 0.6, 1e-6, 0.4
 CHUNK = 100_000
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def full_shard(capacity: int, prioritized: bool, rank: int) -> ReplayShard:
