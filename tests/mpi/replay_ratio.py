@@ -29,11 +29,26 @@ def counting_sample_many(num_batches, batch_size, rng, out=None):
 
 
 trainer.replay.sample_many = counting_sample_many
+drawn: list[int] = []  # this rank's rows of every update of the global / prioritized path (uneven)
+draw = trainer.sampler.draw
+
+
+def counting_draw(updates, rng, beta, td_errors):
+    batch, slots, plan = draw(updates, rng, beta, td_errors)
+    drawn.extend(int(c) for c in plan.counts[:, trainer.topo.stage])
+    if not first_update_step:
+        first_update_step.append(trainer.counters.env_steps)
+    return batch, slots, plan
+
+
+trainer.sampler.draw = counting_draw
 assert trainer.run() == "done"
-rows = sum(u * b for u, b in sampled)
+rows = sum(u * b for u, b in sampled) + sum(drawn)
 total_rows = comm.allreduce(rows)
+all_drawn = comm.allgather(drawn)
 if comm.Get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump({"updates": int(trainer.learner.updates), "rows_all_ranks": total_rows,
                    "per_rank_batch": sorted({b for _, b in sampled}), "env_steps": trainer.counters.env_steps,
+                   "draw_sizes": sorted(set(sum(all_drawn, []))),
                    "first_update_step": first_update_step[0] if first_update_step else None}, f)

@@ -135,6 +135,15 @@ def test_many_envs_per_rank_and_pipelines_keep_the_ratio_and_the_global_batch(tm
     assert pipe["per_rank_batch"] == [6]
 
 
+@pytest.mark.parametrize("extra", [["train.replay_sampling=global"], ["train.prioritized=true"]])
+def test_global_sampling_keeps_the_updates_and_the_global_batch_with_uneven_shares(tmp_path, extra):
+    """Exact global replay at 3 ranks: each update's global batch of 12 rows is split unevenly over the
+    shards (a multinomial), yet the updates and the rows over all ranks are those of one rank."""
+    r = _ratio(tmp_path, 3, extra)
+    assert r["updates"] == 600 - 100 + 1 and r["rows_all_ranks"] == r["updates"] * 12, r
+    assert r["per_rank_batch"] == [] and len(r["draw_sizes"]) > 3 and 0 in r["draw_sizes"], r
+
+
 def test_updates_in_the_run_log_are_equal_at_1_2_and_3_ranks(tmp_path):
     updates = {}
     for n in (1, 2, 3):
