@@ -38,8 +38,9 @@ from replay_priority import (
 )
 
 from mpidqn.distributed.topology import Topology
+from mpidqn.envs.vector import shared_seed
 from mpidqn.replay.shard import ReplayShard
-from mpidqn.train.sampling import RoundSampler, shared_seed
+from mpidqn.train.sampling import RoundSampler
 
 OBS, ALPHA, EPS, BETA = 4, 0.6, 1e-6, 0.4
 CHUNK = 100_000

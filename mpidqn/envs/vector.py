@@ -120,6 +120,19 @@ def true_next_obs(next_obs: np.ndarray, done: np.ndarray, info: dict[str, Any]) 
     return out
 
 
+SHARED_STREAM_KEY = 2**32 - 1  # spawn key of the shared stream; rank streams use keys 0..world-1
+
+
+def _entropy(root_seed: int, epoch: int) -> list[int]:
+    return [root_seed] if epoch == 0 else [root_seed, epoch]
+
+
+def shared_seed(root_seed: int, epoch: int = 0) -> np.random.SeedSequence:
+    """The seed of the stream every rank draws the same values from (e.g. the split of a global batch
+    over the replay shards); ``epoch`` as in :func:`spawn_seeds`."""
+    return np.random.SeedSequence(_entropy(root_seed, epoch), spawn_key=(SHARED_STREAM_KEY,))
+
+
 def spawn_seeds(root_seed: int, world: int, rank: int, epoch: int = 0) -> dict[str, np.random.SeedSequence]:
     """Independent seed sequences for this rank, all derived from one root seed.
 
@@ -128,8 +141,7 @@ def spawn_seeds(root_seed: int, world: int, rank: int, epoch: int = 0) -> dict[s
     streams are re-derived deterministically. Children: env, explore, replay (evaluation episodes are
     seeded apart from these, by ``train.evaluation.episode_seeds``).
     """
-    entropy = [root_seed] if epoch == 0 else [root_seed, epoch]
-    rank_seq = np.random.SeedSequence(entropy).spawn(world)[rank]
+    rank_seq = np.random.SeedSequence(_entropy(root_seed, epoch)).spawn(world)[rank]
     env, explore, replay = rank_seq.spawn(3)  # the first children of spawn(n) do not depend on n
     return {"env": env, "explore": explore, "replay": replay}
 

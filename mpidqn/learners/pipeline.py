@@ -203,12 +203,8 @@ class PipelineLearner(LearnerBase):
     def gather_batch(self, batch: Any, num_updates: int, plan: RoundPlan | None = None) -> GroupBatch:
         t0 = time.perf_counter()
         last = self.stages - 1
-        if plan is None:
-            def gather(a: np.ndarray, root: int) -> torch.Tensor | None:
-                return self._gather(a, root, num_updates)
-        else:
-            def gather(a: np.ndarray, root: int) -> torch.Tensor | None:
-                return self._gatherv(a, root, plan)
+        def gather(a: np.ndarray, root: int) -> torch.Tensor | None:
+            return self._gather(a, root, num_updates) if plan is None else self._gatherv(a, root, plan)
         obs = gather(np.asarray(batch.obs, dtype=_obs_dtype(batch.obs)), 0)
         next_obs = gather(np.asarray(batch.next_obs, dtype=_obs_dtype(batch.next_obs)), 0)
         actions = gather(np.asarray(batch.actions, dtype=np.int64), last)
@@ -275,11 +271,11 @@ class PipelineLearner(LearnerBase):
 
     def _td_errors(self, gb: GroupBatch) -> np.ndarray:
         """The last stage's |TD errors| of the group's rows, scattered back to the ranks that drew them."""
+        if self.stages == 1:
+            return gb.td.numpy()
         plan = gb.plan
         totals = plan.counts.sum(axis=0)
         mine = np.empty(int(totals[self.stage]), dtype=np.float32)
-        if self.stages == 1:
-            return gb.td.numpy()
         t0 = time.perf_counter()
         send = None
         if self.link.last:

@@ -21,6 +21,7 @@ from mpidqn.envs.vector import (
     env_reset_seeds,
     make_vector_env,
     pickle_envs,
+    shared_seed,
     spawn_seeds,
     true_next_obs,
 )
@@ -40,7 +41,7 @@ from mpidqn.train.checkpoints import (
 )
 from mpidqn.train.evaluation import evaluate_learner
 from mpidqn.train.reporting import Progress, RunHeader
-from mpidqn.train.sampling import RoundSampler, shared_seed
+from mpidqn.train.sampling import RoundSampler
 from mpidqn.train.timing import PhaseTimer
 
 PHASES = ("env", "act", "replay", "learn", "comm", "eval", "checkpoint", "log")

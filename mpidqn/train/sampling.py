@@ -30,15 +30,6 @@ from mpidqn.distributed import watchdog
 from mpidqn.learners.base import RoundPlan
 from mpidqn.replay.priority import ShardMass, importance_weights, split_batch
 
-SHARED_STREAM_KEY = 2**32 - 1  # spawn key of the shared stream; rank streams use keys 0..world-1
-
-
-def shared_seed(root_seed: int, epoch: int = 0) -> np.random.SeedSequence:
-    """The seed of the stream every rank draws the same global splits from (see envs.vector.spawn_seeds
-    for ``epoch``)."""
-    entropy = [root_seed] if epoch == 0 else [root_seed, epoch]
-    return np.random.SeedSequence(entropy, spawn_key=(SHARED_STREAM_KEY,))
-
 
 def resolved_mode(train: Any) -> str:
     """``train.replay_sampling`` with ``auto`` resolved: global for prioritized replay, else local."""

@@ -23,13 +23,14 @@ from scipy import stats
 from torch import nn
 
 from mpidqn.distributed.topology import Topology
+from mpidqn.envs.vector import shared_seed
 from mpidqn.learners.base import RoundPlan
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.learners.pipeline import PipelineLearner
 from mpidqn.nn.mlp import mlp_layers
 from mpidqn.replay.priority import Priorities, importance_weights
 from mpidqn.replay.shard import ReplayShard
-from mpidqn.train.sampling import RoundSampler, shared_seed
+from mpidqn.train.sampling import RoundSampler
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
