@@ -18,8 +18,15 @@ Both sides get identical hyper-parameters (plain DQN target, Huber loss, grad-no
 Columns: env-steps/s over a whole run (acting, env, replay, updates); updates/s of the update alone
 (sample a batch from the filled buffer, forward, backward, optimizer), measured on each side's own
 filled buffer after its run; and a bare torch loop doing the same forward/backward/Adam on a fixed
-batch (no sampling), which is the least an update can cost. Runs alternate (mpidqn, SB3, mpidqn, ...)
-so machine noise hits both alike; the figures are medians over the repeats.
+batch (no sampling), which is the least an update can cost. All three update rates are timed in the
+same unit, rounds of ``gradient_steps`` updates. Runs alternate (mpidqn, SB3, mpidqn, ...) so machine
+noise hits both alike; the figures are medians over the repeats.
+
+Every rate is given twice: per wall-clock second, and per CPU second of this process
+(``time.process_time``). On a machine shared with other jobs, wall time includes the time the
+scheduler gave to others (a round of updates that spans a time slice looks several times slower than
+it is), while CPU time counts only this process's work; both sides run single-process with the same
+torch threads, so the CPU ratios compare the work each side does.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from mpi4py import MPI
+from replay_priority import cpu_model  # the sibling script (python benchmarks/speed.py)
 from torch import nn
 
 
@@ -48,8 +56,8 @@ class Workload:
 WORKLOADS = {
     "cartpole": Workload(
         "CartPole-v1", None,
-        ("train.double_dqn=false", "train.target_update_interval=128", "train.lr_final_fraction=1.0",
-         "train.max_grad_norm=10"),
+        ("train.double_dqn=false", "train.n_step=1", "train.target_update_interval=128",
+         "train.lr_final_fraction=1.0", "train.max_grad_norm=10"),
         steps=20_000, batch=64, gradient_steps=128, update_rounds=8),
     "pong": Workload(
         "ALE/Pong-v5", "configs/pong.yaml",
@@ -59,27 +67,31 @@ WORKLOADS = {
 }
 
 
-def run_mpidqn(w: Workload, steps: int) -> tuple[float, float]:
-    """(env-steps/s of a whole run, updates/s of sample + update on the filled buffer)."""
+def run_mpidqn(w: Workload, steps: int) -> np.ndarray:
+    """Wall and CPU rates: (env-steps/s of a whole run, updates/s of sample + update on the filled
+    buffer) per wall second, then the same per CPU second."""
     from mpidqn.config import load_config
-    from mpidqn.train.reporting import SilentReporter
     from mpidqn.distributed.topology import Topology
     from mpidqn.train.loop import Trainer
+    from mpidqn.train.reporting import SilentReporter
 
     cfg = load_config(w.config, [
         *w.overrides, f"train.total_steps={steps}", "eval.interval_steps=0", "eval.episodes=1",
         f"parallel.torch_threads={torch.get_num_threads()}", "parallel.sync_check_interval=0"])
     trainer = Trainer(cfg, Topology.build(MPI.COMM_SELF), SilentReporter())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.run()
-    wall = time.perf_counter() - t0 - trainer.timer.totals()[trainer.timer.names.index("eval")]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    evaluation = trainer.timer.totals()[trainer.timer.names.index("eval")]
     rng = np.random.default_rng(0)
     g, b = w.gradient_steps, w.batch
 
     def round_() -> None:
         trainer.learner.update_many(trainer.replay.sample_many(g, b, rng), g)
 
-    return steps / wall, g / _median_seconds(round_, w.update_rounds)
+    round_wall, round_cpu = _median_seconds(round_, w.update_rounds)
+    # the (1-episode) evaluations are excluded from the wall time; their CPU time is too small to matter
+    return np.array([steps / (wall - evaluation), g / round_wall, steps / cpu, g / round_cpu])
 
 
 def _sb3_model(w: Workload):
@@ -105,28 +117,33 @@ def _sb3_model(w: Workload):
                seed=0, verbose=0, device="cpu")
 
 
-def run_sb3(w: Workload, steps: int) -> tuple[float, float]:
+def run_sb3(w: Workload, steps: int) -> np.ndarray:
     model = _sb3_model(w)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.learn(steps)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     g, b = w.gradient_steps, w.batch
-    return steps / wall, g / _median_seconds(lambda: model.train(gradient_steps=g, batch_size=b), w.update_rounds)
+    round_wall, round_cpu = _median_seconds(lambda: model.train(gradient_steps=g, batch_size=b), w.update_rounds)
+    return np.array([steps / wall, g / round_wall, steps / cpu, g / round_cpu])
 
 
-def _median_seconds(fn, n: int, warmup: int = 3) -> float:
+def _median_seconds(fn, n: int, warmup: int = 3) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``n`` calls of ``fn`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
 
 
-def bare_updates_per_s(w: Workload, n: int = 300) -> float:
-    """Forward, TD target, Huber loss, backward, clip, Adam on a fixed batch: the least an update does."""
+def bare_updates_per_s(w: Workload) -> tuple[float, float]:
+    """(per wall second, per CPU second) updates of a bare loop: forward, TD target, Huber loss,
+    backward, clip, Adam on a fixed batch, the least an update does; timed in rounds of
+    ``gradient_steps`` updates like the two trainers (at least 8 updates a round)."""
     if w.env_id == "CartPole-v1":
         net = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
         obs, nobs, actions = torch.randn(w.batch, 4), torch.randn(w.batch, 4), 2
@@ -151,7 +168,14 @@ def bare_updates_per_s(w: Workload, n: int = 300) -> float:
         nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
 
-    return 1.0 / _median_seconds(update, n, warmup=20)
+    per_round = max(w.gradient_steps, 8)
+
+    def round_() -> None:
+        for _ in range(per_round):
+            update()
+
+    round_wall, round_cpu = _median_seconds(round_, max(w.update_rounds, 300 // per_round))
+    return per_round / round_wall, per_round / round_cpu
 
 
 def main() -> None:
@@ -169,15 +193,16 @@ def main() -> None:
         ours.append(run_mpidqn(w, steps))
         sb3.append(run_sb3(w, steps))
     bare = bare_updates_per_s(w)
-    (o_env, o_upd), (s_env, s_upd) = np.median(ours, axis=0), np.median(sb3, axis=0)
+    o, s = np.median(ours, axis=0), np.median(sb3, axis=0)
     print(f"{w.env_id}, {steps} env steps per run, torch threads {args.threads}, {args.repeats} alternating "
-          f"repeats, batch {w.batch}")
-    print(f"{'':24}{'env-steps/s':>14}{'updates/s':>12}")
-    print(f"{'mpidqn (1 rank)':24}{o_env:>14,.0f}{o_upd:>12,.0f}")
-    print(f"{'stable-baselines3 DQN':24}{s_env:>14,.0f}{s_upd:>12,.0f}")
-    print(f"{'bare torch update':24}{'':>14}{bare:>12,.0f}")
-    print(f"ratio mpidqn / SB3: env-steps/s {o_env / s_env:.2f}x, updates/s {o_upd / s_upd:.2f}x; "
-          f"mpidqn update / bare loop {o_upd / bare:.2f}x")
+          f"repeats, batch {w.batch}, CPU: {cpu_model()}")
+    print(f"{'':24}{'env-steps/s':>14}{'updates/s':>12}{'env-steps/CPU-s':>18}{'updates/CPU-s':>15}")
+    print(f"{'mpidqn (1 rank)':24}{o[0]:>14,.0f}{o[1]:>12,.0f}{o[2]:>18,.0f}{o[3]:>15,.0f}")
+    print(f"{'stable-baselines3 DQN':24}{s[0]:>14,.0f}{s[1]:>12,.0f}{s[2]:>18,.0f}{s[3]:>15,.0f}")
+    print(f"{'bare torch update':24}{'':>14}{bare[0]:>12,.0f}{'':>18}{bare[1]:>15,.0f}")
+    for label, k in (("per wall second", 0), ("per CPU second ", 2)):
+        print(f"ratios {label}: mpidqn / SB3 env-steps {o[k] / s[k]:.2f}x, updates {o[k + 1] / s[k + 1]:.2f}x; "
+              f"mpidqn update / bare loop {o[k + 1] / bare[k // 2]:.2f}x")
 
 
 if __name__ == "__main__":
