@@ -2,12 +2,15 @@
 
     python benchmarks/scaling.py [--ranks 1 2 4] [--steps-per-rank 10000] [--config configs/cartpole.yaml] [KEY=VALUE ...]
 
-Each world size W trains `--steps-per-rank * W` global env steps (one env per rank, the config's
-per-replica batch), with updates every `train_freq * W` global steps so every rank does the same
-number of updates at every W. Prints global env-steps/s (from the run log: env steps over the
-training wall time) and weak-scaling efficiency = throughput(W) / (W * throughput(1)). Run dirs
-stay under --out for `python -m mpidqn report` (which draws the scaling plot).
-On a machine with fewer cores than ranks the efficiency is bounded by cores / W.
+Each world size W trains `--steps-per-rank * W` global env steps (one env per rank, each rank
+sampling the config's batch_size: `train.batch_scope=per_rank`), with updates every `train_freq * W`
+global steps so every rank does the same work (env steps, updates, rows per update) at every W.
+Prints global env-steps/s (from the run log: env steps over the training wall time), weak-scaling
+efficiency = throughput(W) / (W * throughput(1)), and where the time went: the share of the wall
+time in each phase of the loop (the run log's per-rank timers, averaged over the ranks). `comm` is
+the gradient Allreduce (and any replay exchange); `learn` is the update without it; `idle` is time
+outside every phase. Run dirs stay under --out for `python -m mpidqn report` (which draws the
+scaling plot). On a machine with fewer cores than ranks the efficiency is bounded by cores / W.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 from mpidqn.analysis import load_run
+from mpidqn.analysis.tables import time_breakdown
 from mpidqn.config import load_config
 
 
@@ -35,22 +39,27 @@ def main() -> int:
         run_dir = Path(args.out) / f"world{w}"
         cmd = ["mpiexec", "-n", str(w), sys.executable, "-m", "mpidqn", "train", "--config", args.config,
                "--run-dir", str(run_dir), "log.progress=none", "eval.interval_steps=0", "eval.episodes=1",
-               "checkpoint.interval_steps=0", "env.num_envs=1", f"train.total_steps={args.steps_per_rank * w}",
+               "checkpoint.interval_steps=0", "env.num_envs=1", "train.batch_scope=per_rank",
+               f"train.total_steps={args.steps_per_rank * w}",
                f"train.learning_starts={base.train.learning_starts * w}", f"train.train_freq={base.train.train_freq * w}",
                f"log.interval_steps={base.log.interval_steps * w}", *args.overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
         run = load_run(run_dir)
         s = run.scalars
         wall = float(s["wall_time"].iloc[-1])
-        rows.append((w, args.steps_per_rank * w / wall))
+        phases = time_breakdown(run).mean(axis=0)  # seconds per phase, mean over the ranks
+        rows.append((w, args.steps_per_rank * w / wall, phases / phases.sum()))
         print(f"world {w}: {rows[-1][1]:,.0f} global env-steps/s", flush=True)
     t1 = rows[0][1] / rows[0][0]
-    print(f"{'ranks':>6} {'env-steps/s':>12} {'speedup':>8} {'efficiency':>10}")
-    for w, thr in rows:
-        print(f"{w:>6} {thr:>12,.0f} {thr / (rows[0][1]):>8.2f} {thr / (w * t1):>10.0%}")
+    names = [n for n in rows[0][2].index if any(r[2].get(n, 0.0) >= 0.001 for r in rows)]
+    print(f"{'ranks':>6} {'env-steps/s':>12} {'speedup':>8} {'efficiency':>10}  "
+          + " ".join(f"{n:>7}" for n in names) + "   (share of wall time per phase)")
+    for w, thr, share in rows:
+        print(f"{w:>6} {thr:>12,.0f} {thr / (rows[0][1]):>8.2f} {thr / (w * t1):>10.0%}  "
+              + " ".join(f"{share.get(n, 0.0):>7.1%}" for n in names))
     print(f"cores on this machine: {os.cpu_count()}")
     return 0
 
