@@ -266,8 +266,8 @@ class LearnerBase(ABC):
             self._nonfinite_update()
             return
         h = self.hyper
-        if h.max_grad_norm is not None:
-            self.flat_grad.mul_(min(1.0, h.max_grad_norm / (norm + 1e-6)))
+        if h.max_grad_norm is not None and norm + 1e-6 > h.max_grad_norm:
+            self.flat_grad.mul_(h.max_grad_norm / (norm + 1e-6))
         self.updates += 1
         if self.optimizer is not None:  # None: a pipeline stage of parameter-free layers
             self.optimizer.step()
