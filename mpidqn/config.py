@@ -63,6 +63,13 @@ class EnvConfig:
     async_envs: bool = False
     """Step the num_envs copies in subprocesses (gymnasium AsyncVectorEnv) instead of in-process.
     Checkpoints then cannot hold the envs: a resume starts new episodes (replay and model are exact)."""
+    backend: Literal["gymnasium", "envpool"] = "gymnasium"
+    """What steps the num_envs training copies. gymnasium: the preset's wrappers in a gymnasium vector
+    env (in-process, or subprocesses with async_envs). envpool: Atari only (``ALE/<Game>-v5``, preset
+    atari; ``pip install -e ".[envpool]"``): one EnvPool (C++ threads) per rank with the same
+    preprocessing, terminal_on_life_loss included; the remaining differences are listed in
+    mpidqn/envs/pool.py. Checkpoints cannot hold it: a resume starts new episodes (replay and model are
+    exact). Evaluation plays gymnasium's ALE with either backend."""
 
 
 @dataclass
@@ -486,6 +493,12 @@ def validate(cfg: Config) -> None:
         _require(cfg.env.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
     if cfg.env.frame_stack is not None:
         _require(cfg.env.frame_stack >= 1, "env.frame_stack", f"must be >= 1, got {cfg.env.frame_stack}")
+    if cfg.env.backend == "envpool":
+        _require(cfg.env.id.startswith("ALE/") and cfg.env.preset in ("auto", "atari"), "env.backend",
+                 f"envpool serves Atari only (env.id ALE/..., env.preset auto or atari), got env.id={cfg.env.id} "
+                 f"env.preset={cfg.env.preset}; use env.backend=gymnasium")
+        _require(not cfg.env.async_envs, "env.async_envs",
+                 "does not apply to env.backend=envpool (EnvPool steps its copies in its own threads); set it false")
     if cfg.env.sticky_actions is not None:
         _require(0.0 <= cfg.env.sticky_actions <= 1.0, "env.sticky_actions",
                  f"must be in [0, 1], got {cfg.env.sticky_actions}")

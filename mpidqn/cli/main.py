@@ -135,7 +135,7 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     from mpidqn.train.preflight import check_layout
 
     # every check of the input before anything is written to the run dir
-    collective(comm, lambda: check_env_id(spec_from_config(cfg.env)))
+    collective(comm, lambda: check_env_id(spec_from_config(cfg.env), cfg.env.backend))
     collective(comm, lambda: check_layout(cfg, topo))
     collective(comm, lambda: check_compile_optimizer(cfg.train))
     run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start)

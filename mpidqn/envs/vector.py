@@ -10,6 +10,7 @@ import numpy as np
 from gymnasium.utils import EzPickle
 from gymnasium.vector import AutoresetMode
 
+from mpidqn.envs.pool import EnvPoolVectorEnv, check_envpool
 from mpidqn.envs.presets import EnvSpec, build_env, infer_preset
 from mpidqn.errors import UserError
 
@@ -42,8 +43,12 @@ def as_spec(env: str | EnvSpec, max_episode_steps: int | None = None) -> EnvSpec
     return EnvSpec(env, infer_preset(env), max_episode_steps, frame_stack=4 if env.startswith("ALE/") else 1)
 
 
-def check_env_id(env: str | EnvSpec) -> None:
-    """Raise UserError with one line when ``env`` cannot be built or has no discrete actions."""
+def check_env_id(env: str | EnvSpec, backend: str = "gymnasium") -> None:
+    """Raise UserError with one line when ``env`` cannot be built or has no discrete actions (with
+    ``backend`` envpool: also when EnvPool is missing or lacks the game; evaluation still builds the
+    gymnasium env)."""
+    if backend == "envpool":
+        check_envpool(as_spec(env))
     env_id = as_spec(env).id
     env = make_env(env)
     try:
@@ -75,14 +80,18 @@ def make_env(env: str | EnvSpec, max_episode_steps: int | None = None) -> gym.En
 
 
 def make_vector_env(env: str | EnvSpec, num_envs: int, max_episode_steps: int | None = None,
-                    asynchronous: bool = False) -> gym.vector.VectorEnv:
+                    asynchronous: bool = False, backend: str = "gymnasium") -> gym.vector.VectorEnv:
     """``num_envs`` copies with same-step autoreset: when a sub-env ends, ``step`` returns
     the first observation of the next episode and ``info["final_obs"]`` holds the true last one.
 
     Synchronous by default (picklable: checkpoints resume episodes exactly). ``asynchronous``: one
     subprocess per copy (gymnasium AsyncVectorEnv), for expensive envs; such a vector env cannot be
-    pickled, so checkpoints do not hold it and a resume starts new episodes (see ``env_state``).
+    pickled, so checkpoints do not hold it and a resume starts new episodes (see ``pickle_envs``).
+    ``backend`` envpool (Atari only): one EnvPool of ``num_envs`` copies in C++ threads
+    (:class:`mpidqn.envs.pool.EnvPoolVectorEnv`, not picklable either).
     """
+    if backend == "envpool":
+        return EnvPoolVectorEnv(as_spec(env, max_episode_steps), num_envs)
     make_env(env, max_episode_steps).close()  # one clear error for bad ids before spawning copies
     # functools.partial (not a closure) keeps the vector env picklable for exact checkpoints.
     if isinstance(env, EnvSpec) or infer_preset(env) != "none":
@@ -98,12 +107,12 @@ def pickle_envs(envs: gym.vector.VectorEnv) -> bytes:
     """The pickled vector env for an exact checkpoint; empty when the envs' state cannot be pickled, and
     a resume then starts new episodes:
 
-    * async envs live in subprocesses;
+    * async envs live in subprocesses, an EnvPool in C++ threads;
     * envs that pickle through ``EzPickle`` (Box2D's LunarLander, ALE's Atari) pickle their
       constructor arguments, not their state: unpickled, they are un-reset (LunarLander's first step
       fails with ``assert self.lander is not None``).
     """
-    if isinstance(envs, gym.vector.AsyncVectorEnv):
+    if isinstance(envs, (gym.vector.AsyncVectorEnv, EnvPoolVectorEnv)):
         return b""
     if any(isinstance(env.unwrapped, EzPickle) for env in getattr(envs, "envs", ())):
         return b""

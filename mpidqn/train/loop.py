@@ -110,7 +110,8 @@ class Trainer:
         self.world, self.rank = topo.world, topo.rank
         self.seeds = spawn_seeds(cfg.seed, self.world, self.rank)
         self.env_spec = spec_from_config(cfg.env)
-        self.envs = make_vector_env(self.env_spec, cfg.env.num_envs, asynchronous=cfg.env.async_envs)
+        self.envs = make_vector_env(self.env_spec, cfg.env.num_envs, asynchronous=cfg.env.async_envs,
+                                    backend=cfg.env.backend)
         self.obs_shape = self.envs.single_observation_space.shape
         self.n_actions = int(self.envs.single_action_space.n)
         torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
@@ -342,7 +343,7 @@ class Trainer:
                 self.obs = state["envs"]["obs"]
             self.episodes.load_state_dict(state["episodes"])
             if not len(state["envs"]["pickle"]):
-                # envs whose state was not saved (async, EzPickle: see envs.pickle_envs) start new episodes,
+                # envs whose state was not saved (async, EnvPool, EzPickle: see envs.pickle_envs) start new episodes,
                 # seeded from (seed, resumed step) so they are not the run's first episodes again
                 fresh = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)["env"]
                 self.obs, _ = self.envs.reset(seed=env_reset_seeds(fresh, self.cfg.env.num_envs))
