@@ -1,8 +1,9 @@
-"""Weak scaling: the same work per rank at 1, 2, 4, ... ranks; throughput and efficiency.
+"""Weak or strong scaling at 1, 2, 4, ... ranks: throughput, efficiency and where the time went.
 
     python benchmarks/scaling.py [--ranks 1 2 4] [--steps-per-rank 10000] [--config configs/cartpole.yaml] [KEY=VALUE ...]
+    python benchmarks/scaling.py --strong --steps 20000 [--ranks 1 2] [--config ...] [KEY=VALUE ...]
 
-Each world size W trains `--steps-per-rank * W` global env steps (one env per rank, each rank
+Weak scaling (the default): each world size W trains `--steps-per-rank * W` global env steps (one env per rank, each rank
 sampling the config's batch_size: `train.batch_scope=per_rank`), with updates every `train_freq * W`
 global steps so every rank does the same work (env steps, updates, rows per update) at every W.
 Prints global env-steps/s (from the run log: env steps over the training wall time), weak-scaling
@@ -11,6 +12,12 @@ time in each phase of the loop (the run log's per-rank timers, averaged over the
 the gradient Allreduce (and any replay exchange); `learn` is the update without it; `idle` is time
 outside every phase. Run dirs stay under --out for `python -m mpidqn report` (which draws the
 scaling plot). On a machine with fewer cores than ranks the efficiency is bounded by cores / W.
+
+Strong scaling (``--strong``): the config's own run, unchanged, at every W: ``--steps`` global env
+steps, the global batch split over the ranks (``train.batch_scope: global``, the default), so every W
+does the same updates on the same global batch size and learns the same per env step; only the wall
+time may change. Prints global env-steps/s, updates/s, speedup = time(1) / time(W), efficiency =
+speedup / W and the same per-phase shares. This is the speed-up a user of the default mode gets.
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/cartpole.yaml")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps-per-rank", type=int, default=10_000)
+    p.add_argument("--steps-per-rank", type=int, default=10_000, help="weak scaling: env steps per rank")
+    p.add_argument("--strong", action="store_true", help="strong scaling: the same global run at every W")
+    p.add_argument("--steps", type=int, default=20_000, help="strong scaling: global env steps")
     p.add_argument("--out", default="runs/scaling")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -39,10 +48,16 @@ def main() -> int:
         run_dir = Path(args.out) / f"world{w}"
         cmd = ["mpiexec", "-n", str(w), sys.executable, "-m", "mpidqn", "train", "--config", args.config,
                "--run-dir", str(run_dir), "log.progress=none", "eval.interval_steps=0", "eval.episodes=1",
-               "checkpoint.interval_steps=0", "env.num_envs=1", "train.batch_scope=per_rank",
-               f"train.total_steps={args.steps_per_rank * w}",
-               f"train.learning_starts={base.train.learning_starts * w}", f"train.train_freq={base.train.train_freq * w}",
-               f"log.interval_steps={base.log.interval_steps * w}", *args.overrides]
+               "checkpoint.interval_steps=0", "env.num_envs=1"]
+        if args.strong:
+            steps = args.steps
+            cmd += [f"train.total_steps={steps}", f"log.interval_steps={min(base.log.interval_steps, steps)}"]
+        else:
+            steps = args.steps_per_rank * w
+            cmd += ["train.batch_scope=per_rank", f"train.total_steps={steps}",
+                    f"train.learning_starts={base.train.learning_starts * w}",
+                    f"train.train_freq={base.train.train_freq * w}", f"log.interval_steps={base.log.interval_steps * w}"]
+        cmd += args.overrides
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -51,14 +66,17 @@ def main() -> int:
         s = run.scalars
         wall = float(s["wall_time"].iloc[-1])
         phases = time_breakdown(run).mean(axis=0)  # seconds per phase, mean over the ranks
-        rows.append((w, args.steps_per_rank * w / wall, phases / phases.sum()))
-        print(f"world {w}: {rows[-1][1]:,.0f} global env-steps/s", flush=True)
-    t1 = rows[0][1] / rows[0][0]
-    names = [n for n in rows[0][2].index if any(r[2].get(n, 0.0) >= 0.001 for r in rows)]
-    print(f"{'ranks':>6} {'env-steps/s':>12} {'speedup':>8} {'efficiency':>10}  "
+        updates = float(s["updates"].iloc[-1])
+        rows.append((w, steps / wall, updates / wall, phases / phases.sum()))
+        print(f"world {w}: {rows[-1][1]:,.0f} global env-steps/s, {rows[-1][2]:,.0f} updates/s", flush=True)
+    # weak: efficiency = thr(W) / (W thr(1)); strong (same steps): speedup = thr(W) / thr(1)
+    thr1 = rows[0][1] / rows[0][0]
+    names = [n for n in rows[0][3].index if any(r[3].get(n, 0.0) >= 0.001 for r in rows)]
+    print(f"{'strong' if args.strong else 'weak'} scaling, {args.config}")
+    print(f"{'ranks':>6} {'env-steps/s':>12} {'updates/s':>10} {'speedup':>8} {'efficiency':>10}  "
           + " ".join(f"{n:>7}" for n in names) + "   (share of wall time per phase)")
-    for w, thr, share in rows:
-        print(f"{w:>6} {thr:>12,.0f} {thr / (rows[0][1]):>8.2f} {thr / (w * t1):>10.0%}  "
+    for w, thr, ups, share in rows:
+        print(f"{w:>6} {thr:>12,.0f} {ups:>10,.0f} {thr / rows[0][1]:>8.2f} {thr / (w * thr1):>10.0%}  "
               + " ".join(f"{share.get(n, 0.0):>7.1%}" for n in names))
     print(f"cores on this machine: {os.cpu_count()}")
     return 0
