@@ -27,6 +27,9 @@ import time
 
 import numpy as np
 from mpi4py import MPI
+from replay_priority import (
+    cpu_model,  # the sibling script (python benchmarks/envpool_speed.py)
+)
 
 from mpidqn.config import load_config
 from mpidqn.envs.presets import spec_from_config
@@ -38,17 +41,6 @@ from mpidqn.envs.vector import (
 )
 
 BACKENDS = ("async", "envpool")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(backend: str, spec, num_envs: int, seeds: list[int]):
