@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 # rl-baselines3-zoo hyperparams/dqn.yml (gradient_steps -1 = as many as env steps collected)
@@ -51,7 +52,7 @@ def seeds_arg(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
-def run_mpidqn(config: str, ranks: int, seed: int, run_dir: Path, overrides: list[str]) -> dict:
+def run_mpidqn(config: str, ranks: int, seed: int, run_dir: Path, overrides: list[str], target: float) -> dict:
     cmd = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpidqn", "train", "--config", config,
            "--run-dir", str(run_dir), f"seed={seed}", "log.progress=none", *overrides]
     t0 = time.perf_counter()
@@ -61,8 +62,13 @@ def run_mpidqn(config: str, ranks: int, seed: int, run_dir: Path, overrides: lis
         return {"final": float("nan"), "wall": wall, "error": (proc.stderr or proc.stdout).strip()[-300:]}
     from mpidqn.io.runlog import read_log
 
-    final = read_log(run_dir / "log.h5").tables["evaluations"][-1]
-    return {"final": float(final["mean"]), "wall": wall, "step": int(final["step"])}
+    evaluations = read_log(run_dir / "log.h5").tables["evaluations"]
+    final = evaluations[-1]
+    out = {"final": float(final["mean"]), "wall": wall, "step": int(final["step"])}
+    reached = evaluations[evaluations["mean"] >= target]
+    if len(reached):  # time to score: the first evaluation at the target (wall time of the run so far)
+        out.update(target_step=int(reached[0]["step"]), target_wall=float(reached[0]["wall_time"]))
+    return out
 
 
 def run_sb3(env_id: str, seed: int, episodes: int, max_steps: int | None) -> dict:
@@ -89,6 +95,24 @@ print(json.dumps({{"final": float(mean), "wall": time.perf_counter() - t}}))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def time_to_target_table(table: dict, seeds: list[int], sides: list[str], target: float) -> str:
+    """Markdown: per seed and side, the first evaluation at ``target`` as (env steps, wall seconds of
+    the run up to it, evaluations included), and the medians over the seeds that reached it."""
+    def cell(r: dict) -> str:
+        return f"{r['target_step']:,} / {r['target_wall']:.0f} s" if "target_wall" in r else "not reached"
+
+    lines = [f"time to the first evaluation >= {target:g} (env steps / wall seconds)", "",
+             f"| seed | {' | '.join(sides)} |", "|---|" + "---|" * len(sides)]
+    lines += [f"| {seed} | " + " | ".join(cell(table[seed][s]) for s in sides) + " |" for seed in seeds]
+    medians = []
+    for s in sides:
+        hits = [table[seed][s] for seed in seeds if "target_wall" in table[seed][s]]
+        medians.append(f"{np.median([r['target_step'] for r in hits]):,.0f} / "
+                       f"{np.median([r['target_wall'] for r in hits]):.0f} s ({len(hits)} seeds)" if hits else "-")
+    lines.append("| median | " + " | ".join(medians) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/cartpole.yaml")
@@ -112,7 +136,8 @@ def main() -> int:
         for ranks in args.ranks:
             run_dir = args.out / f"w{ranks}-s{seed}"
             jobs.append((f"mpidqn w{ranks}", seed,
-                         lambda r=ranks, s=seed, d=run_dir: run_mpidqn(args.config, r, s, d, args.overrides)))
+                         lambda r=ranks, s=seed, d=run_dir: run_mpidqn(args.config, r, s, d, args.overrides,
+                                                                       args.target)))
         if args.sb3:
             jobs.append(("sb3", seed, lambda s=seed: run_sb3(env_id, s, episodes, None)))
 
@@ -141,6 +166,7 @@ def main() -> int:
         lines.append(f"| {seed} | " + " | ".join(f"{table[seed][s]['final']:.1f}" for s in sides) + " |")
     reached = {s: sum(table[seed][s]["final"] >= args.target for seed in args.seeds) for s in sides}
     lines.append(f"| reached {args.target:g} | " + " | ".join(f"{reached[s]}/{len(args.seeds)}" for s in sides) + " |")
+    lines += ["", time_to_target_table(table, args.seeds, [s for s in sides if s.startswith("mpidqn")], args.target)]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(yaml.safe_dump({"config": args.config, "overrides": args.overrides}, sort_keys=False).strip())
