@@ -117,9 +117,8 @@ class NStepAccumulator:
         self._actions[envs, self._count] = actions
         self._rewards[envs, self._count] = rewards
         self._count += 1
-        if not done.any():  # the common step: only full queues emit their oldest step
-            return self._emit_full(next_obs)
-        out = self._emit(next_obs, terminated, done)
+        # the common step (no episode ended): only full queues emit their oldest step
+        out = self._emit(next_obs, terminated, done) if done.any() else self._emit_full(next_obs)
         self._advance(done)
         return out
 
@@ -164,21 +163,16 @@ class NStepAccumulator:
         }
 
     def _emit_full(self, next_obs: np.ndarray) -> Transitions:
-        """``_emit`` then ``_advance`` for a step on which no episode ended: every full queue emits its
-        oldest step with the whole horizon (same values as the general path, fewer array operations)."""
+        """``_emit`` for a step on which no episode ended: every full queue emits its oldest step with
+        the whole horizon (same values as the general path, fewer array operations)."""
         full = np.flatnonzero(self._count == self.n_step)
-        out = {
+        return {
             "obs": self._obs[full, 0],
             "actions": self._actions[full, 0],
             "rewards": (self._rewards[full] @ self._powers[:-1]).astype(np.float32),
             "next_obs": next_obs[full],
             "discounts": np.full(full.size, self._powers[-1], np.float32),
         }
-        if full.size:
-            for arr in (self._obs, self._actions, self._rewards):
-                arr[full, :-1] = arr[full, 1:]
-            self._count[full] = self.n_step - 1
-        return out
 
     def _advance(self, done: np.ndarray) -> None:
         """Clear ended episodes; drop the emitted oldest step of full queues."""
