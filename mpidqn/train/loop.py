@@ -214,7 +214,8 @@ class Trainer:
         self.reporter.start(RunHeader(
             env_id=c.env.id, world=t.world, dp=t.dp, pipeline_stages=t.pipeline_stages, num_envs=c.env.num_envs,
             parameters=self.parameter_count, total_steps=c.train.total_steps, torch_threads=c.parallel.torch_threads,
-            step=self.counters.env_steps, updates=self.learner.updates))
+            step=self.counters.env_steps, updates=self.learner.updates,
+            device=str(getattr(self.learner, "device", None) or "cpu")))
         t_start = time.perf_counter()
         while self.counters.env_steps < cfg.train.total_steps:
             prev = self.counters.env_steps

@@ -59,6 +59,7 @@ class RunHeader:
     torch_threads: int
     step: int  # global env steps at the start (non-zero on resume)
     updates: int  # learner updates at the start
+    device: str = "cpu"  # where rank 0's learner runs ("cuda:0", ...)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class ConsoleReporter(SilentReporter):
             f"mpidqn: {h.env_id} | world {h.world} (dp {h.dp} x pipeline {h.pipeline_stages}) | "
             f"{h.num_envs} env/rank | {h.parameters:,} parameters | "
             f"{h.total_steps:,} global env steps | threads/rank {h.torch_threads}"
+            + ("" if h.device == "cpu" else f" | learner on {h.device}")
         )
         if self.use_bar:
             self.bar = self._tqdm(total=h.total_steps, initial=h.step,

@@ -2,7 +2,8 @@
 
 ``RUN_DIR/config.yaml`` is the resolved config of the run. Pointing a different config at an
 existing run dir is refused (exit 2) unless only keys that may change on resume differ
-(:data:`RESUMABLE_PREFIXES`): run length, checkpoint/eval/log cadence, threads and the parallel layout.
+(:data:`RESUMABLE_PREFIXES`): run length, checkpoint/eval/log cadence, threads, the parallel layout
+and the learner's device (a run from a GPU node continues on a CPU node).
 
 Nothing in a run dir is lost: one job at a time holds it (:mod:`mpidqn.io.runlock`); checkpoints that
 fail verification are refused (exit 2) or, when an older one resumes, renamed ``step_*.corrupt-<time>``
@@ -42,8 +43,10 @@ from mpidqn.train.checkpoints import (
 )
 from mpidqn.train.reporting import ConsoleReporter, SilentReporter
 
-RESUMABLE_PREFIXES = ("train.total_steps", "train.nonfinite", "checkpoint.", "eval.", "log.", "parallel.")
-RESUMABLE_HELP = "train.total_steps, train.nonfinite, checkpoint.*, eval.*, log.*, parallel.*"
+RESUMABLE_PREFIXES = ("train.total_steps", "train.nonfinite", "train.device", "train.mlp_kernel", "checkpoint.",
+                      "eval.", "log.", "parallel.")
+RESUMABLE_HELP = ("train.total_steps, train.nonfinite, train.device, train.mlp_kernel, checkpoint.*, eval.*, log.*, "
+                  "parallel.*")
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
