@@ -72,7 +72,7 @@ def run_mpidqn(config: str, ranks: int, seed: int, run_dir: Path, overrides: lis
 
 
 def run_sb3(env_id: str, seed: int, episodes: int, max_steps: int | None) -> dict:
-    """SB3's zoo DQN in a subprocess (one torch thread, like an mpidqn rank)."""
+    """SB3's zoo DQN in a subprocess (one torch thread and the CPU, like an mpidqn rank run with train.device=cpu)."""
     params = dict(ZOO[env_id])
     steps = max_steps or params.pop("n_timesteps")
     params.pop("n_timesteps", None)
@@ -82,7 +82,7 @@ torch.set_num_threads(1)
 from stable_baselines3 import DQN
 from stable_baselines3.common.evaluation import evaluate_policy
 t = time.perf_counter()
-model = DQN("MlpPolicy", {env_id!r}, seed={seed}, verbose=0, **{params!r})
+model = DQN("MlpPolicy", {env_id!r}, seed={seed}, verbose=0, device="cpu", **{params!r})
 model.learn({steps})
 env = gym.make({env_id!r}); env.reset(seed={seed})
 mean, std = evaluate_policy(model, env, n_eval_episodes={episodes}, deterministic=True)

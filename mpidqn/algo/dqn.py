@@ -40,6 +40,17 @@ def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
     return (weights * fn(q_taken, targets, reduction="none")).sum()
 
 
+def td_loss_grad(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``d td_loss / d q_taken`` without autograd: Huber's ``clamp(q - y, -1, 1)``, or ``2 (q - y)``, times
+    ``1 / rows`` (mean) or ``weights``."""
+    diff = q_taken - targets
+    grad = diff.clamp_(-1.0, 1.0) if kind == "huber" else diff.mul_(2.0)
+    if weights is None:
+        return grad.mul_(1.0 / max(1, grad.numel()))
+    return grad.mul_(weights)
+
+
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
     """Linear interpolation from ``start`` (t=0) to ``end`` (t>=duration)."""
     if duration <= 0:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpidqn.algo.dqn import td_loss, td_targets
+from mpidqn.algo.dqn import td_loss, td_loss_grad, td_targets
 from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds
+from mpidqn.learners.mlp_kernel import MLPKernel
 from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import make_reducer
 from mpidqn.nn.actor import NumpyActor
@@ -54,12 +55,18 @@ class Learner(LearnerBase):
 
     ``device``: "cpu" or "cuda:<n>" (parameters are broadcast on the CPU first). ``overlap``: reduce the
     gradient in buckets during backward (``bucket_bytes`` each) instead of one Allreduce after it.
+    ``mlp_kernel``: a plain MLP on the CPU without overlap computes its gradient with
+    :class:`~mpidqn.learners.mlp_kernel.MLPKernel` instead of autograd (same gradient, less overhead).
     """
 
     def __init__(self, online: nn.Module, hyper: Hyper, comm: Any, device: str = "cpu", overlap: bool = False,
-                 bucket_bytes: int = 2 << 20) -> None:
+                 bucket_bytes: int = 2 << 20, mlp_kernel: bool = True) -> None:
         self._init_nets(online, hyper, comm, device)
         self.reducer = make_reducer(self.flat_grad, self.params, comm, overlap, bucket_bytes)
+        children = list(online.children()) if isinstance(online, nn.Sequential) else []
+        use_kernel = mlp_kernel and self.device is None and not overlap and MLPKernel.supports(children)
+        self._kernel = MLPKernel(children) if use_kernel else None
+        self._target_kernel = MLPKernel(list(self.target.children())) if use_kernel else None
         self._loss_sum = torch.zeros((), device=self.device)
         self._q_sum = torch.zeros((), device=self.device)
         self._metric_count = 0
@@ -86,6 +93,9 @@ class Learner(LearnerBase):
     def targets(self, rewards, next_obs, discounts) -> torch.Tensor:
         """TD targets with the current networks (no gradient)."""
         with torch.no_grad():
+            if self._kernel is not None:
+                next_online = self._kernel.forward(next_obs, keep=False) if self.hyper.double_dqn else None
+                return td_targets(rewards, discounts, self._target_kernel.forward(next_obs, keep=False), next_online)
             next_online = self.online(next_obs) if self.hyper.double_dqn else None
             return td_targets(rewards, discounts, self.target(next_obs), next_online)
 
@@ -99,15 +109,24 @@ class Learner(LearnerBase):
 
         The loss's finiteness is known before backward and handed to the reducer, which carries it to
         every replica (an overlapped reducer starts reducing during backward)."""
-        q = self.online(obs)
-        q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
-        loss = td_loss(q_taken, targets, self.hyper.loss, weights)
+        kernel = self._kernel
+        with torch.set_grad_enabled(kernel is None):
+            q = self.online(obs) if kernel is None else kernel.forward(obs)
+            q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+            loss = td_loss(q_taken, targets, self.hyper.loss, weights)
         if td_out is not None:
             td_out.copy_((targets - q_taken.detach()).abs())
         self._local_nonfinite = not bool(torch.isfinite(loss.detach()))
         self.reducer.start(self._local_nonfinite)
-        self.flat_grad.zero_()
-        loss.backward()
+        if kernel is None:
+            self.flat_grad.zero_()
+            loss.backward()
+        elif len(q_taken):
+            grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
+                q_taken, targets, self.hyper.loss, weights).unsqueeze(1))
+            kernel.backward(grad_q)  # overwrites every parameter's gradient
+        else:
+            self.flat_grad.zero_()
         if not self._local_nonfinite and len(q_taken):
             self._q_sum += q_taken.detach().mean()
         return loss.detach()

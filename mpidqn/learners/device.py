@@ -42,4 +42,4 @@ def make_dp_learner(online: nn.Module, hyper: Hyper, cfg: Any, topo: Any) -> Lea
     except ValueError as e:
         raise UserError(str(e)) from None
     return Learner(online, hyper, topo.dp_comm, device, cfg.parallel.overlap_allreduce,
-                   int(cfg.parallel.bucket_mb * (1 << 20)))
+                   int(cfg.parallel.bucket_mb * (1 << 20)), cfg.train.mlp_kernel)
