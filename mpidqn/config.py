@@ -167,7 +167,7 @@ class TrainConfig:
     """TD loss."""
     double_dqn: bool = True
     """Double DQN targets: online net picks the action, target net evaluates it."""
-    target_update_interval: int = 128
+    target_update_interval: int = 256
     """Hard target update every this many updates (ignored when tau < 1)."""
     tau: float = 1.0
     """Polyak coefficient applied every update when < 1; 1 means hard updates."""
