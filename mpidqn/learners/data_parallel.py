@@ -3,10 +3,12 @@
 On the CPU by default; with a device (``cuda:<n>``) the networks and the gradient buffer live there
 (replay stays in host memory). How the buffer is reduced is the reducer's business (see
 :mod:`mpidqn.learners.reducers`): one fused Allreduce, buckets overlapped with backward, or host-staged
-for a device buffer. THE CUDA PATH IS UNTESTED (no GPU was available).
+for a device buffer. The CUDA path is tested by ``tests/learners/test_cuda.py`` where a GPU is visible
+(last run on an H200, 2026-11-26).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,9 @@ def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.T
             next_obs, torch.from_numpy(batch.discounts))
 
 
+_FOLD = 256  # updates between two folds of the loss and Q metrics into their sums
+
+
 @dataclass
 class _Round:
     """A round of updates on this replica: the batch as tensors, the plan's loss weights, the TD errors."""
@@ -70,6 +75,8 @@ class Learner(LearnerBase):
         self._loss_sum = torch.zeros((), device=self.device)
         self._q_sum = torch.zeros((), device=self.device)
         self._metric_count = 0
+        self._losses: list[torch.Tensor] = []  # per update, summed every _FOLD updates (one op, not one each)
+        self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update, likewise
         layers = list(online.children()) if isinstance(online, nn.Sequential) and self.device is None else []
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
 
@@ -110,26 +117,36 @@ class Learner(LearnerBase):
         The loss's finiteness is known before backward and handed to the reducer, which carries it to
         every replica (an overlapped reducer starts reducing during backward)."""
         kernel = self._kernel
-        with torch.set_grad_enabled(kernel is None):
-            q = self.online(obs) if kernel is None else kernel.forward(obs)
+        if kernel is not None:
+            with torch.no_grad():  # the kernel writes the gradient itself
+                q = kernel.forward(obs)
+                q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+                loss = td_loss(q_taken, targets, self.hyper.loss, weights)
+                self._loss_known(loss, q_taken, targets, td_out)
+                if len(q_taken):
+                    grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
+                        q_taken, targets, self.hyper.loss, weights).unsqueeze(1))
+                    kernel.backward(grad_q)  # overwrites every parameter's gradient
+                else:
+                    self.flat_grad.zero_()
+        else:
+            q = self.online(obs)
             q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets, self.hyper.loss, weights)
-        if td_out is not None:
-            td_out.copy_((targets - q_taken.detach()).abs())
-        self._local_nonfinite = not bool(torch.isfinite(loss.detach()))
-        self.reducer.start(self._local_nonfinite)
-        if kernel is None:
+            self._loss_known(loss, q_taken, targets, td_out)
             self.flat_grad.zero_()
             loss.backward()
-        elif len(q_taken):
-            grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
-                q_taken, targets, self.hyper.loss, weights).unsqueeze(1))
-            kernel.backward(grad_q)  # overwrites every parameter's gradient
-        else:
-            self.flat_grad.zero_()
         if not self._local_nonfinite and len(q_taken):
-            self._q_sum += q_taken.detach().mean()
+            self._q_rows.append(q_taken.detach())
         return loss.detach()
+
+    def _loss_known(self, loss: torch.Tensor, q_taken: torch.Tensor, targets: torch.Tensor,
+                    td_out: torch.Tensor | None) -> None:
+        """Before backward: the TD errors out, and the loss's finiteness to the reducer."""
+        if td_out is not None:
+            td_out.copy_((targets - q_taken.detach()).abs())
+        self._local_nonfinite = not math.isfinite(loss.detach().item())
+        self.reducer.start(self._local_nonfinite)
 
     def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[_Round, np.ndarray]:
         tensors = _as_tensors(batch, self.device)
@@ -151,14 +168,28 @@ class Learner(LearnerBase):
         self.reduce_gradients()
         self.step()
         if not self._local_nonfinite:
-            self._loss_sum += loss
-            self._metric_count += 1
+            self._losses.append(loss)
+            if len(self._losses) >= _FOLD:
+                self._fold_metrics()
+
+    def _fold_metrics(self) -> None:
+        """Add the losses and mean Q(s, a) of the updates since the last fold to the running sums."""
+        if self._losses:
+            self._loss_sum += torch.stack(self._losses).sum()
+            self._metric_count += len(self._losses)
+            self._losses.clear()
+        q = self._q_rows
+        if q:
+            same = all(len(rows) == len(q[0]) for rows in q)
+            self._q_sum += (torch.stack(q).mean(dim=1) if same else torch.stack([rows.mean() for rows in q])).sum()
+            q.clear()
 
     def _td_errors(self, data: _Round) -> np.ndarray:
         return data.td.cpu().numpy()
 
     def pop_metrics(self) -> dict[str, float]:
         """Mean loss and mean Q(s, a) of this replica since the last call (NaN when no update ran)."""
+        self._fold_metrics()
         n = self._metric_count
         out = {
             "loss": float(self._loss_sum) / n if n else float("nan"),

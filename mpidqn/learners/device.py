@@ -1,8 +1,8 @@
 """Where a data-parallel learner runs (CPU or ``cuda:<node-local rank % GPUs>``) and how it reduces.
 
 The device learner and the overlapped reduction are no classes of their own: :class:`Learner` takes a
-device, and the reduction strategies live in :mod:`mpidqn.learners.reducers`. THE CUDA PATH IS
-UNTESTED (no GPU was available).
+device, and the reduction strategies live in :mod:`mpidqn.learners.reducers`. The CUDA path is tested
+by ``tests/learners/test_cuda.py`` where a GPU is visible (last run on an H200, 2026-11-26).
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-
 _relu_backward = torch.ops.aten.threshold_backward.default  # what autograd runs for ReLU: one pass
 
 
@@ -43,9 +42,9 @@ class MLPKernel:
         self.linears: list[nn.Linear] = [m for m in layers if isinstance(m, nn.Linear)]
         self._inputs: list[torch.Tensor] = []  # each Linear's input in the last forward (post-ReLU)
 
-    @torch.no_grad()
     def forward(self, obs: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        """Q-values of ``obs`` (rows, ...); with ``keep``, remembers what :meth:`backward` needs."""
+        """Q-values of ``obs`` (rows, ...); with ``keep``, remembers what :meth:`backward` needs. Both
+        methods run under ``torch.no_grad()`` (the caller's: one context per update, not per call)."""
         x = obs.flatten(1)
         inputs = []
         last = len(self.linears) - 1
@@ -58,7 +57,6 @@ class MLPKernel:
             self._inputs = inputs
         return x
 
-    @torch.no_grad()
     def backward(self, grad_q: torch.Tensor) -> None:
         """Write ``dL/dW`` and ``dL/db`` of every layer into its ``.grad`` (overwriting), given
         ``grad_q = dL/dQ`` of the last :meth:`forward` (rows, actions)."""
