@@ -4,11 +4,10 @@ CPU. These need a GPU that torch can see; on a CPU-only machine (CI) they are sk
 where they last ran."""
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
+from conftest import MPI_SCRIPTS, TINY, mpirun
 from mpi4py import MPI
 
 from mpidqn.learners.base import RoundPlan
@@ -16,7 +15,6 @@ from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.cnn import minatar_cnn_layers
 from mpidqn.nn.mlp import mlp_layers
 from mpidqn.replay.shard import Batch
-from conftest import MPI_SCRIPTS, TINY, mpirun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch can see")
 

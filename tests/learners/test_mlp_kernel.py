@@ -7,7 +7,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from conftest import TINY, mpidqn
+
 from mpidqn.algo.dqn import td_loss, td_loss_grad
+from mpidqn.io.runlog import read_log
 from mpidqn.learners.base import RoundPlan
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.learners.mlp_kernel import MLPKernel
@@ -104,3 +107,19 @@ def test_the_learner_takes_autograd_where_the_kernel_does_not_apply():
     assert learner(mlp_layers(4, 2, [8]), overlap=True)._kernel is None  # buckets hook autograd
     assert learner(mlp_layers(4, 2, [8], dueling=True))._kernel is None
     assert learner(mlp_layers(4, 2, [8]), mlp_kernel=False)._kernel is None
+
+
+def test_a_training_run_is_the_same_with_and_without_the_kernel(tmp_path):
+    """The real command at 1 rank: episodes, losses and evaluations equal with train.mlp_kernel on and off."""
+    logs = []
+    for on in ("true", "false"):
+        run_dir = tmp_path / on
+        p = mpidqn(1, ["train", "--run-dir", str(run_dir), *TINY, "eval.interval_steps=600",
+                       f"train.mlp_kernel={on}"], timeout=300)
+        assert p.returncode == 0, p.stderr
+        logs.append(read_log(run_dir / "log.h5").tables)
+    on, off = logs
+    assert len(on["evaluations"]) == 2 and on["scalars"]["updates"][-1] > 0
+    for table, column in (("evaluations", "mean"), ("scalars", "loss"), ("scalars", "q_mean"), ("episodes", "return"),
+                          ("episodes", "step")):
+        assert np.array_equal(on[table][column], off[table][column], equal_nan=True), (table, column)
