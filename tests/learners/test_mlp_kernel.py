@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mpi4py import MPI
-
 from conftest import TINY, mpidqn
+from mpi4py import MPI
 
 from mpidqn.algo.dqn import td_loss, td_loss_grad
 from mpidqn.io.runlog import read_log
