@@ -109,9 +109,30 @@ def point(where: str, rank: int, step: int, *, learner: Any = None, path: Path |
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
+class _Restore:
+    """A hook handle for a patched attribute: ``.remove()`` puts the original back."""
+
+    def __init__(self, obj: Any, name: str, original: Any) -> None:
+        self.obj, self.name, self.original = obj, name, original
+
+    def remove(self) -> None:
+        setattr(self.obj, self.name, self.original)
+
+
 def poison_loss(learner: Any) -> Any:
-    """Make every forward pass of ``learner.online`` run with autograd on return NaN (so does the loss
-    computed from it); returns the hook's handle (``.remove()`` undoes it)."""
+    """Make every forward pass that the loss is computed from return NaN (so does the loss): the
+    online network's forward with autograd on, or the learner's MLP kernel's forward that keeps its
+    inputs for backward (:mod:`mpidqn.learners.mlp_kernel`). Returns a handle (``.remove()`` undoes it)."""
+    kernel = getattr(learner, "_kernel", None)
+    if kernel is not None:
+        forward = kernel.forward
+
+        def poisoned(obs: torch.Tensor, keep: bool = True) -> torch.Tensor:
+            out = forward(obs, keep)
+            return out * float("nan") if keep else out
+
+        kernel.forward = poisoned
+        return _Restore(kernel, "forward", forward)
 
     def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         return output * float("nan") if torch.is_grad_enabled() else None
