@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -68,16 +69,19 @@ class Learner(LearnerBase):
                  bucket_bytes: int = 2 << 20, mlp_kernel: bool = True) -> None:
         self._init_nets(online, hyper, comm, device)
         self.reducer = make_reducer(self.flat_grad, self.params, comm, overlap, bucket_bytes)
-        children = list(online.children()) if isinstance(online, nn.Sequential) else []
-        use_kernel = mlp_kernel and self.device is None and not overlap and MLPKernel.supports(children)
-        self._kernel = MLPKernel(children) if use_kernel else None
-        self._target_kernel = MLPKernel(list(self.target.children())) if use_kernel else None
+        layers = list(online.children()) if isinstance(online, nn.Sequential) and self.device is None else []
+        use_kernel = mlp_kernel and not overlap and MLPKernel.supports(layers)
+        self._kernel = MLPKernel(layers) if use_kernel else None
+        # the networks' no-grad forwards for the TD targets: the kernel's where it applies, else the modules
+        self._online_q, self._target_q = (
+            (partial(self._kernel.forward, keep=False), partial(MLPKernel(list(self.target.children())).forward,
+                                                                 keep=False))
+            if use_kernel else (self.online, self.target))
         self._loss_sum = torch.zeros((), device=self.device)
         self._q_sum = torch.zeros((), device=self.device)
         self._metric_count = 0
         self._losses: list[torch.Tensor] = []  # per update, summed every _FOLD updates (one op, not one each)
         self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update, likewise
-        layers = list(online.children()) if isinstance(online, nn.Sequential) and self.device is None else []
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
 
     # ------------------------------------------------------------------ acting
@@ -100,11 +104,8 @@ class Learner(LearnerBase):
     def targets(self, rewards, next_obs, discounts) -> torch.Tensor:
         """TD targets with the current networks (no gradient)."""
         with torch.no_grad():
-            if self._kernel is not None:
-                next_online = self._kernel.forward(next_obs, keep=False) if self.hyper.double_dqn else None
-                return td_targets(rewards, discounts, self._target_kernel.forward(next_obs, keep=False), next_online)
-            next_online = self.online(next_obs) if self.hyper.double_dqn else None
-            return td_targets(rewards, discounts, self.target(next_obs), next_online)
+            next_online = self._online_q(next_obs) if self.hyper.double_dqn else None
+            return td_targets(rewards, discounts, self._target_q(next_obs), next_online)
 
     def backward(self, obs, actions, targets, weights: torch.Tensor | None = None,
                  td_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,36 +118,26 @@ class Learner(LearnerBase):
         The loss's finiteness is known before backward and handed to the reducer, which carries it to
         every replica (an overlapped reducer starts reducing during backward)."""
         kernel = self._kernel
-        if kernel is not None:
-            with torch.no_grad():  # the kernel writes the gradient itself
-                q = kernel.forward(obs)
-                q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
-                loss = td_loss(q_taken, targets, self.hyper.loss, weights)
-                self._loss_known(loss, q_taken, targets, td_out)
-                if len(q_taken):
-                    grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
-                        q_taken, targets, self.hyper.loss, weights).unsqueeze(1))
-                    kernel.backward(grad_q)  # overwrites every parameter's gradient
-                else:
-                    self.flat_grad.zero_()
-        else:
-            q = self.online(obs)
+        with torch.set_grad_enabled(kernel is None):  # the kernel writes the gradient itself
+            q = self.online(obs) if kernel is None else kernel.forward(obs)
             q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets, self.hyper.loss, weights)
-            self._loss_known(loss, q_taken, targets, td_out)
-            self.flat_grad.zero_()
-            loss.backward()
+            if td_out is not None:
+                td_out.copy_((targets - q_taken.detach()).abs())
+            self._local_nonfinite = not math.isfinite(loss.detach().item())
+            self.reducer.start(self._local_nonfinite)
+            if kernel is None:
+                self.flat_grad.zero_()
+                loss.backward()
+            elif len(q_taken):
+                grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
+                    q_taken, targets, self.hyper.loss, weights).unsqueeze(1))
+                kernel.backward(grad_q)  # overwrites every parameter's gradient
+            else:
+                self.flat_grad.zero_()
         if not self._local_nonfinite and len(q_taken):
             self._q_rows.append(q_taken.detach())
         return loss.detach()
-
-    def _loss_known(self, loss: torch.Tensor, q_taken: torch.Tensor, targets: torch.Tensor,
-                    td_out: torch.Tensor | None) -> None:
-        """Before backward: the TD errors out, and the loss's finiteness to the reducer."""
-        if td_out is not None:
-            td_out.copy_((targets - q_taken.detach()).abs())
-        self._local_nonfinite = not math.isfinite(loss.detach().item())
-        self.reducer.start(self._local_nonfinite)
 
     def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[_Round, np.ndarray]:
         tensors = _as_tensors(batch, self.device)

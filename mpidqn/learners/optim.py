@@ -96,7 +96,10 @@ def _lean_adam_step(optimizer: torch.optim.Adam) -> Callable[..., Any]:
         if len(optimizer.param_groups) != 1 or any(p.grad is None or p not in optimizer.state for p in params):
             return
         st = [optimizer.state[p] for p in params]
-        cache.update(state=optimizer.state, lists=(
+        extra = {k: group[k] for k in _ADAM_GROUP_KEYS if k in group and k in accepted}
+        if "has_complex" in accepted:
+            extra["has_complex"] = False
+        cache.update(state=optimizer.state, betas=group["betas"], extra=extra, lists=(
             list(params), [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
             [s["max_exp_avg_sq"] for s in st] if group["amsgrad"] else [], [s["step"] for s in st]))
 
@@ -107,13 +110,10 @@ def _lean_adam_step(optimizer: torch.optim.Adam) -> Callable[..., Any]:
             loss = class_step(optimizer, closure)
             gather()
             return loss
-        group = optimizer.param_groups[0]
-        beta1, beta2 = group["betas"]
-        extra = {k: group[k] for k in _ADAM_GROUP_KEYS if k in group and k in accepted}
-        if "has_complex" in accepted:
-            extra["has_complex"] = False
+        beta1, beta2 = cache["betas"]  # fixed with the state: only the lr changes between loads
         with torch.no_grad():
-            adam(*lists, beta1=beta1, beta2=beta2, lr=group["lr"], grad_scale=None, found_inf=None, **extra)
+            adam(*lists, beta1=beta1, beta2=beta2, lr=optimizer.param_groups[0]["lr"], grad_scale=None,
+                 found_inf=None, **cache["extra"])
         return None
 
     return step
