@@ -10,6 +10,11 @@ run is shown, failures included. Writes ``results.csv`` and ``results.md`` (one 
 column per side) under --out, then calls ``mpidqn report`` over the mpidqn runs (IQM over seeds with a
 bootstrap interval, curves). Exit 1 when a run fell short of --target.
 
+Time to score: every table also gives, per mpidqn run, the first greedy evaluation at --target (env
+steps / wall seconds of the run up to it). ``--stop-at-target`` ends each mpidqn run there
+(``eval.stop_at``), so a time-to-score comparison costs only the time to the score; the "final" column
+is then that evaluation.
+
 SB3 (``pip install stable-baselines3``) is a benchmark-only dependency; its hyper-parameters are the
 rl-baselines3-zoo DQN settings of the env (``ZOO`` below).
 """
@@ -121,11 +126,15 @@ def main() -> int:
     p.add_argument("--sb3", action="store_true", help="also run SB3's zoo DQN on the same seeds")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time (mind the cores: ranks add up)")
     p.add_argument("--target", type=float, default=475.0)
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="end every mpidqn run at its first evaluation >= --target (eval.stop_at)")
     p.add_argument("--out", type=Path, default=Path("runs/learning"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args()
     from mpidqn.config import load_config
 
+    if args.stop_at_target:
+        args.overrides = [*args.overrides, f"eval.stop_at={args.target}"]
     cfg = load_config(args.config, args.overrides)
     env_id, episodes = cfg.env.id, cfg.eval.episodes
     if args.sb3 and env_id not in ZOO:

@@ -249,6 +249,10 @@ class EvalConfig:
     """Global environment steps between greedy evaluations (0 = only the final one)."""
     episodes: int = 10
     """Greedy episodes per evaluation (split over the data-parallel ranks)."""
+    stop_at: float | None = None
+    """End the run at the first periodic evaluation whose mean return is >= this (a time-to-score run):
+    that step is checkpointed and the run exits 0. Unset: train to train.total_steps. Resumable: a run
+    continued with a higher (or no) stop_at trains on."""
 
 
 @dataclass
@@ -552,4 +556,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     _require(cfg.eval.interval_steps >= 0, "eval.interval_steps", "must be >= 0")
     _require(cfg.eval.episodes >= 1, "eval.episodes", f"must be >= 1, got {cfg.eval.episodes}")
+    if cfg.eval.stop_at is not None:
+        _require(math.isfinite(cfg.eval.stop_at), "eval.stop_at", f"must be a finite return, got {cfg.eval.stop_at}")
+        _require(cfg.eval.interval_steps > 0, "eval.stop_at",
+                 "needs periodic evaluations: set eval.interval_steps > 0")
     _require(cfg.log.interval_steps >= 1, "log.interval_steps", f"must be >= 1, got {cfg.log.interval_steps}")

@@ -206,7 +206,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> str:
-        """Train until total_steps (returns "done") or an agreed stop signal (returns "signal")."""
+        """Train until total_steps (returns "done"), an evaluation at eval.stop_at (returns "target") or an
+        agreed stop signal (returns "signal")."""
         cfg = self.cfg
         signals.install()  # normally done by the CLI already; harmless twice
         agree_every = max(1, 256 // self.steps_per_iteration)  # collectives every ~256 global steps
@@ -231,6 +232,11 @@ class Trainer:
             improved = False
             if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
                 improved = self.evaluate()
+                if cfg.eval.stop_at is not None and self.last_eval["mean"] >= cfg.eval.stop_at:
+                    # the same result on every rank (gathered), so every rank leaves here together
+                    self.report_progress(time.perf_counter() - t_start)
+                    self.save_checkpoint(best=improved)
+                    return "target"
             if crossed(prev, cur, cfg.log.interval_steps):
                 self.report_progress(time.perf_counter() - t_start)
             if crossed(prev, cur, cfg.checkpoint.interval_steps) or improved:

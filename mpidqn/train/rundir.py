@@ -152,6 +152,11 @@ class Run:
             try:
                 outcome = self.trainer.run()
                 code = EXIT_REQUEUE if outcome == "signal" else EXIT_OK
+                if outcome == "target":
+                    step, result = self.trainer.counters.env_steps, self.trainer.last_eval
+                    self.reporter.event(step, "target", f"mpidqn: evaluation mean {result['mean']:.1f} >= "
+                                        f"eval.stop_at={self.trainer.cfg.eval.stop_at:g} at step {step:,}: "
+                                        f"run ended early (checkpointed; exit {EXIT_OK})")
                 if outcome == "signal":
                     step = self.trainer.counters.env_steps
                     self.reporter.event(step, "signal", f"mpidqn: stopped on {signals.name(signals.received())} "
