@@ -157,7 +157,7 @@ class Run:
                     self.reporter.event(step, "target", f"mpidqn: evaluation mean {result['mean']:.1f} >= "
                                         f"eval.stop_at={self.trainer.cfg.eval.stop_at:g} at step {step:,}: "
                                         f"run ended early (checkpointed; exit {EXIT_OK})")
-                if outcome == "signal":
+                elif outcome == "signal":
                     step = self.trainer.counters.env_steps
                     self.reporter.event(step, "signal", f"mpidqn: stopped on {signals.name(signals.received())} "
                                         f"at step {step:,} after checkpointing; exit {EXIT_REQUEUE} = resubmit me "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, mpidqn
 from mpi4py import MPI
+
+from conftest import TINY, mpidqn
 
 from mpidqn.algo.dqn import td_loss, td_loss_grad
 from mpidqn.io.runlog import read_log
