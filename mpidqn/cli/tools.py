@@ -16,14 +16,18 @@ from mpidqn.train.checkpoints import Checkpoint, read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
 
 
-def load_policy(ckpt: Checkpoint) -> tuple[Any, torch.nn.Module]:
-    """The config and the full online Q-network of a checkpoint (all pipeline stages merged)."""
+def load_policy(ckpt: Checkpoint, online: bool = False) -> tuple[Any, torch.nn.Module, str]:
+    """The config and the full Q-network of a checkpoint (all pipeline stages merged) with the weights
+    its evaluations used: the moving average of the parameters where the run kept one
+    (train.ema_decay), else (or with ``online``) the online parameters; and which of the two it is."""
     cfg = ckpt.config()
     env = make_env(spec_from_config(cfg.env, evaluation=True))
     net = build_network(env.observation_space.shape, int(env.action_space.n), cfg.network)
     env.close()
-    net.load_state_dict(read_model(ckpt)["online"])
-    return cfg, net.eval()
+    model = read_model(ckpt)
+    average = bool(model["ema"]) and not online
+    net.load_state_dict({**model["online"], **model["ema"]} if average else model["online"])
+    return cfg, net.eval(), "moving average" if average else "online"
 
 
 def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> int:
@@ -33,12 +37,14 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
     p.add_argument("--best", action="store_true",
                    help="the checkpoint of the run's best evaluation instead of the newest one")
+    p.add_argument("--online", action="store_true",
+                   help="the online parameters instead of their moving average (runs with train.ema_decay)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     ckpt = resolve(args.target, best=args.best)
-    cfg, net = load_policy(ckpt)
+    cfg, net, weights = load_policy(ckpt, online=args.online)
     torch.set_num_threads(1)
 
     @torch.no_grad()
@@ -48,11 +54,12 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     seed = cfg.seed if args.seed is None else args.seed
     result = evaluate_policy(policy, spec_from_config(cfg.env, evaluation=True), args.episodes, seed, max_episode_steps=cfg.env.max_episode_steps,
                              step=ckpt.step)
-    result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed)
+    result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed, weights=weights)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{cfg.env.id} @ step {ckpt.step:,} ({ckpt.path}): mean {result['mean']:.2f} ± {result['std']:.2f} "
+        print(f"{cfg.env.id} @ step {ckpt.step:,} ({ckpt.path}, {weights} weights): "
+              f"mean {result['mean']:.2f} ± {result['std']:.2f} "
               f"(min {result['min']:.1f}, max {result['max']:.1f}) over {result['episodes']} episodes")
     return 0
 
@@ -76,6 +83,7 @@ def inspect_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> 
         "pipeline_stages": ckpt.pipeline_stages, "complete": True, "verified": True,
         "updates": int(model["updates"]), "env": cfg.env.id, "seed": cfg.seed,
         "total_steps": cfg.train.total_steps, "network": cfg.network.hidden, "parameters": params,
+        "evaluated_weights": f"moving average (train.ema_decay={cfg.train.ema_decay})" if model["ema"] else "online",
         "replay_transitions": replay, "bytes": int(sum(f["bytes"] for f in ckpt.manifest["files"].values())),
         "format_version": ckpt.manifest["format_version"], "mpidqn_version": ckpt.manifest["mpidqn_version"],
         "best": read_best(ckpt.path.parent),

@@ -9,13 +9,15 @@ pipeline stage), the flat gradient buffer the parameters' ``.grad`` are views of
 for a stage of parameter-free layers), the gradient reducer (see :mod:`mpidqn.learners.reducers`),
 and the parts of an update that do not depend on the layout: the rounds of updates between target
 updates, skip-or-stop on a non-finite loss or gradient, clipping, the optimizer and target steps, the
-replica check, and the model state.
+moving average of the parameters that evaluations use (``train.ema_decay``), the replica check, and
+the model state.
 """
 from __future__ import annotations
 
 import copy
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -124,6 +126,10 @@ class QLearner(Protocol):
 
     def check_replicas(self) -> None: ...
 
+    def evaluation_weights(self) -> Any:
+        """Context manager: inside it the greedy policy uses the weights evaluations judge (the moving
+        average of the parameters with ``train.ema_decay``, else the online ones). Collective-free."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -180,6 +186,8 @@ class LearnerBase(ABC):
         self.nonfinite_skipped = 0
         self._local_nonfinite = False  # this rank's loss of the current update was NaN/Inf
         self._loads = 0
+        # the moving average of this rank's parameters (train.ema_decay > 0), None until the first update
+        self.ema: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ interface
     @property
@@ -271,12 +279,41 @@ class LearnerBase(ABC):
         self.updates += 1
         if self.optimizer is not None:  # None: a pipeline stage of parameter-free layers
             self.optimizer.step()
+            if h.ema_decay > 0.0:
+                self._ema_step(h.ema_decay)
             if h.tau < 1.0:
                 polyak_update_(self.target.parameters(), self.params, h.tau)
             elif self.updates % h.target_update_interval == 0:
                 polyak_update_(self.target.parameters(), self.params, 1.0)
         if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
             self.check_replicas()
+
+    def _ema_step(self, decay: float) -> None:
+        """``avg += (1 - decay) * (online - avg)``; the first update starts the average at the parameters."""
+        online = [p.detach() for p in self.params]
+        if self.ema is None:
+            self.ema = [p.clone() for p in online]
+        else:
+            torch._foreach_lerp_(self.ema, online, 1.0 - decay)
+
+    @contextmanager
+    def evaluation_weights(self):
+        """Swap the moving average into the online parameters for the duration (a no-op without one or
+        before the first update), so every greedy path (torch, the numpy actor, a pipeline stage) acts
+        with it; the online parameters come back exactly, also on an exception."""
+        if self.ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.ema)
+        self._loads += 1  # a new weights version: greedy paths that cache the weights refresh
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, saved)
+            self._loads += 1
 
     def _nonfinite_update(self) -> None:
         """Skip this update (count it) or, with train.nonfinite=stop, raise on every rank in lockstep."""
@@ -326,12 +363,14 @@ class LearnerBase(ABC):
         return optimizer_hparams(make_optimizer([torch.zeros(1, requires_grad=True)], self.hyper, lr=self._lr))
 
     def state_dict(self) -> dict[str, Any]:
-        """Parameters and optimizer state (Adam or RMSprop) keyed by GLOBAL parameter name, on the CPU,
-        so any layout (another S) can re-partition them."""
+        """Parameters, their moving average (when kept) and optimizer state (Adam or RMSprop) keyed by
+        GLOBAL parameter name, on the CPU, so any layout (another S) can re-partition them."""
         opt = {}
         if self.optimizer is not None:
             opt = {self.param_names[i]: dict(st) for i, st in self.optimizer.state_dict()["state"].items()}
+        extra = {} if self.ema is None else {"ema": dict(zip(self.param_names, self.ema))}
         return to_cpu({
+            **extra,
             "online": dict(self.online.state_dict()),
             "target": dict(self.target.state_dict()),
             OPTIMIZER_KEY: opt,
@@ -351,6 +390,11 @@ class LearnerBase(ABC):
             load_optimizer_state(self.optimizer, self.hyper, self.param_names, opt, hparams)
         self.online.load_state_dict({k: state["online"][k] for k in mine})
         self.target.load_state_dict({k: state["target"][k] for k in mine})
+        # the average (absent before the first update or without train.ema_decay) restarts when missing
+        ema = state.get("ema") or {}
+        self.ema = None
+        if self.hyper.ema_decay > 0.0 and all(n in ema for n in self.param_names) and self.param_names:
+            self.ema = [ema[n].to(p.device, p.dtype).clone() for n, p in zip(self.param_names, self.params)]
         self._lr = float(hparams.get("lr", self._lr))
         self._loads += 1
         self.updates = int(state["updates"])

@@ -28,6 +28,7 @@ class Hyper:
     double_dqn: bool = True
     target_update_interval: int = 10
     tau: float = 1.0
+    ema_decay: float = 0.0  # > 0: keep an average of the online parameters for evaluation (see LearnerBase)
     sync_check_interval: int = 500
     nonfinite: str = "skip"  # "skip" the update (and count it) or "stop" on a NaN/Inf loss or gradient
 
@@ -38,7 +39,8 @@ class Hyper:
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
             compile_optimizer=train.compile_optimizer, max_grad_norm=train.max_grad_norm, loss=train.loss,
             double_dqn=train.double_dqn, target_update_interval=train.target_update_interval,
-            tau=train.tau, sync_check_interval=sync_check_interval, nonfinite=train.nonfinite,
+            tau=train.tau, ema_decay=train.ema_decay, sync_check_interval=sync_check_interval,
+            nonfinite=train.nonfinite,
         )
 
 

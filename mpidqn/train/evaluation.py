@@ -115,11 +115,14 @@ def summarize(mine: list[tuple[int, float, int]], comm: Any, step: int) -> dict[
 
 
 def evaluate_learner(learner: QLearner, cfg: Any, topo: Any, step: int) -> dict[str, Any]:
-    """Greedy evaluation on all ranks; a collective policy (a pipeline) runs episodes through its group's stages."""
+    """Greedy evaluation on all ranks, with the learner's evaluation weights (the moving average of the
+    parameters with train.ema_decay); a collective policy (a pipeline) runs episodes through its group's
+    stages."""
     policy = learner.greedy_policy()
     spec = spec_from_config(cfg.env, evaluation=True)
     args = (cfg.eval.episodes, cfg.seed)
-    if policy.collective:
-        with torch.no_grad():
-            return evaluate_group_policy(policy.act, spec, *args, topo.comm, cfg.env.max_episode_steps, step=step)
-    return evaluate_policy(policy.act, spec, *args, topo.dp_comm, cfg.env.max_episode_steps, step=step)
+    with learner.evaluation_weights():
+        if policy.collective:
+            with torch.no_grad():
+                return evaluate_group_policy(policy.act, spec, *args, topo.comm, cfg.env.max_episode_steps, step=step)
+        return evaluate_policy(policy.act, spec, *args, topo.dp_comm, cfg.env.max_episode_steps, step=step)

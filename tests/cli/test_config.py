@@ -44,6 +44,8 @@ def test_yaml_file_and_dotted_overrides(tmp_path):
     ("train.rmsprop_alpha=0", "train.rmsprop_alpha"),
     ("train.rmsprop_eps=0", "train.rmsprop_eps"),
     ("train.rmsprop_centered=maybe", "train.rmsprop_centered"),
+    ("train.ema_decay=1", "train.ema_decay"),
+    ("train.ema_decay=-0.5", "train.ema_decay"),
     ("no_equals_sign", "no_equals_sign"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):

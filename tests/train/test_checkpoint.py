@@ -142,9 +142,11 @@ def test_model_files_of_older_versions_with_adam_keys_still_load(tmp_path):
 
 
 @pytest.mark.parametrize("n,extra", [(1, []), (2, []), (2, ["train.prioritized=true"]),
-                                     (2, ["train.prioritized=true", "parallel.pipeline_stages=2"])])
+                                     (2, ["train.prioritized=true", "parallel.pipeline_stages=2",
+                                          "train.ema_decay=0.9"])])
 def test_exact_resume_is_bit_identical(tmp_path, tiny, n, extra):
-    """Also with prioritized replay (global sampling: priorities, sum-trees, running maximum, shared stream)."""
+    """Also with prioritized replay (global sampling: priorities, sum-trees, running maximum, shared
+    stream), and a pipeline's stages with the moving average of their parameters."""
     args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=0", *extra]
     a, b = tmp_path / "a", tmp_path / "b"
     assert mpidqn(n, ["--run-dir", str(a), *args], timeout=180).returncode == 0
@@ -157,7 +159,8 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny, n, extra):
     assert "resumed (exact)" in second.stdout + second.stderr
     (ca, ma), (cb, mb) = _model_tensors(a), _model_tensors(b)
     assert ca.step == cb.step == 2400 and ma["updates"] == mb["updates"]
-    for part in ("online", "target"):
+    assert bool(ma["ema"]) == ("train.ema_decay=0.9" in extra) and set(ma["ema"]) == set(mb["ema"])
+    for part in ("online", "target", "ema"):
         for name in ma[part]:
             assert torch.equal(ma[part][name], mb[part][name]), (part, name)
     for name in ma["optimizer"]:
