@@ -75,7 +75,7 @@ def test_evaluation_weights_act_with_the_average_and_restore_the_online_weights(
     assert all(torch.equal(p, o) for p, o in zip(learner.params, online))
 
 
-def test_average_round_trips_through_the_model_state_and_is_off_by_default():
+def test_average_round_trips_through_the_model_state_and_is_absent_with_decay_0():
     a = _learner(0.5)
     _steps(a, 5)
     state = copy.deepcopy(a.state_dict())  # a live learner's state shares its tensors

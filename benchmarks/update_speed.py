@@ -1,0 +1,142 @@
+"""The update alone, mpidqn's against a bare eager torch loop on the same batch shape, on the CPU or a GPU.
+
+    python benchmarks/update_speed.py [--workload pong|cartpole] [--device cpu|cuda] [--rounds 200]
+
+mpidqn: its learner (``build_learner`` from the workload's config, ``train.device`` set) samples a
+round from a filled replay shard (random frames or observations, no env) and takes the round's updates
+(``update_many``: forward, backward, clip, optimizer, target refresh). The bare loop does forward, TD
+target, Huber loss, backward, clip and Adam on one fixed batch already on the device, the least an
+update can do (``speed.py``'s loop). Rounds of the two alternate, so noise hits both alike; the rates
+are medians over rounds, with a device synchronisation closing every timed round. Needs no ALE or
+OpenCV: the Pong workload uses only the network and replay shapes of ``configs/pong.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from replay_priority import cpu_model  # the sibling script (python benchmarks/update_speed.py)
+from speed import WORKLOADS
+from torch import nn
+
+# observation shape, dtype and actions of each workload's env (known, so no env is built)
+SHAPES = {"cartpole": ((4,), np.float32, 2), "pong": ((4, 84, 84), np.uint8, 6)}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def mpidqn_round(workload: str, device: str, fill: int):
+    """A function running one round of mpidqn's updates (sampling included), and the round's updates."""
+    from mpidqn.config import load_config
+    from mpidqn.distributed.topology import Topology
+    from mpidqn.learners.factory import build_learner
+    from mpidqn.replay.frames import make_replay_shard
+
+    w = WORKLOADS[workload]
+    config = None if w.config is None else Path(__file__).resolve().parent.parent / w.config
+    cfg = load_config(config, [*(o for o in w.overrides if not o.startswith("train.device")),
+                                 f"train.device={device}", "parallel.sync_check_interval=0"])
+    shape, dtype, n_actions = SHAPES[workload]
+    torch.manual_seed(0)
+    learner = build_learner(cfg, Topology.build(MPI.COMM_SELF), shape, n_actions, cfg.train.lr)
+    stack = shape[0] if dtype == np.uint8 else 1
+    replay = make_replay_shard(cfg.train.replay_storage, fill + 10, shape, dtype, 1, cfg.train.n_step,
+                               cfg.train.gamma, stack)
+    rng = np.random.default_rng(0)
+
+    def obs() -> np.ndarray:
+        if dtype == np.uint8:
+            return rng.integers(0, 256, (1, *shape), dtype=np.uint8)
+        return rng.normal(size=(1, *shape)).astype(dtype)
+
+    o = obs()
+    for i in range(fill):
+        nxt = obs()
+        end = np.array([i % 500 == 499])
+        replay.add(o, rng.integers(0, n_actions, 1), rng.normal(size=1).astype(np.float32), nxt, end, np.array([False]))
+        o = obs() if end[0] else nxt
+    g, b = w.gradient_steps, w.batch
+    per_round = max(g, 8)  # rounds of at least 8 updates, like the bare loop's
+
+    def round_() -> None:
+        for _ in range(per_round // g):
+            learner.update_many(replay.sample_many(g, b, rng), g)
+        _sync(device)
+
+    return round_, per_round // g * g
+
+
+def bare_round(workload: str, device: str):
+    """One round of the bare loop (speed.py's, on ``device``), and its updates."""
+    w = WORKLOADS[workload]
+    dev = torch.device(device)
+    if workload == "cartpole":
+        net = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
+        obs, nobs, actions = torch.randn(w.batch, 4), torch.randn(w.batch, 4), 2
+    else:
+        net = nn.Sequential(nn.Conv2d(4, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+                            nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+                            nn.Linear(512, 6))
+        obs = torch.randint(0, 256, (w.batch, 4, 84, 84), dtype=torch.uint8)
+        nobs, actions = obs.clone(), 6
+    net = net.to(dev)
+    obs, nobs = obs.to(dev), nobs.to(dev)
+    tgt = copy.deepcopy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
+    a = torch.randint(0, actions, (w.batch,), device=dev)
+    r, d = torch.randn(w.batch, device=dev), torch.full((w.batch,), 0.99, device=dev)
+    per_round = max(w.gradient_steps, 8)
+
+    def round_() -> None:
+        for _ in range(per_round):
+            x, nx = (obs.float() / 255, nobs.float() / 255) if obs.dtype == torch.uint8 else (obs, nobs)
+            q = net(x).gather(1, a[:, None]).squeeze(1)
+            with torch.no_grad():
+                y = r + d * tgt(nx).max(1).values
+            loss = nn.functional.smooth_l1_loss(q, y)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            opt.step()
+        _sync(device)
+
+    return round_, per_round
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", choices=sorted(SHAPES), default="pong")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--rounds", type=int, default=100, help="timed rounds per side (after 5 warm-up rounds)")
+    p.add_argument("--fill", type=int, default=20_000, help="transitions in mpidqn's replay shard")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    sides = {"mpidqn": mpidqn_round(args.workload, args.device, args.fill),
+             "bare": bare_round(args.workload, args.device)}
+    seconds: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(args.rounds + 5):
+        for name, (fn, _) in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= 5:
+                seconds[name].append(time.perf_counter() - t0)
+    rate = {k: sides[k][1] / float(np.median(v)) for k, v in seconds.items()}
+    where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
+    print(f"{args.workload}, {args.device} ({where}), torch {torch.__version__}, {args.threads} torch threads, "
+          f"{args.rounds} alternating rounds of {sides['mpidqn'][1]} updates")
+    print(f"mpidqn update (sampling included): {rate['mpidqn']:,.0f} updates/s")
+    print(f"bare eager loop (fixed batch):     {rate['bare']:,.0f} updates/s")
+    print(f"ratio mpidqn / bare: {rate['mpidqn'] / rate['bare']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
