@@ -140,10 +140,10 @@ def _median_seconds(fn, n: int, warmup: int = 3) -> tuple[float, float]:
     return float(np.median(walls)), float(np.median(cpus))
 
 
-def bare_updates_per_s(w: Workload) -> tuple[float, float]:
-    """(per wall second, per CPU second) updates of a bare loop: forward, TD target, Huber loss,
-    backward, clip, Adam on a fixed batch, the least an update does; timed in rounds of
-    ``gradient_steps`` updates like the two trainers (at least 8 updates a round)."""
+def bare_update(w: Workload, device: str = "cpu"):
+    """One update of the bare loop on ``device``: forward, TD target, Huber loss, backward, clip, Adam on
+    a fixed batch already there, the least an update does."""
+    dev = torch.device(device)
     if w.env_id == "CartPole-v1":
         net = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
         obs, nobs, actions = torch.randn(w.batch, 4), torch.randn(w.batch, 4), 2
@@ -153,9 +153,11 @@ def bare_updates_per_s(w: Workload) -> tuple[float, float]:
                             nn.Linear(512, 6))
         obs = torch.randint(0, 256, (w.batch, 4, 84, 84), dtype=torch.uint8)
         nobs, actions = obs.clone(), 6
+    net, obs, nobs = net.to(dev), obs.to(dev), nobs.to(dev)
     tgt = copy.deepcopy(net)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
-    a, r, d = torch.randint(0, actions, (w.batch,)), torch.randn(w.batch), torch.full((w.batch,), 0.99)
+    a = torch.randint(0, actions, (w.batch,), device=dev)
+    r, d = torch.randn(w.batch, device=dev), torch.full((w.batch,), 0.99, device=dev)
 
     def update() -> None:
         x, nx = (obs.float() / 255, nobs.float() / 255) if obs.dtype == torch.uint8 else (obs, nobs)
@@ -168,6 +170,13 @@ def bare_updates_per_s(w: Workload) -> tuple[float, float]:
         nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
 
+    return update
+
+
+def bare_updates_per_s(w: Workload) -> tuple[float, float]:
+    """(per wall second, per CPU second) updates of the bare loop (:func:`bare_update`), timed in rounds
+    of ``gradient_steps`` updates like the two trainers (at least 8 updates a round)."""
+    update = bare_update(w)
     per_round = max(w.gradient_steps, 8)
 
     def round_() -> None:

@@ -13,7 +13,6 @@ OpenCV: the Pong workload uses only the network and replay shapes of ``configs/p
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 from replay_priority import cpu_model  # the sibling script (python benchmarks/update_speed.py)
-from speed import WORKLOADS
-from torch import nn
+from speed import WORKLOADS, bare_update
 
 # observation shape, dtype and actions of each workload's env (known, so no env is built)
 SHAPES = {"cartpole": ((4,), np.float32, 2), "pong": ((4, 84, 84), np.uint8, 6)}
@@ -77,35 +75,12 @@ def mpidqn_round(workload: str, device: str, fill: int):
 def bare_round(workload: str, device: str):
     """One round of the bare loop (speed.py's, on ``device``), and its updates."""
     w = WORKLOADS[workload]
-    dev = torch.device(device)
-    if workload == "cartpole":
-        net = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
-        obs, nobs, actions = torch.randn(w.batch, 4), torch.randn(w.batch, 4), 2
-    else:
-        net = nn.Sequential(nn.Conv2d(4, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
-                            nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
-                            nn.Linear(512, 6))
-        obs = torch.randint(0, 256, (w.batch, 4, 84, 84), dtype=torch.uint8)
-        nobs, actions = obs.clone(), 6
-    net = net.to(dev)
-    obs, nobs = obs.to(dev), nobs.to(dev)
-    tgt = copy.deepcopy(net)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
-    a = torch.randint(0, actions, (w.batch,), device=dev)
-    r, d = torch.randn(w.batch, device=dev), torch.full((w.batch,), 0.99, device=dev)
+    update = bare_update(w, device)
     per_round = max(w.gradient_steps, 8)
 
     def round_() -> None:
         for _ in range(per_round):
-            x, nx = (obs.float() / 255, nobs.float() / 255) if obs.dtype == torch.uint8 else (obs, nobs)
-            q = net(x).gather(1, a[:, None]).squeeze(1)
-            with torch.no_grad():
-                y = r + d * tgt(nx).max(1).values
-            loss = nn.functional.smooth_l1_loss(q, y)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-            opt.step()
+            update()
         _sync(device)
 
     return round_, per_round
