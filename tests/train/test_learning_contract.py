@@ -259,13 +259,12 @@ def test_env_step_stores_true_final_observations_and_bootstraps_only_truncations
 
 def test_default_config_learns_cartpole_at_2_ranks(tmp_path):
     """A fixed seed of the shipped default at 2 ranks reaches a stated greedy return in a 20k-step run
-    (301.1 for the evaluated moving average, 382.6 for the online weights, measured here on
-    2026-11-26; an untrained policy scores about 20). The bound leaves room for other CPUs'
-    floating-point results, which change the trajectory."""
+    (382.6 measured here on 2026-11-26; an untrained policy scores about 20). The bound leaves room
+    for other CPUs' floating-point results, which change the trajectory."""
     run_dir = tmp_path / "r"
     p = mpidqn(2, ["--run-dir", str(run_dir), "seed=100", "train.total_steps=20000", "log.progress=none",
                    "eval.interval_steps=0", "checkpoint.interval_steps=0"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     final = read_log(run_dir / "log.h5").tables["evaluations"][-1]
     assert final["step"] == 20000
-    assert final["mean"] >= 200, final
+    assert final["mean"] >= 300, final
