@@ -1,6 +1,7 @@
 """The update alone, mpidqn's against a bare eager torch loop on the same batch shape, on the CPU or a GPU.
 
-    python benchmarks/update_speed.py [--workload pong|cartpole] [--device cpu|cuda] [--rounds 200]
+    python benchmarks/update_speed.py [--workload pong|cartpole] [--device cpu|cuda] [--rounds 100]
+                                      [KEY=VALUE ...]
 
 mpidqn: its learner (``build_learner`` from the workload's config, ``train.device`` set) samples a
 round from a filled replay shard (random frames or observations, no env) and takes the round's updates
@@ -9,6 +10,8 @@ target, Huber loss, backward, clip and Adam on one fixed batch already on the de
 update can do (``speed.py``'s loop). Rounds of the two alternate, so noise hits both alike; the rates
 are medians over rounds, with a device synchronisation closing every timed round. Needs no ALE or
 OpenCV: the Pong workload uses only the network and replay shapes of ``configs/pong.yaml``.
+``KEY=VALUE`` overrides add a third side, mpidqn with them (e.g. ``train.compile_network=true``), timed
+in the same alternation.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def mpidqn_round(workload: str, device: str, fill: int):
+def mpidqn_round(workload: str, device: str, fill: int, overrides: tuple[str, ...] = ()):
     """A function running one round of mpidqn's updates (sampling included), and the round's updates."""
     from mpidqn.config import load_config
     from mpidqn.distributed.topology import Topology
@@ -41,7 +44,7 @@ def mpidqn_round(workload: str, device: str, fill: int):
     w = WORKLOADS[workload]
     config = None if w.config is None else Path(__file__).resolve().parent.parent / w.config
     cfg = load_config(config, [*(o for o in w.overrides if not o.startswith("train.device")),
-                                 f"train.device={device}", "parallel.sync_check_interval=0"])
+                                 f"train.device={device}", "parallel.sync_check_interval=0", *overrides])
     shape, dtype, n_actions = SHAPES[workload]
     torch.manual_seed(0)
     learner = build_learner(cfg, Topology.build(MPI.COMM_SELF), shape, n_actions, cfg.train.lr)
@@ -93,10 +96,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=100, help="timed rounds per side (after 5 warm-up rounds)")
     p.add_argument("--fill", type=int, default=20_000, help="transitions in mpidqn's replay shard")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="a third side: mpidqn with these")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sides = {"mpidqn": mpidqn_round(args.workload, args.device, args.fill),
-             "bare": bare_round(args.workload, args.device)}
+    sides = {"mpidqn": mpidqn_round(args.workload, args.device, args.fill)}
+    label = "mpidqn " + " ".join(args.overrides)
+    if args.overrides:
+        sides[label] = mpidqn_round(args.workload, args.device, args.fill, tuple(args.overrides))
+    sides["bare"] = bare_round(args.workload, args.device)
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     for i in range(args.rounds + 5):
         for name, (fn, _) in sides.items():
@@ -108,9 +115,10 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     print(f"{args.workload}, {args.device} ({where}), torch {torch.__version__}, {args.threads} torch threads, "
           f"{args.rounds} alternating rounds of {sides['mpidqn'][1]} updates")
-    print(f"mpidqn update (sampling included): {rate['mpidqn']:,.0f} updates/s")
-    print(f"bare eager loop (fixed batch):     {rate['bare']:,.0f} updates/s")
-    print(f"ratio mpidqn / bare: {rate['mpidqn'] / rate['bare']:.2f}x")
+    for name in sides:
+        what = "bare eager loop (fixed batch)" if name == "bare" else f"{name} (sampling included)"
+        print(f"{what}: {rate[name]:,.1f} updates/s" + ("" if name == "bare" else
+                                                        f", {rate[name] / rate['bare']:.2f}x the bare loop"))
 
 
 if __name__ == "__main__":

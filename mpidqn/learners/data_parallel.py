@@ -63,6 +63,7 @@ class Learner(LearnerBase):
     gradient in buckets during backward (``bucket_bytes`` each) instead of one Allreduce after it.
     ``mlp_kernel``: a plain MLP on the CPU without overlap computes its gradient with
     :class:`~mpidqn.learners.mlp_kernel.MLPKernel` instead of autograd (same gradient, less overhead).
+    ``hyper.compile_network``: the update's forward and backward run ``torch.compile(online)`` (no kernel).
     """
 
     def __init__(self, online: nn.Module, hyper: Hyper, comm: Any, device: str = "cpu", overlap: bool = False,
@@ -70,8 +71,10 @@ class Learner(LearnerBase):
         self._init_nets(online, hyper, comm, device)
         self.reducer = make_reducer(self.flat_grad, self.params, comm, overlap, bucket_bytes)
         layers = list(online.children()) if isinstance(online, nn.Sequential) and self.device is None else []
-        use_kernel = mlp_kernel and not overlap and MLPKernel.supports(layers)
+        use_kernel = mlp_kernel and not overlap and not hyper.compile_network and MLPKernel.supports(layers)
         self._kernel = MLPKernel(layers) if use_kernel else None
+        # the update's forward: compiled (train.compile_network; backward compiled with it) or eager
+        self._forward = torch.compile(self.online) if hyper.compile_network else self.online
         # the networks' no-grad forwards for the TD targets: the kernel's where it applies, else the modules
         self._online_q, self._target_q = (
             (partial(self._kernel.forward, keep=False), partial(MLPKernel(list(self.target.children())).forward,
@@ -119,7 +122,10 @@ class Learner(LearnerBase):
         every replica (an overlapped reducer starts reducing during backward)."""
         kernel = self._kernel
         with torch.set_grad_enabled(kernel is None):  # the kernel writes the gradient itself
-            q = self.online(obs) if kernel is None else kernel.forward(obs)
+            if kernel is not None:
+                q = kernel.forward(obs)
+            else:  # a rank with no rows of a global batch stays eager (no compilation for 0 rows)
+                q = (self._forward if len(obs) else self.online)(obs)
             q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets, self.hyper.loss, weights)
             if td_out is not None:

@@ -23,6 +23,7 @@ class Hyper:
     rmsprop_eps: float = 0.01
     rmsprop_centered: bool = True
     compile_optimizer: bool = False  # torch.compile the RMSprop step (see make_optimizer)
+    compile_network: bool = False  # torch.compile the online network's forward in updates (data parallel)
     max_grad_norm: float | None = 10.0
     loss: str = "huber"
     double_dqn: bool = True
@@ -37,7 +38,8 @@ class Hyper:
         return cls(
             lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps, rmsprop_alpha=train.rmsprop_alpha,
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
-            compile_optimizer=train.compile_optimizer, max_grad_norm=train.max_grad_norm, loss=train.loss,
+            compile_optimizer=train.compile_optimizer, compile_network=train.compile_network,
+            max_grad_norm=train.max_grad_norm, loss=train.loss,
             double_dqn=train.double_dqn, target_update_interval=train.target_update_interval,
             tau=train.tau, ema_decay=train.ema_decay, sync_check_interval=sync_check_interval,
             nonfinite=train.nonfinite,
@@ -122,15 +124,15 @@ def _lean_adam_step(optimizer: torch.optim.Adam) -> Callable[..., Any]:
 
 
 def check_compile_optimizer(train: Any) -> None:
-    """Raise UserError (one line) when ``train.compile_optimizer`` cannot work on this machine:
-    torch.compile builds CPU kernels with the C++ compiler ``$CXX`` (default g++). Checked before
-    training starts, instead of failing at the first update."""
-    if not (train.optimizer == "rmsprop" and train.compile_optimizer):
-        return
+    """Raise UserError (one line) when ``train.compile_optimizer`` or ``train.compile_network`` cannot
+    work on this machine: torch.compile builds CPU kernels with the C++ compiler ``$CXX`` (default
+    g++). Checked before training starts, instead of failing at the first update."""
+    keys = [k for k, on in (("train.compile_optimizer", train.optimizer == "rmsprop" and train.compile_optimizer),
+                            ("train.compile_network", train.compile_network)) if on]
     cxx = os.environ.get("CXX") or "g++"
-    if shutil.which(cxx) is None:
-        raise UserError(f"train.compile_optimizer: torch.compile needs a C++ compiler and {cxx!r} was not found "
-                        "(install one, point $CXX at it, or set train.compile_optimizer=false)")
+    if keys and shutil.which(cxx) is None:
+        raise UserError(f"{keys[0]}: torch.compile needs a C++ compiler and {cxx!r} was not found "
+                        f"(install one, point $CXX at it, or set {keys[0]}=false)")
 
 
 def set_optimizer_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

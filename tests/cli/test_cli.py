@@ -90,14 +90,15 @@ def test_slurm_ntasks_guard_end_to_end(tmp_path, tiny):
         "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"]
 
 
-def test_compile_optimizer_without_a_compiler_is_refused_before_training(tmp_path, tiny):
+@pytest.mark.parametrize("key, extra", [("train.compile_optimizer", ["train.optimizer=rmsprop"]),
+                                        ("train.compile_network", [])])
+def test_compiling_without_a_compiler_is_refused_before_training(tmp_path, tiny, key, extra):
     run_dir = tmp_path / "r"
-    p = mpidqn(2, ["--run-dir", str(run_dir), *tiny, "train.optimizer=rmsprop", "train.compile_optimizer=true"],
-               env={"CXX": "no-such-c++"})
+    p = mpidqn(2, ["--run-dir", str(run_dir), *tiny, *extra, f"{key}=true"], env={"CXX": "no-such-c++"})
     assert p.returncode == 2
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
-        "mpidqn: error: train.compile_optimizer: torch.compile needs a C++ compiler and 'no-such-c++' was not found "
-        "(install one, point $CXX at it, or set train.compile_optimizer=false)"]
+        f"mpidqn: error: {key}: torch.compile needs a C++ compiler and 'no-such-c++' was not found "
+        f"(install one, point $CXX at it, or set {key}=false)"]
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 

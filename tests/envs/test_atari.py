@@ -60,7 +60,8 @@ def test_cnns_take_uint8_and_are_layer_lists():
 
 TINY_PONG = ["train.total_steps=400", "train.learning_starts=200", "train.buffer_size=2000", "train.batch_size=8",
              "train.gradient_steps=1", "eval.episodes=1", "eval.interval_steps=0", "env.max_episode_steps=50",
-             "checkpoint.interval_steps=0", "log.interval_steps=200", "parallel.overlap_allreduce=true"]
+             "checkpoint.interval_steps=0", "log.interval_steps=200", "parallel.overlap_allreduce=true",
+             "train.compile_network=false"]  # overlap hooks eager autograd
 
 
 @pytest.mark.mpi

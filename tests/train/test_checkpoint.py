@@ -141,12 +141,13 @@ def test_model_files_of_older_versions_with_adam_keys_still_load(tmp_path):
                 assert torch.equal(t, new["optimizer"][k][name]), (k, name)
 
 
-@pytest.mark.parametrize("n,extra", [(1, []), (2, []), (2, ["train.prioritized=true"]),
+@pytest.mark.parametrize("n,extra", [(1, []), (1, ["train.compile_network=true"]), (2, []), (2, ["train.prioritized=true"]),
                                      (2, ["train.prioritized=true", "parallel.pipeline_stages=2",
                                           "train.ema_decay=0.9"])])
 def test_exact_resume_is_bit_identical(tmp_path, tiny, n, extra):
-    """Also with prioritized replay (global sampling: priorities, sum-trees, running maximum, shared
-    stream), and a pipeline's stages with the moving average of their parameters."""
+    """Also with a compiled network (recompiled by the resumed process), prioritized replay (global
+    sampling: priorities, sum-trees, running maximum, shared stream), and a pipeline's stages with the
+    moving average of their parameters."""
     args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=0", *extra]
     a, b = tmp_path / "a", tmp_path / "b"
     assert mpidqn(n, ["--run-dir", str(a), *args], timeout=180).returncode == 0
