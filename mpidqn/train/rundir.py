@@ -43,10 +43,10 @@ from mpidqn.train.checkpoints import (
 )
 from mpidqn.train.reporting import ConsoleReporter, SilentReporter
 
-RESUMABLE_PREFIXES = ("train.total_steps", "train.nonfinite", "train.device", "train.mlp_kernel", "checkpoint.",
-                      "eval.", "log.", "parallel.")
-RESUMABLE_HELP = ("train.total_steps, train.nonfinite, train.device, train.mlp_kernel, checkpoint.*, eval.*, log.*, "
-                  "parallel.*")
+RESUMABLE_PREFIXES = ("train.total_steps", "train.nonfinite", "train.device", "train.mlp_kernel",
+                      "train.compile_network", "checkpoint.", "eval.", "log.", "parallel.")
+RESUMABLE_HELP = ("train.total_steps, train.nonfinite, train.device, train.mlp_kernel, train.compile_network, "
+                  "checkpoint.*, eval.*, log.*, parallel.*")
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
