@@ -290,11 +290,11 @@ class LearnerBase(ABC):
 
     def _ema_step(self, decay: float) -> None:
         """``avg += (1 - decay) * (online - avg)``; the first update starts the average at the parameters."""
-        online = [p.detach() for p in self.params]
-        if self.ema is None:
-            self.ema = [p.clone() for p in online]
-        else:
-            torch._foreach_lerp_(self.ema, online, 1.0 - decay)
+        with torch.no_grad():
+            if self.ema is None:
+                self.ema = [p.detach().clone() for p in self.params]
+            else:
+                torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
 
     @contextmanager
     def evaluation_weights(self):

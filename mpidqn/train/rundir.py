@@ -45,8 +45,7 @@ from mpidqn.train.reporting import ConsoleReporter, SilentReporter
 
 RESUMABLE_PREFIXES = ("train.total_steps", "train.nonfinite", "train.device", "train.mlp_kernel",
                       "train.compile_network", "checkpoint.", "eval.", "log.", "parallel.")
-RESUMABLE_HELP = ("train.total_steps, train.nonfinite, train.device, train.mlp_kernel, train.compile_network, "
-                  "checkpoint.*, eval.*, log.*, parallel.*")
+RESUMABLE_HELP = ", ".join(p + "*" if p.endswith(".") else p for p in RESUMABLE_PREFIXES)
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
