@@ -87,7 +87,7 @@ def main() -> None:
         per = (buf.observations.nbytes + (0 if optimize else buf.next_observations.nbytes)
                + buf.actions.nbytes + buf.rewards.nbytes + buf.dones.nbytes + buf.timeouts.nbytes) / a.fill
         rows[f"SB3 ReplayBuffer optimize_memory_usage={optimize}"] = (timeit(lambda: buf.sample(a.batch), a.repeats), per)
-        del buf
+        buf = None  # freed before the next fill
     print(f"fill {a.fill:,} transitions of {SHAPE} uint8, batch {a.batch}, {a.repeats} samples each, 1 thread")
     print(f"{'buffer':<46} {'us/batch':>9} {'batches/s':>10} {'B/transition':>13} {'1M transitions':>15}")
     for name, (sec, per) in rows.items():

@@ -16,19 +16,21 @@ requests with ``Test`` from the main thread, spinning 0.1 s before sleeping: wit
 the spinning ranks starved the ones they waited for and throughput fell 4.8x (459 against 2,209
 env-steps/s, ``benchmarks/scaling.py``). If MPI has a lower thread level, polling is the fallback.
 Small pickled collectives (log and
-checkpoint gathers) are preceded by :meth:`Watchdog.fence`, a watched ``Ibarrier``: once every rank
-has passed it, the blocking collective that follows cannot wait on an absent rank.
+checkpoint gathers) run inside :meth:`Watchdog.guard`: a watched ``Ibarrier`` first (so the polling
+fallback sees a rank that never arrives), then the blocking collective itself under the same deadline
+(a rank cut off after the barrier, e.g. its host's link went down, must not hang the others).
 
 One watchdog per process (:func:`current`), installed by the trainer; until then (and with a
 timeout of 0) :func:`wait` is a plain blocking ``Wait``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mpidqn.errors import EXIT_WATCHDOG
 
@@ -91,12 +93,19 @@ class Watchdog:
         if not self._threads_ok():
             self._poll(test, phase)
             return
+        with self._deadline(phase):
+            block()
+
+    @contextlib.contextmanager
+    def _deadline(self, phase: str) -> Iterator[None]:
+        """The monitor thread aborts the job should the body (blocked in MPI) outlast the timeout."""
         self._ensure_monitor()
+        outer = self._phase, self._since
         self._phase, self._since = phase, time.monotonic()
         try:
-            block()
+            yield
         finally:
-            self._phase = None
+            self._phase, self._since = outer
 
     def _threads_ok(self) -> bool:
         if self._thread_level_ok is None:
@@ -127,6 +136,23 @@ class Watchdog:
         if comm.Get_size() == 1 or not self.enabled:
             return
         self.wait(comm.Ibarrier(), phase)
+
+    @contextlib.contextmanager
+    def guard(self, comm: Any, phase: str) -> Iterator[None]:
+        """Watch blocking (pickled) collectives on ``comm``: a fence, then the body under the deadline.
+
+        The fence alone does not suffice: a rank cut off between the fence and the collective (a host
+        whose link went down) would leave the others blocked in it for good.
+        """
+        if comm.Get_size() == 1 or not self.enabled:
+            yield
+            return
+        self.fence(comm, phase)
+        if not self._threads_ok():  # polling fallback: the fence is all it can watch
+            yield
+            return
+        with self._deadline(phase):
+            yield
 
     def _poll(self, test: Callable[[], bool], phase: str) -> None:
         start = time.monotonic()
@@ -171,7 +197,7 @@ _current = Watchdog(0.0, 0, abort=lambda code: None)
 
 
 def install(watchdog: Watchdog) -> Watchdog:
-    """Make ``watchdog`` the one :func:`wait` and :func:`fence` use in this process."""
+    """Make ``watchdog`` the one :func:`wait`, :func:`wait_all` and :func:`guard` use in this process."""
     global _current
     _current = watchdog
     return watchdog
@@ -189,5 +215,5 @@ def wait_all(requests: Sequence[Any], phase: str) -> None:
     _current.wait_all(requests, phase)
 
 
-def fence(comm: Any, phase: str) -> None:
-    _current.fence(comm, phase)
+def guard(comm: Any, phase: str) -> contextlib.AbstractContextManager[None]:
+    return _current.guard(comm, phase)

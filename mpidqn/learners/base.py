@@ -325,8 +325,10 @@ class LearnerBase(ABC):
 
     def _nonfinite_flags(self) -> list[bool]:
         """Every replica's "my loss was non-finite" flag (a collective over the replicas)."""
-        watchdog.fence(self.comm, "non-finite diagnosis")
-        return self.comm.allgather(self._local_nonfinite) if self.comm.Get_size() > 1 else [self._local_nonfinite]
+        if self.comm.Get_size() == 1:
+            return [self._local_nonfinite]
+        with watchdog.guard(self.comm, "non-finite diagnosis"):
+            return self.comm.allgather(self._local_nonfinite)
 
     def _nonfinite_where(self) -> str:
         """Which ranks had a non-finite loss (a collective over the replicas)."""

@@ -307,8 +307,8 @@ class PipelineLearner(LearnerBase):
 
     def _nonfinite_where(self) -> str:
         flags = self._nonfinite_flags()
-        watchdog.fence(self.pp_comm, "non-finite diagnosis")
-        per_stage = self.pp_comm.allgather(flags) if self.stages > 1 else [flags]
+        with watchdog.guard(self.pp_comm, "non-finite diagnosis"):
+            per_stage = self.pp_comm.allgather(flags) if self.stages > 1 else [flags]
         groups = [g for g, bad in enumerate(per_stage[-1]) if bad]  # the last stage computes the loss
         return (f"non-finite loss on the last stage of pipeline group(s) {groups}" if groups
                 else "finite losses, non-finite gradient")
@@ -322,7 +322,7 @@ class PipelineLearner(LearnerBase):
     def _agree_message(self, msg: str | None) -> str | None:
         """Agreed over the group: every rank of every stage raises together."""
         if self.stages > 1:
-            watchdog.fence(self.pp_comm, "replica check")
-            found = [m for m in self.pp_comm.allgather(msg) if m is not None]
+            with watchdog.guard(self.pp_comm, "replica check"):
+                found = [m for m in self.pp_comm.allgather(msg) if m is not None]
             msg = found[0] if found else None
         return msg

@@ -429,8 +429,8 @@ class CheckpointManager:
         except OSError as e:
             error = f"rank {rank}: {_describe(e)}"
         faults.point("checkpoint", rank, step)  # test-only: between the data files and the marker
-        watchdog.fence(self.comm, "checkpoint gather")
-        gathered = self.comm.gather((files, error), root=0)
+        with watchdog.guard(self.comm, "checkpoint gather"):
+            gathered = self.comm.gather((files, error), root=0)
         if rank == 0:
             errors = [err for _, err in gathered if err is not None]
             error = errors[0] if errors else None
@@ -442,8 +442,8 @@ class CheckpointManager:
             if error is not None:
                 shutil.rmtree(path, ignore_errors=True)  # partial files only: no COMPLETE was written
         # no rank runs ahead while the manifest is pending (kill-safety is the marker's); all learn the verdict
-        watchdog.fence(self.comm, "checkpoint barrier")
-        error = self.comm.bcast(error, root=0)
+        with watchdog.guard(self.comm, "checkpoint barrier"):
+            error = self.comm.bcast(error, root=0)
         if error is not None:
             raise CheckpointWriteError(f"checkpoint {path} could not be written ({error}); it was discarded")
         self.last_step = step

@@ -99,8 +99,8 @@ def evaluate_group_policy(
 def summarize(mine: list[tuple[int, float, int]], comm: Any, step: int) -> dict[str, Any]:
     """Every rank's (episode, return, length) rows -> the evaluation result, the same on every rank."""
     size = comm.Get_size()
-    watchdog.fence(comm, "evaluation gather")
-    rows = sorted(r for part in (comm.allgather(mine) if size > 1 else [mine]) for r in part)
+    with watchdog.guard(comm, "evaluation gather"):
+        rows = sorted(r for part in (comm.allgather(mine) if size > 1 else [mine]) for r in part)
     returns = np.array([r[1] for r in rows], dtype=np.float64)
     return {
         "step": int(step),

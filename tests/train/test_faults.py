@@ -74,6 +74,35 @@ def test_watchdog_expires_with_one_line_and_aborts(threads):
         Watchdog(-1, 0, abort=aborted.append)
 
 
+class _Done:
+    def Test(self) -> bool:
+        return True
+
+    def Wait(self) -> None:
+        pass
+
+
+class _TwoRanks:
+    def Get_size(self) -> int:
+        return 2
+
+    def Ibarrier(self) -> _Done:
+        return _Done()
+
+
+def test_guard_watches_the_blocking_collective_after_its_fence():
+    """A peer cut off after the fence (its host's link went down) must not leave this rank blocked for good."""
+    said, gather = [], _NeverDone()  # stands for a pickled allgather waiting on the lost peer
+    wd = Watchdog(0.05, rank=1, abort=lambda code: gather.aborted.set(), say=said.append)
+    wd._thread_level_ok = True
+    t0 = time.monotonic()
+    with wd.guard(_TwoRanks(), "log gather"):
+        gather.Wait()
+    assert 0.05 <= time.monotonic() - t0 < 5
+    assert len(said) == 1 and said[0].startswith("mpidqn: rank 1: watchdog: log gather did not complete"), said
+    assert wd._phase is None  # nothing left armed once the body has returned
+
+
 def test_a_rank_that_outlives_its_abort_exits_with_the_code(monkeypatch):
     calls = []
 
