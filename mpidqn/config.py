@@ -173,6 +173,11 @@ class TrainConfig:
     """TD loss."""
     double_dqn: bool = True
     """Double DQN targets: online net picks the action, target net evaluates it."""
+    advantage_learning: float = 0.0
+    """Advantage learning's alpha in [0, 1) (Bellemare et al. 2016): the TD target of (s, a) loses
+    ``alpha * (max_b Q_target(s, b) - Q_target(s, a))``, which widens the gap between the greedy action
+    and the others so that small errors in Q do not flip the greedy choice. One more target-network
+    forward per batch. 0: plain (double) DQN targets."""
     target_update_interval: int = 256
     """Hard target update every this many updates (ignored when tau < 1)."""
     tau: float = 1.0
@@ -541,6 +546,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 < t.lr_final_fraction <= 1.0, "train.lr_final_fraction", f"must be in (0, 1], got {t.lr_final_fraction}")
     _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
     _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _require(0.0 <= t.advantage_learning < 1.0, "train.advantage_learning",
+             f"must be in [0, 1), got {t.advantage_learning}")
     _require(0.0 < t.rmsprop_alpha < 1.0, "train.rmsprop_alpha", f"must be in (0, 1), got {t.rmsprop_alpha}")
     _require(t.rmsprop_eps > 0 and math.isfinite(t.rmsprop_eps), "train.rmsprop_eps",
              f"must be > 0, got {t.rmsprop_eps}")

@@ -28,6 +28,15 @@ def td_targets(
     return rewards + discounts * next_v
 
 
+def action_gap_penalty(q_target_s: torch.Tensor, actions: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Advantage learning (Bellemare et al. 2016): ``alpha * (max_b Q_target(s, b) - Q_target(s, a))``,
+    subtracted from the TD target of ``(s, a)``. It leaves the greedy action's target unchanged and
+    lowers the others', widening the action gap so that small errors in Q cannot flip the greedy
+    action (the fixed point's gaps are 1 / (1 - alpha) times those of Q*)."""
+    taken = q_target_s.gather(1, actions.unsqueeze(1)).squeeze(1)
+    return alpha * (q_target_s.max(dim=1).values - taken)
+
+
 def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
             weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Huber (smooth L1, delta 1) or squared TD error; with ``weights``, ``sum(weights * loss_i)``

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpidqn.algo.dqn import td_loss, td_loss_grad, td_targets
+from mpidqn.algo.dqn import action_gap_penalty, td_loss, td_loss_grad, td_targets
 from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds
 from mpidqn.learners.mlp_kernel import MLPKernel
 from mpidqn.learners.optim import Hyper
@@ -104,11 +104,15 @@ class Learner(LearnerBase):
         return (self._loads, self.updates)
 
     # ------------------------------------------------------------------ learning
-    def targets(self, rewards, next_obs, discounts) -> torch.Tensor:
-        """TD targets with the current networks (no gradient)."""
+    def targets(self, rewards, next_obs, discounts, obs=None, actions=None) -> torch.Tensor:
+        """TD targets with the current networks (no gradient); ``obs`` and ``actions`` are needed with
+        ``advantage_learning``."""
         with torch.no_grad():
             next_online = self._online_q(next_obs) if self.hyper.double_dqn else None
-            return td_targets(rewards, discounts, self._target_q(next_obs), next_online)
+            y = td_targets(rewards, discounts, self._target_q(next_obs), next_online)
+            if self.hyper.advantage_learning > 0:
+                y -= action_gap_penalty(self._target_q(obs), actions, self.hyper.advantage_learning)
+            return y
 
     def backward(self, obs, actions, targets, weights: torch.Tensor | None = None,
                  td_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,8 +158,8 @@ class Learner(LearnerBase):
         return _Round(tensors, weights, td), plan.bounds()
 
     def _round_targets(self, data: _Round, rows: slice) -> torch.Tensor:
-        _, _, rewards, next_obs, discounts = data.tensors
-        return self.targets(rewards[rows], next_obs[rows], discounts[rows])
+        obs, actions, rewards, next_obs, discounts = data.tensors
+        return self.targets(rewards[rows], next_obs[rows], discounts[rows], obs[rows], actions[rows])
 
     def _learn(self, data: _Round, rows: slice, targets: torch.Tensor | None) -> None:
         obs, actions = data.tensors[0], data.tensors[1]

@@ -27,6 +27,7 @@ class Hyper:
     max_grad_norm: float | None = 10.0
     loss: str = "huber"
     double_dqn: bool = True
+    advantage_learning: float = 0.0  # > 0: subtract alpha * the target net's action gap at s (algo.dqn)
     target_update_interval: int = 10
     tau: float = 1.0
     ema_decay: float = 0.0  # > 0: keep an average of the online parameters for evaluation (see LearnerBase)
@@ -40,7 +41,8 @@ class Hyper:
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
             compile_optimizer=train.compile_optimizer, compile_network=train.compile_network,
             max_grad_norm=train.max_grad_norm, loss=train.loss,
-            double_dqn=train.double_dqn, target_update_interval=train.target_update_interval,
+            double_dqn=train.double_dqn, advantage_learning=train.advantage_learning,
+            target_update_interval=train.target_update_interval,
             tau=train.tau, ema_decay=train.ema_decay, sync_check_interval=sync_check_interval,
             nonfinite=train.nonfinite,
         )

@@ -31,7 +31,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpidqn.algo.dqn import td_loss, td_targets
+from mpidqn.algo.dqn import action_gap_penalty, td_loss, td_targets
 from mpidqn.distributed import watchdog
 from mpidqn.distributed.pipeline import (
     StageLink,
@@ -230,9 +230,16 @@ class PipelineLearner(LearnerBase):
         in_shape = self.shapes[self.stage]
         modules = [self.target, self.online] if self.hyper.double_dqn else [self.target]
         q = pipelined_forward(modules, self.link, x, self._sizes(n), in_shape)  # one pass for both nets
+        alpha = self.hyper.advantage_learning
+        if alpha > 0:  # the target net at s too: a second pass
+            q_s = pipelined_forward([self.target], self.link, _as_float(gb.obs[rows]) if self.link.first else None,
+                                    self._sizes(n), in_shape)
         if q is None:
             return None
-        return td_targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
+        y = td_targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
+        if alpha > 0:
+            y -= action_gap_penalty(q_s[0], gb.actions[rows], alpha)
+        return y
 
     def backward(self, gb: GroupBatch, rows: slice, targets: torch.Tensor | None) -> None:
         """GPipe forward/backward of ``rows``; the stage's gradient lands in ``flat_grad`` (overwritten)."""
