@@ -177,7 +177,8 @@ class TrainConfig:
     """Advantage learning's alpha in [0, 1) (Bellemare et al. 2016): the TD target of (s, a) loses
     ``alpha * (max_b Q_target(s, b) - Q_target(s, a))``, which widens the gap between the greedy action
     and the others so that small errors in Q do not flip the greedy choice. One more target-network
-    forward per batch. 0: plain (double) DQN targets."""
+    forward per batch. On CartPole's tuning seeds 0.5 and 0.9 did not beat the default (README,
+    Measured). 0: plain (double) DQN targets."""
     target_update_interval: int = 256
     """Hard target update every this many updates (ignored when tau < 1)."""
     tau: float = 1.0
