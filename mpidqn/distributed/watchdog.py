@@ -131,24 +131,19 @@ class Watchdog:
                 self.expire(phase)
                 return
 
-    def fence(self, comm: Any, phase: str) -> None:
-        """A watched barrier before a blocking (pickled) collective on ``comm``."""
-        if comm.Get_size() == 1 or not self.enabled:
-            return
-        self.wait(comm.Ibarrier(), phase)
-
     @contextlib.contextmanager
     def guard(self, comm: Any, phase: str) -> Iterator[None]:
-        """Watch blocking (pickled) collectives on ``comm``: a fence, then the body under the deadline.
+        """Watch blocking (pickled) collectives on ``comm``: a watched barrier, then the body under the
+        deadline.
 
-        The fence alone does not suffice: a rank cut off between the fence and the collective (a host
+        The barrier alone does not suffice: a rank cut off between it and the collective (a host
         whose link went down) would leave the others blocked in it for good.
         """
         if comm.Get_size() == 1 or not self.enabled:
             yield
             return
-        self.fence(comm, phase)
-        if not self._threads_ok():  # polling fallback: the fence is all it can watch
+        self.wait(comm.Ibarrier(), phase)
+        if not self._threads_ok():  # polling fallback: the barrier is all it can watch
             yield
             return
         with self._deadline(phase):

@@ -274,14 +274,13 @@ class Trainer:
         with self.timer("log"):
             with watchdog.guard(self.topo.comm, "log gather"):
                 gathered = self.topo.comm.allgather(self.episodes.pop())  # small: episodes since last report
+                metrics = self.learner.pop_metrics()
+                totals = self.timer.totals()
+                idle = time.perf_counter() - self._t_process - totals.sum()
+                timings = self.topo.comm.gather(np.append(totals, idle), root=0)
             for rows in gathered:
                 self.recent_returns.extend(rows[:, 1].tolist())
                 self.counters.episodes += len(rows)
-            metrics = self.learner.pop_metrics()
-            totals = self.timer.totals()
-            idle = time.perf_counter() - self._t_process - totals.sum()
-            with watchdog.guard(self.topo.comm, "log gather"):
-                timings = self.topo.comm.gather(np.append(totals, idle), root=0)
             if self.topo.is_root:
                 self.reporter.progress(Progress(
                     step=self.counters.env_steps, updates=self.learner.updates, episodes=self.counters.episodes,
