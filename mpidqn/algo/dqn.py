@@ -37,6 +37,23 @@ def action_gap_penalty(q_target_s: torch.Tensor, actions: torch.Tensor, alpha: f
     return alpha * (q_target_s.max(dim=1).values - taken)
 
 
+def target_regularization(q: torch.Tensor, q_target_s: torch.Tensor, kappa: float,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``kappa * sum_a (Q(s, a) - Q_target(s, a))^2`` per row, averaged over the rows like ``td_loss``
+    (the mean, or ``sum(weights * .)``): the functional regulariser of Piché et al. 2021, which holds
+    every action's value near the target network's between refreshes."""
+    per_row = (q - q_target_s).square().sum(dim=1)
+    return kappa * (per_row.mean() if weights is None else (weights * per_row).sum()) if len(q) else q.sum() * 0.0
+
+
+def target_regularization_grad(q: torch.Tensor, q_target_s: torch.Tensor, kappa: float,
+                               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``d target_regularization / d q`` without autograd: ``2 kappa (q - q_target) / rows`` (or times
+    the row weights)."""
+    w = weights.unsqueeze(1) if weights is not None else 1.0 / max(1, len(q))
+    return (q - q_target_s).mul_(2.0 * kappa).mul_(w)
+
+
 def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
             weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Huber (smooth L1, delta 1) or squared TD error; with ``weights``, ``sum(weights * loss_i)``

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpidqn.algo.dqn import action_gap_penalty, td_loss, td_loss_grad, td_targets
+from mpidqn.algo.dqn import (action_gap_penalty, target_regularization, target_regularization_grad, td_loss,
+                             td_loss_grad, td_targets)
 from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds
 from mpidqn.learners.mlp_kernel import MLPKernel
 from mpidqn.learners.optim import Hyper
@@ -132,6 +133,11 @@ class Learner(LearnerBase):
                 q = (self._forward if len(obs) else self.online)(obs)
             q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
             loss = td_loss(q_taken, targets, self.hyper.loss, weights)
+            kappa = self.hyper.target_regularization
+            if kappa > 0:
+                with torch.no_grad():
+                    q_target_s = self._target_q(obs)
+                loss = loss + target_regularization(q, q_target_s, kappa, weights)
             if td_out is not None:
                 td_out.copy_((targets - q_taken.detach()).abs())
             self._local_nonfinite = not math.isfinite(loss.detach().item())
@@ -142,6 +148,8 @@ class Learner(LearnerBase):
             elif len(q_taken):
                 grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
                     q_taken, targets, self.hyper.loss, weights).unsqueeze(1))
+                if kappa > 0:
+                    grad_q += target_regularization_grad(q, q_target_s, kappa, weights)
                 kernel.backward(grad_q)  # overwrites every parameter's gradient
             else:
                 self.flat_grad.zero_()

@@ -28,6 +28,7 @@ class Hyper:
     loss: str = "huber"
     double_dqn: bool = True
     advantage_learning: float = 0.0  # > 0: subtract alpha * the target net's action gap at s (algo.dqn)
+    target_regularization: float = 0.0  # > 0: kappa of the pull of Q(s, .) towards Q_target(s, .) (algo.dqn)
     target_update_interval: int = 10
     tau: float = 1.0
     ema_decay: float = 0.0  # > 0: keep an average of the online parameters for evaluation (see LearnerBase)
@@ -42,6 +43,7 @@ class Hyper:
             compile_optimizer=train.compile_optimizer, compile_network=train.compile_network,
             max_grad_norm=train.max_grad_norm, loss=train.loss,
             double_dqn=train.double_dqn, advantage_learning=train.advantage_learning,
+            target_regularization=train.target_regularization,
             target_update_interval=train.target_update_interval,
             tau=train.tau, ema_decay=train.ema_decay, sync_check_interval=sync_check_interval,
             nonfinite=train.nonfinite,

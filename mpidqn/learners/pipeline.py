@@ -31,7 +31,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpidqn.algo.dqn import action_gap_penalty, td_loss, td_targets
+from mpidqn.algo.dqn import action_gap_penalty, target_regularization, td_loss, td_targets
 from mpidqn.distributed import watchdog
 from mpidqn.distributed.pipeline import (
     StageLink,
@@ -249,6 +249,9 @@ class PipelineLearner(LearnerBase):
 
         weights = gb.weights[rows] if gb.weights is not None and self.link.last else None
         td = gb.td[rows] if gb.td is not None and self.link.last else None
+        kappa = self.hyper.target_regularization
+        if kappa > 0:  # the target net at s for the regulariser: a no-grad pass through the pipe first
+            q_target_s = pipelined_forward([self.target], self.link, x, self._sizes(total), self.shapes[self.stage])
 
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
@@ -256,6 +259,10 @@ class PipelineLearner(LearnerBase):
                 loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
             else:  # a RoundPlan's weights hold the normalisation
                 loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss, weights[offset : offset + n])
+            if kappa > 0:
+                qt = q_target_s[0][offset : offset + n]
+                loss = loss + (target_regularization(q, qt, kappa) * (n / total) if weights is None
+                               else target_regularization(q, qt, kappa, weights[offset : offset + n]))
             if td is not None:
                 td[offset : offset + n] = (targets[offset : offset + n] - q_taken.detach()).abs()
             value = float(loss.detach())

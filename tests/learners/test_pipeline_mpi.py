@@ -18,10 +18,11 @@ from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun, program_lines, r
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("world, stages, optimizer, alpha", [(2, 2, "adam", 0), (3, 3, "adam", 0), (4, 2, "adam", 0),
-                                                             (2, 2, "rmsprop", 0), (3, 3, "adam", 0.9)])
-def test_pipelined_gradients_equal_the_unpartitioned_model(world, stages, optimizer, alpha):
-    p = mpirun(world, [str(MPI_SCRIPTS / "pipeline_grads.py"), str(stages), "3", optimizer, str(alpha)], timeout=60)
+@pytest.mark.parametrize("world, stages, optimizer, alpha, kappa", [
+    (2, 2, "adam", 0, 0), (3, 3, "adam", 0, 0), (4, 2, "adam", 0, 0), (2, 2, "rmsprop", 0, 0), (3, 3, "adam", 0.9, 0.3)])
+def test_pipelined_gradients_equal_the_unpartitioned_model(world, stages, optimizer, alpha, kappa):
+    p = mpirun(world, [str(MPI_SCRIPTS / "pipeline_grads.py"), str(stages), "3", optimizer, str(alpha), str(kappa)],
+               timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("OK") == world
 

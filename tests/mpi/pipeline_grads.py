@@ -1,8 +1,8 @@
 """Run under mpiexec -n W with argument S: a pipeline of S stages (dp = W / S groups) computes the same
 averaged, globally clipped gradient and takes the same optimizer steps as ONE unpartitioned learner on
 the union of all W minibatches (double DQN and dueling on). Also checks greedy actions against it.
-Optional arguments: micro-batches (default 3), the optimizer, adam (default) or rmsprop, and
-train.advantage_learning's alpha (default 0)."""
+Optional arguments: micro-batches (default 3), the optimizer, adam (default) or rmsprop,
+train.advantage_learning's alpha and train.target_regularization's kappa (defaults 0)."""
 from __future__ import annotations
 
 import sys
@@ -21,12 +21,13 @@ S = int(sys.argv[1])
 MICRO = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 OPTIMIZER = sys.argv[3] if len(sys.argv) > 3 else "adam"
 ALPHA = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+KAPPA = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 topo = Topology.build(MPI.COMM_WORLD, S)
 rank, world = topo.rank, topo.world
 torch.set_num_threads(1)
 B, OBS, ACT, HIDDEN, SEED = 8, 5, 3, [16, 12, 16], 7
 hyper = Hyper(lr=1e-2, optimizer=OPTIMIZER, double_dqn=True, max_grad_norm=0.5, target_update_interval=2,
-              sync_check_interval=1, advantage_learning=ALPHA)
+              sync_check_interval=1, advantage_learning=ALPHA, target_regularization=KAPPA)
 
 
 def layers():
