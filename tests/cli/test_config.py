@@ -46,6 +46,9 @@ def test_yaml_file_and_dotted_overrides(tmp_path):
     ("train.rmsprop_centered=maybe", "train.rmsprop_centered"),
     ("train.ema_decay=1", "train.ema_decay"),
     ("train.ema_decay=-0.5", "train.ema_decay"),
+    ("train.advantage_learning=1.0", "train.advantage_learning"),
+    ("train.target_regularization=-0.1", "train.target_regularization"),
+    ("train.target_regularization=nan", "train.target_regularization"),
     ("no_equals_sign", "no_equals_sign"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):

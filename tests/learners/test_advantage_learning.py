@@ -7,7 +7,6 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from conftest import mpidqn, program_lines
 from mpidqn.algo.dqn import action_gap_penalty, td_targets
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import mlp_layers
@@ -54,8 +53,3 @@ def test_update_uses_targets_lowered_by_the_target_networks_gap(kernel):
     for p, q in zip(learner.params, plain.params):
         assert torch.allclose(p, q, atol=1e-6)
 
-
-def test_alpha_outside_0_1_is_refused_in_one_line(tmp_path, tiny):
-    p = mpidqn(1, ["--run-dir", str(tmp_path / "r"), *tiny, "train.advantage_learning=1.0"], timeout=60)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert program_lines(p.stderr) == ["mpidqn: error: train.advantage_learning: must be in [0, 1), got 1.0"], p.stderr

@@ -8,7 +8,6 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from conftest import mpidqn, program_lines
 from mpidqn.algo.dqn import target_regularization, target_regularization_grad, td_loss
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import mlp_layers
@@ -79,9 +78,3 @@ def test_kernel_and_autograd_learners_take_the_same_steps():
     for p, q in zip(a.params, b.params):
         assert torch.allclose(p, q, atol=1e-5)
 
-
-def test_negative_kappa_is_refused_in_one_line(tmp_path, tiny):
-    p = mpidqn(1, ["--run-dir", str(tmp_path / "r"), *tiny, "train.target_regularization=-0.1"], timeout=60)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert program_lines(p.stderr) == ["mpidqn: error: train.target_regularization: must be >= 0, got -0.1"], p.stderr
-    assert not (tmp_path / "r").exists()
