@@ -43,7 +43,7 @@ def target_regularization(q: torch.Tensor, q_target_s: torch.Tensor, kappa: floa
     (the mean, or ``sum(weights * .)``): the functional regulariser of Piché et al. 2021, which holds
     every action's value near the target network's between refreshes."""
     per_row = (q - q_target_s).square().sum(dim=1)
-    return kappa * (per_row.mean() if weights is None else (weights * per_row).sum()) if len(q) else q.sum() * 0.0
+    return kappa * (per_row.sum() / max(1, len(q)) if weights is None else (weights * per_row).sum())
 
 
 def target_regularization_grad(q: torch.Tensor, q_target_s: torch.Tensor, kappa: float,

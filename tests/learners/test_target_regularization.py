@@ -77,4 +77,3 @@ def test_kernel_and_autograd_learners_take_the_same_steps():
         b.update_many(batch, 4)
     for p, q in zip(a.params, b.params):
         assert torch.allclose(p, q, atol=1e-5)
-
