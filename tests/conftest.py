@@ -92,3 +92,15 @@ def inspect_json(target: Path) -> dict:
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+# The longest files, longest first (seconds on the 2-core CI machine, MPICH). Under `pytest -n N`
+# (files whole per worker, pyproject's --dist loadfile) workers take files in collection order, so
+# these go first and the many short files fill the gaps; without -n the order does not matter.
+LONGEST_FIRST = ["slurm/test_slurm.py", "train/test_checkpoint.py", "train/test_learning_contract.py",
+                 "train/test_faults.py", "learners/test_pipeline_mpi.py", "distributed/test_multihost.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {(Path(__file__).parent / name).resolve(): i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.resolve(), len(rank)))  # stable: file order kept
