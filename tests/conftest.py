@@ -102,5 +102,9 @@ LONGEST_FIRST = ["slurm/test_slurm.py", "train/test_checkpoint.py", "train/test_
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {(Path(__file__).parent / name).resolve(): i for i, name in enumerate(LONGEST_FIRST)}
+    here = Path(__file__).parent
+    missing = [name for name in LONGEST_FIRST if not (here / name).is_file()]
+    if missing:  # a renamed file would silently lose its place
+        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST names no file tests/{', tests/'.join(missing)}")
+    rank = {(here / name).resolve(): i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.resolve(), len(rank)))  # stable: file order kept
