@@ -102,7 +102,7 @@ LONGEST_FIRST = ["slurm/test_slurm.py", "train/test_checkpoint.py", "train/test_
                  "train/test_faults.py", "learners/test_pipeline_mpi.py", "distributed/test_multihost.py"]
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     here = Path(__file__).parent
     missing = [name for name in LONGEST_FIRST if not (here / name).is_file()]
     if missing:  # a renamed file would silently lose its place
