@@ -95,9 +95,9 @@ def tiny() -> list[str]:
 
 
 # The longest files, longest first (their tests took 259, 227, 115, 103, 101 and 83 s in all on the
-# 2-core CI machine, MPICH, one at a time, 2026-12-03). Under `pytest -n N`
-# (files whole per worker, pyproject's --dist loadfile) workers take files in collection order, so
-# these go first and the many short files fill the gaps; without -n the order does not matter.
+# 2-core CI machine, MPICH, one at a time, 2026-12-03). Under `pytest -n N` (files whole per worker,
+# pyproject's --dist loadfile) workers take files in collection order, so these go first and the many
+# short files fill the gaps; without -n the order does not matter.
 LONGEST_FIRST = ["slurm/test_slurm.py", "train/test_checkpoint.py", "train/test_learning_contract.py",
                  "train/test_faults.py", "learners/test_pipeline_mpi.py", "distributed/test_multihost.py"]
 

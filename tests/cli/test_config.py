@@ -140,6 +140,6 @@ def test_cartpole_pipeline_yaml_is_the_default_on_a_pipeline():
     """Its header promises the hyper-parameters of configs/cartpole.yaml: only the pipeline may differ."""
     from conftest import ROOT
 
-    cfg = load_config(ROOT / "configs" / "cartpole-pipeline.yaml")
+    cfg, default = load_config(ROOT / "configs" / "cartpole-pipeline.yaml"), load_config()
     assert cfg.parallel.pipeline_stages == 2
-    assert dataclasses.replace(cfg, parallel=load_config().parallel) == load_config()
+    assert dataclasses.replace(cfg, parallel=default.parallel) == default
