@@ -11,7 +11,9 @@ update can do (``speed.py``'s loop). Rounds of the two alternate, so noise hits 
 are medians over rounds, with a device synchronisation closing every timed round. Needs no ALE or
 OpenCV: the Pong workload uses only the network and replay shapes of ``configs/pong.yaml``.
 ``KEY=VALUE`` overrides add a third side, mpidqn with them (e.g. ``train.compile_network=true``), timed
-in the same alternation.
+in the same alternation. ``--host-check`` adds a side with a GPU learner's per-update host work put back
+(the loss's finiteness and the gradient norm read back every update, the batch copied from pageable
+memory), to measure what deciding skip-or-take on the device and the pinned copy buy.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def mpidqn_round(workload: str, device: str, fill: int, overrides: tuple[str, ...] = ()):
-    """A function running one round of mpidqn's updates (sampling included), and the round's updates."""
+def mpidqn_round(workload: str, device: str, fill: int, overrides: tuple[str, ...] = (), host_check: bool = False):
+    """A function running one round of mpidqn's updates (sampling included), and the round's updates.
+    ``host_check``: the learner reads the skip decision back every update and copies from pageable memory."""
     from mpidqn.config import load_config
     from mpidqn.distributed.topology import Topology
     from mpidqn.learners.factory import build_learner
@@ -48,6 +51,8 @@ def mpidqn_round(workload: str, device: str, fill: int, overrides: tuple[str, ..
     shape, dtype, n_actions = SHAPES[workload]
     torch.manual_seed(0)
     learner = build_learner(cfg, Topology.build(MPI.COMM_SELF), shape, n_actions, cfg.train.lr)
+    if host_check:  # the learner as it was before skip-or-take moved to the device (2026-12-06)
+        learner._device_skip, learner._staging = False, None
     stack = shape[0] if dtype == np.uint8 else 1
     replay = make_replay_shard(cfg.train.replay_storage, fill + 10, shape, dtype, 1, cfg.train.n_step,
                                cfg.train.gamma, stack)
@@ -96,6 +101,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=100, help="timed rounds per side (after 5 warm-up rounds)")
     p.add_argument("--fill", type=int, default=20_000, help="transitions in mpidqn's replay shard")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--host-check", action="store_true",
+                   help="a side reading skip-or-take back every update, with pageable copies (see above)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="a third side: mpidqn with these")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,6 +110,8 @@ def main() -> None:
     label = "mpidqn " + " ".join(args.overrides)
     if args.overrides:
         sides[label] = mpidqn_round(args.workload, args.device, args.fill, tuple(args.overrides))
+    if args.host_check:
+        sides["mpidqn, host check"] = mpidqn_round(args.workload, args.device, args.fill, host_check=True)
     sides["bare"] = bare_round(args.workload, args.device)
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     for i in range(args.rounds + 5):

@@ -182,14 +182,41 @@ class LearnerBase(ABC):
         self.optimizer = make_optimizer(self.params, hyper) if self.params else None
         self._lr = float(hyper.lr)
         self._total_parameters = int(self.flat_grad.numel())
-        self.updates = 0
-        self.nonfinite_skipped = 0
+        self._updates = 0
+        self._nonfinite_skipped = 0
         self._local_nonfinite = False  # this rank's loss of the current update was NaN/Inf
+        # Device-side skip (see step): a learner that sets it decides skip-or-skip-not on the device, and
+        # _pending holds the "skipped" flags (0-dim bool tensors) of the updates the host has not read yet.
+        self._device_skip = False
+        self._pending: list[torch.Tensor] = []
+        self._steps = 0  # step() calls, never reset: the weights may have changed when it changes
         self._loads = 0
         # the moving average of this rank's parameters (train.ema_decay > 0), None until the first update
         self.ema: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ interface
+    @property
+    def updates(self) -> int:
+        """Optimizer updates taken (skipped ones not counted; the same on every rank)."""
+        self._resolve()
+        return self._updates
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._pending.clear()
+        self._updates = int(value)
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Updates skipped for a NaN/Inf loss or gradient."""
+        self._resolve()
+        return self._nonfinite_skipped
+
+    @nonfinite_skipped.setter
+    def nonfinite_skipped(self, value: int) -> None:
+        self._pending.clear()
+        self._nonfinite_skipped = int(value)
+
     @property
     def lr(self) -> float:
         return self._lr
@@ -220,12 +247,13 @@ class LearnerBase(ABC):
         two target updates, so the targets of all minibatches up to the next target update are
         computed in one batched pass (same values, far fewer small matmuls).
         """
+        self._resolve()  # the previous round's skips (a device learner): the schedule below counts them
         data, b = self._prepare_round(batch, num_updates, plan)
         h = self.hyper
         batch_targets = not h.double_dqn and h.tau >= 1.0
         i = 0
         while i < num_updates:
-            span = (h.target_update_interval - self.updates % h.target_update_interval) if batch_targets else 1
+            span = (h.target_update_interval - self._scheduled % h.target_update_interval) if batch_targets else 1
             span = min(span, num_updates - i)
             targets = self._round_targets(data, slice(int(b[i]), int(b[i + span])))
             for j in range(span):
@@ -263,12 +291,31 @@ class LearnerBase(ABC):
         """Average ``flat_grad`` over the replicas (the reducer strategy; carries a non-finite loss)."""
         self.reducer.reduce(self._local_nonfinite)
 
+    @property
+    def _scheduled(self) -> int:
+        """The update count the target refresh and the replica checks follow: the updates taken, plus
+        the steps of this round whose skip flags are still on the device (counted as taken)."""
+        return self._updates + len(self._pending)
+
+    def _resolve(self) -> None:
+        """Read the pending skip flags (one device synchronisation) into the host's counts."""
+        if self._pending:
+            skipped = int(torch.stack(self._pending).sum())
+            n = len(self._pending)
+            self._pending.clear()
+            self._updates += n - skipped
+            self._nonfinite_skipped += skipped
+
     def step(self) -> None:
         """Clip the reduced gradient by the global norm, step, update the target network.
 
         The reducer guarantees that a NaN/Inf loss or gradient on any rank makes the norm non-finite
         on every rank that must agree, so skip-or-stop is decided in lockstep.
         """
+        self._steps += 1
+        if self._device_skip:
+            self._step_on_device()
+            return
         norm = self.reducer.grad_norm()
         if not math.isfinite(norm):
             self._nonfinite_update()
@@ -276,25 +323,59 @@ class LearnerBase(ABC):
         h = self.hyper
         if h.max_grad_norm is not None and norm + 1e-6 > h.max_grad_norm:
             self.flat_grad.mul_(h.max_grad_norm / (norm + 1e-6))
-        self.updates += 1
+        self._updates += 1
         if self.optimizer is not None:  # None: a pipeline stage of parameter-free layers
             self.optimizer.step()
             if h.ema_decay > 0.0:
                 self._ema_step(h.ema_decay)
             if h.tau < 1.0:
                 polyak_update_(self.target.parameters(), self.params, h.tau)
-            elif self.updates % h.target_update_interval == 0:
+            elif self._updates % h.target_update_interval == 0:
                 polyak_update_(self.target.parameters(), self.params, 1.0)
-        if h.sync_check_interval and self.updates % h.sync_check_interval == 0:
+        if h.sync_check_interval and self._updates % h.sync_check_interval == 0:
             self.check_replicas()
 
-    def _ema_step(self, decay: float) -> None:
-        """``avg += (1 - decay) * (online - avg)``; the first update starts the average at the parameters."""
+    def _step_on_device(self) -> None:
+        """:meth:`step` without reading anything back from the device (train.nonfinite=skip, fused Adam).
+
+        The norm, the clip factor and "skip" stay device tensors: fused Adam skips its step when
+        ``found_inf`` is 1 (torch's AMP mechanism, also resetting its step count), and the moving
+        average and a Polyak target move with a weight that is 0 on a skipped update. The flag joins
+        ``_pending``, which the host reads at the next round (``update_many``) or when it asks for the
+        counts. Within a round every step counts as taken for the hard target refresh and the replica
+        checks (``_scheduled``), so a round with a skipped update may refresh the target one update
+        early; apart from that the updates are those of :meth:`step`, bit for bit where nothing is
+        skipped (the clip factor is computed in float64 as there).
+        """
+        h = self.hyper
+        norm = self.reducer.grad_norm_tensor()
+        skip = ~torch.isfinite(norm)
+        if h.max_grad_norm is not None:
+            self.flat_grad.mul_(torch.clamp(h.max_grad_norm / (norm.double() + 1e-6), max=1.0))
+        self.optimizer.found_inf = skip.float()
+        self.optimizer.step()
+        self._pending.append(skip)
+        taken = (~skip).float()
+        if h.ema_decay > 0.0 and (self.ema is not None or not bool(skip)):  # it starts at the first update taken
+            self._ema_step(h.ema_decay, taken)
+        if h.tau < 1.0:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target.parameters()), self.params, [taken * h.tau] * len(self.params))
+        elif self._scheduled % h.target_update_interval == 0:
+            polyak_update_(self.target.parameters(), self.params, 1.0)
+        if h.sync_check_interval and self._scheduled % h.sync_check_interval == 0:
+            self.check_replicas()
+
+    def _ema_step(self, decay: float, taken: torch.Tensor | None = None) -> None:
+        """``avg += (1 - decay) * (online - avg)``; the first update starts the average at the parameters.
+        ``taken``: a device flag, 0 for a skipped update (the average then stays where it is)."""
         with torch.no_grad():
             if self.ema is None:
                 self.ema = [p.detach().clone() for p in self.params]
-            else:
+            elif taken is None:
                 torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
+            else:
+                torch._foreach_lerp_(self.ema, self.params, [taken * (1.0 - decay)] * len(self.params))
 
     @contextmanager
     def evaluation_weights(self):
@@ -321,7 +402,7 @@ class LearnerBase(ABC):
             raise NonFiniteError(f"NaN/Inf in the loss or gradients at update {self.updates + 1} "
                                  f"({self._nonfinite_where()}); train.nonfinite=stop")
         self.flat_grad.zero_()
-        self.nonfinite_skipped += 1
+        self._nonfinite_skipped += 1
 
     def _nonfinite_flags(self) -> list[bool]:
         """Every replica's "my loss was non-finite" flag (a collective over the replicas)."""

@@ -3,8 +3,10 @@
 On the CPU by default; with a device (``cuda:<n>``) the networks and the gradient buffer live there
 (replay stays in host memory). How the buffer is reduced is the reducer's business (see
 :mod:`mpidqn.learners.reducers`): one fused Allreduce, buckets overlapped with backward, or host-staged
-for a device buffer. The CUDA path is tested by ``tests/learners/test_cuda.py`` where a GPU is visible
-(last run on an H200, 2026-11-26).
+for a device buffer. On a device the update reads nothing back (``device_skip``) and the batch travels
+through pinned memory (:class:`PinnedStaging`). The CUDA path is tested by ``tests/learners/test_cuda.py``
+where a GPU is visible (last run on an H200, 2026-11-26, before those two were added; skip-or-take on
+the device runs forced on the CPU in ``tests/learners/test_device_skip.py``).
 """
 from __future__ import annotations
 
@@ -28,21 +30,48 @@ from mpidqn.nn.actor import NumpyActor
 __all__ = ["Hyper", "Learner"]  # Hyper: the learner's constructor argument, importable beside it
 
 
-def _as_tensors(batch: Any, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
-    """numpy Batch -> tensors sharing memory (no copies; obs cast to float32 if stored as uint8).
-
-    With a ``device`` the arrays are copied there first (uint8 obs travel as uint8, cast there)."""
+def _as_tensors(batch: Any) -> tuple[torch.Tensor, ...]:
+    """numpy Batch -> CPU tensors sharing memory (no copies; obs cast to float32 if stored as uint8)."""
     obs = torch.from_numpy(batch.obs)
     next_obs = torch.from_numpy(batch.next_obs)
-    if device is not None and device.type != "cpu":
-        obs, next_obs = obs.to(device, non_blocking=True), next_obs.to(device, non_blocking=True)
-        return (obs.float(), torch.from_numpy(batch.actions).to(device).long(),
-                torch.from_numpy(batch.rewards).to(device), next_obs.float(),
-                torch.from_numpy(batch.discounts).to(device))
     if obs.dtype != torch.float32:
         obs, next_obs = obs.float(), next_obs.float()
     return (obs, torch.from_numpy(batch.actions).long(), torch.from_numpy(batch.rewards),
             next_obs, torch.from_numpy(batch.discounts))
+
+
+class PinnedStaging:
+    """A round's host arrays copied to a device asynchronously, through page-locked host buffers.
+
+    A copy from pageable memory makes the host wait for it; from pinned memory it is queued on the
+    stream and the host goes on to queue the update's kernels. Two sets of buffers alternate (a round
+    writes one while the previous round's copy may still read the other); before a set is written
+    again, the host waits for the event recorded after its last copy. Buffers grow to the largest
+    round seen (a prioritized or global plan brings a varying number of rows)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: list[list[torch.Tensor]] = [[], []]
+        self.events: list[Any] = [None, None]
+        self.turn = 0
+
+    def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        bufs, out = self.buffers[i], []
+        for k, a in enumerate(arrays):
+            a = np.ascontiguousarray(a)
+            if k == len(bufs) or bufs[k].shape[1:] != a.shape[1:] or bufs[k].shape[0] < len(a) \
+                    or bufs[k].numpy().dtype != a.dtype:
+                buf = torch.from_numpy(np.empty(a.shape, a.dtype)).pin_memory()
+                bufs[k:k + 1] = [buf]
+            view = bufs[k][:len(a)]
+            view.numpy()[...] = a
+            out.append(view.to(self.device, non_blocking=True))
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record()
+        return out
 
 
 _FOLD = 256  # updates between two folds of the loss and Q metrics into their sums
@@ -68,9 +97,18 @@ class Learner(LearnerBase):
     """
 
     def __init__(self, online: nn.Module, hyper: Hyper, comm: Any, device: str = "cpu", overlap: bool = False,
-                 bucket_bytes: int = 2 << 20, mlp_kernel: bool = True) -> None:
+                 bucket_bytes: int = 2 << 20, mlp_kernel: bool = True, device_skip: bool | None = None) -> None:
         self._init_nets(online, hyper, comm, device)
         self.reducer = make_reducer(self.flat_grad, self.params, comm, overlap, bucket_bytes)
+        # Skip-or-take decided on the device (LearnerBase._step_on_device): by default on a GPU, where
+        # each read-back stalls the queue of kernels; it needs fused Adam (found_inf), train.nonfinite=skip
+        # (stop names the ranks at once) and a reduction that is not overlapped (whose buckets are poisoned
+        # from the host before backward). device_skip=True forces it (tests run it on the CPU).
+        able = hyper.optimizer == "adam" and hyper.nonfinite == "skip" and not overlap
+        if device_skip and not able:
+            raise ValueError("device_skip needs optimizer adam, nonfinite skip and no overlapped reduction")
+        self._device_skip = able and (self.device is not None if device_skip is None else device_skip)
+        self._staging = PinnedStaging(self.device) if self.device is not None and self.device.type == "cuda" else None
         layers = list(online.children()) if isinstance(online, nn.Sequential) and self.device is None else []
         use_kernel = mlp_kernel and not overlap and not hyper.compile_network and MLPKernel.supports(layers)
         self._kernel = MLPKernel(layers) if use_kernel else None
@@ -83,9 +121,10 @@ class Learner(LearnerBase):
             if use_kernel else (self.online, self.target))
         self._loss_sum = torch.zeros((), device=self.device)
         self._q_sum = torch.zeros((), device=self.device)
-        self._metric_count = 0
+        self._metric_count: int | torch.Tensor = 0  # a device count with device_skip
         self._losses: list[torch.Tensor] = []  # per update, summed every _FOLD updates (one op, not one each)
         self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update, likewise
+        self._q_losses: list[torch.Tensor] = []  # with device_skip: the loss of each _q_rows entry's update
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
 
     # ------------------------------------------------------------------ acting
@@ -102,7 +141,7 @@ class Learner(LearnerBase):
     @property
     def weights_version(self) -> tuple[int, int]:
         """Changes whenever the online parameters may have changed (updates or a loaded state)."""
-        return (self._loads, self.updates)
+        return (self._loads, self._steps)
 
     # ------------------------------------------------------------------ learning
     def targets(self, rewards, next_obs, discounts, obs=None, actions=None) -> torch.Tensor:
@@ -124,7 +163,9 @@ class Learner(LearnerBase):
         give a zero loss and gradient, and the replica still joins the reduction.
 
         The loss's finiteness is known before backward and handed to the reducer, which carries it to
-        every replica (an overlapped reducer starts reducing during backward)."""
+        every replica (an overlapped reducer starts reducing during backward). With device_skip it is
+        never read back: a non-finite loss fills this rank's gradient with NaN on the device, and the
+        reduction carries that."""
         kernel = self._kernel
         with torch.set_grad_enabled(kernel is None):  # the kernel writes the gradient itself
             if kernel is not None:
@@ -140,7 +181,8 @@ class Learner(LearnerBase):
                 loss = loss + target_regularization(q, q_target_s, kappa, weights)
             if td_out is not None:
                 td_out.copy_((targets - q_taken.detach()).abs())
-            self._local_nonfinite = not math.isfinite(loss.detach().item())
+            if not self._device_skip:
+                self._local_nonfinite = not math.isfinite(loss.detach().item())
             self.reducer.start(self._local_nonfinite)
             if kernel is None:
                 self.flat_grad.zero_()
@@ -153,12 +195,24 @@ class Learner(LearnerBase):
                 kernel.backward(grad_q)  # overwrites every parameter's gradient
             else:
                 self.flat_grad.zero_()
-        if not self._local_nonfinite and len(q_taken):
+        if self._device_skip:
+            self.flat_grad.masked_fill_(~torch.isfinite(loss.detach()), float("nan"))
+            if len(q_taken):
+                self._q_rows.append(q_taken.detach())
+                self._q_losses.append(loss.detach())
+        elif not self._local_nonfinite and len(q_taken):
             self._q_rows.append(q_taken.detach())
         return loss.detach()
 
     def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[_Round, np.ndarray]:
-        tensors = _as_tensors(batch, self.device)
+        if self.device is None:
+            tensors = _as_tensors(batch)
+        else:  # uint8 observations travel as uint8 and are cast on the device
+            arrays = [batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.discounts]
+            obs, actions, rewards, next_obs, discounts = (
+                self._staging.to_device(arrays) if self._staging is not None
+                else [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays])
+            tensors = (obs.float(), actions.long(), rewards.float(), next_obs.float(), discounts.float())
         if plan is None:
             return _Round(tensors, None, None), equal_bounds(tensors[0].shape[0], num_updates)
         weights = torch.from_numpy(np.asarray(plan.weights, dtype=np.float32)).to(tensors[2].device)
@@ -176,21 +230,32 @@ class Learner(LearnerBase):
                              None if data.td is None else data.td[rows])
         self.reduce_gradients()
         self.step()
-        if not self._local_nonfinite:
+        if self._device_skip or not self._local_nonfinite:  # device_skip: non-finite ones dropped at the fold
             self._losses.append(loss)
             if len(self._losses) >= _FOLD:
                 self._fold_metrics()
 
     def _fold_metrics(self) -> None:
-        """Add the losses and mean Q(s, a) of the updates since the last fold to the running sums."""
+        """Add the losses and mean Q(s, a) of the updates since the last fold to the running sums (with
+        device_skip, of the updates whose loss on this rank was finite, chosen on the device)."""
         if self._losses:
-            self._loss_sum += torch.stack(self._losses).sum()
-            self._metric_count += len(self._losses)
+            losses = torch.stack(self._losses)
+            if self._device_skip:
+                finite = torch.isfinite(losses)
+                self._loss_sum += torch.where(finite, losses, 0.0).sum()
+                self._metric_count = self._metric_count + finite.sum()
+            else:
+                self._loss_sum += losses.sum()
+                self._metric_count += len(self._losses)
             self._losses.clear()
         q = self._q_rows
         if q:
             same = all(len(rows) == len(q[0]) for rows in q)
-            self._q_sum += (torch.stack(q).mean(dim=1) if same else torch.stack([rows.mean() for rows in q])).sum()
+            means = torch.stack(q).mean(dim=1) if same else torch.stack([rows.mean() for rows in q])
+            if self._device_skip:
+                means = torch.where(torch.isfinite(torch.stack(self._q_losses)), means, 0.0)
+                self._q_losses.clear()
+            self._q_sum += means.sum()
             q.clear()
 
     def _td_errors(self, data: _Round) -> np.ndarray:
@@ -199,7 +264,7 @@ class Learner(LearnerBase):
     def pop_metrics(self) -> dict[str, float]:
         """Mean loss and mean Q(s, a) of this replica since the last call (NaN when no update ran)."""
         self._fold_metrics()
-        n = self._metric_count
+        n = int(self._metric_count)
         out = {
             "loss": float(self._loss_sum) / n if n else float("nan"),
             "q_mean": float(self._q_sum) / n if n else float("nan"),

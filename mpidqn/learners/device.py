@@ -2,7 +2,8 @@
 
 The device learner and the overlapped reduction are no classes of their own: :class:`Learner` takes a
 device, and the reduction strategies live in :mod:`mpidqn.learners.reducers`. The CUDA path is tested
-by ``tests/learners/test_cuda.py`` where a GPU is visible (last run on an H200, 2026-11-26).
+by ``tests/learners/test_cuda.py`` where a GPU is visible (last run on an H200, 2026-11-26, before
+skip-or-take moved to the device and the batch copy to pinned memory).
 """
 from __future__ import annotations
 

@@ -90,7 +90,8 @@ def _lean_adam_step(optimizer: torch.optim.Adam) -> Callable[..., Any]:
     gathering them again on every step (``_init_group`` and the profiling wrapper: about 25 of the
     90 us of a fused step over CartPole's 67k parameters on one CPU thread). The lists are gathered
     again, by a step of torch's own, whenever the state dict or a gradient tensor was replaced (a
-    loaded checkpoint); the first step, which creates the state, is torch's own too."""
+    loaded checkpoint); the first step, which creates the state, is torch's own too. Like torch's step it
+    honours ``optimizer.found_inf`` (a device flag: 1 skips the step, see LearnerBase._step_on_device)."""
     from torch.optim.adam import adam
 
     accepted = inspect.signature(adam).parameters
@@ -121,7 +122,7 @@ def _lean_adam_step(optimizer: torch.optim.Adam) -> Callable[..., Any]:
         beta1, beta2 = cache["betas"]  # fixed with the state: only the lr changes between loads
         with torch.no_grad():
             adam(*lists, beta1=beta1, beta2=beta2, lr=optimizer.param_groups[0]["lr"], grad_scale=None,
-                 found_inf=None, **cache["extra"])
+                 found_inf=getattr(optimizer, "found_inf", None), **cache["extra"])
         return None
 
     return step

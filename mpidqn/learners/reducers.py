@@ -59,7 +59,11 @@ class GradientReducer:
 
     def grad_norm(self) -> float:
         """Norm of the whole network's reduced gradient (the same on every rank that must agree)."""
-        return float(torch.linalg.vector_norm(self.flat))
+        return float(self.grad_norm_tensor())
+
+    def grad_norm_tensor(self) -> torch.Tensor:
+        """:meth:`grad_norm` as a 0-dim tensor on the buffer's device (nothing read back)."""
+        return torch.linalg.vector_norm(self.flat)
 
 
 class FusedReducer(GradientReducer):

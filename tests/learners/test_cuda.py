@@ -41,6 +41,7 @@ def test_cuda_learner_follows_the_cpu_learner(net):
 
     cpu, gpu = make("cpu"), make("cuda:0")
     assert gpu.device == torch.device("cuda:0") and all(p.is_cuda for p in gpu.online.parameters())
+    assert gpu._device_skip and gpu._staging is not None  # the GPU defaults: nothing read back per update
     rng = np.random.default_rng(0)
     for it in range(3):
         batch = _batch(rng, 8 * 32, obs_shape, n_actions, uint8)
@@ -64,6 +65,53 @@ def test_cuda_learner_follows_the_cpu_learner(net):
     cpu2.load_state_dict(state)
     for a, b in zip(cpu2.params, gpu.params):
         assert torch.equal(a.detach(), b.detach().cpu())
+
+
+def test_a_skipped_update_inside_a_round_on_the_gpu_matches_the_cpu_device_skip_learner():
+    """An infinite target in the middle of a round: the GPU learner skips that update on the device
+    and takes the others, like the CPU learner with device_skip forced (tests/learners/test_device_skip.py
+    checks that one against the host-decided learner)."""
+    def make(device: str) -> Learner:
+        torch.manual_seed(0)
+        hyper = Hyper(lr=1e-3, max_grad_norm=1.0, target_update_interval=4, sync_check_interval=0, ema_decay=0.9)
+        return Learner(torch.nn.Sequential(*mlp_layers(6, 3, [64, 64])), hyper, MPI.COMM_SELF, device,
+                       device_skip=True)
+
+    cpu, gpu = make("cpu"), make("cuda:0")
+    rng = np.random.default_rng(3)
+    for it in range(3):
+        batch = _batch(rng, 8 * 32, (6,), 3, False)
+        if it == 1:
+            batch.rewards[3 * 32] = np.inf  # the fourth update of the round
+        for learner in (cpu, gpu):
+            learner.update_many(batch, 8)
+    assert (gpu.updates, gpu.nonfinite_skipped) == (cpu.updates, cpu.nonfinite_skipped) == (23, 1)
+    for name, a, b in zip(cpu.param_names, cpu.params, gpu.params):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-3, atol=1e-4, msg=name)
+    for a, b in zip(cpu.ema, gpu.ema):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4)
+    assert np.isfinite(gpu.pop_metrics()["loss"])
+
+
+def test_pinned_staging_delivers_every_round_while_copies_are_in_flight():
+    """Rounds queued back to back (no synchronisation between them) with varying rows and dtypes arrive
+    intact: a set of pinned buffers is not rewritten while its copy may still read it."""
+    from mpidqn.learners.data_parallel import PinnedStaging
+
+    staging = PinnedStaging(torch.device("cuda:0"))
+    rng = np.random.default_rng(4)
+    sent, got = [], []
+    for rows in (256, 256, 64, 512, 512, 0, 128):
+        arrays = [rng.integers(0, 255, size=(rows, 4, 84, 84), dtype=np.uint8), rng.integers(6, size=rows),
+                  rng.normal(size=rows).astype(np.float32)]
+        sent.append([a.copy() for a in arrays])
+        got.append(staging.to_device(arrays))
+        for a in arrays:
+            a[...] = 0  # the caller may reuse its arrays at once
+    torch.cuda.synchronize()
+    for s, g in zip(sent, got):
+        for a, t in zip(s, g):
+            assert t.is_cuda and np.array_equal(t.cpu().numpy(), a)
 
 
 @pytest.mark.mpi

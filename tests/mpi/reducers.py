@@ -1,6 +1,7 @@
 """Run under mpiexec -n 2: every gradient reduction strategy gives the fused Allreduce's gradient
 (bit for bit) and keeps replicas identical; and when ONE rank's loss is non-finite (NaN, or Inf with
-a finite gradient), every strategy makes every rank agree to skip the update (or to stop)."""
+a finite gradient), every strategy makes every rank agree to skip the update (or to stop). "device_skip"
+is the fused Allreduce with skip-or-take decided on the device (a GPU learner's default, forced here)."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,8 @@ def make(strategy: str, nonfinite: str = "skip") -> Learner:
     torch.manual_seed(0)
     net = torch.nn.Sequential(*mlp_layers(OBS, ACT, [32, 32], dueling=True))
     hyper = Hyper(lr=1e-3, max_grad_norm=10.0, sync_check_interval=1, nonfinite=nonfinite)
-    learner = Learner(net, hyper, comm, overlap=strategy == "bucket", bucket_bytes=512)
+    learner = Learner(net, hyper, comm, overlap=strategy == "bucket", bucket_bytes=512,
+                      device_skip=strategy == "device_skip")
     if strategy == "bucket_staged":
         learner.reducer = BucketReducer(learner.flat_grad, learner.params, comm, 512, staged=True)
     elif strategy == "host_staged":
@@ -33,7 +35,7 @@ def make(strategy: str, nonfinite: str = "skip") -> Learner:
     return learner
 
 
-STRATEGIES = ["bucket", "bucket_staged", "host_staged", "pipeline_stage"]
+STRATEGIES = ["bucket", "bucket_staged", "host_staged", "pipeline_stage", "device_skip"]
 rng = np.random.default_rng(rank)  # each rank its own minibatch
 
 
@@ -85,6 +87,8 @@ for fault in ("nan", "inf"):
 print(f"rank {rank}: every strategy agrees to skip")
 
 for name in ["fused", *STRATEGIES]:
+    if name == "device_skip":  # train.nonfinite=stop decides on the host (device_skip refuses it)
+        continue
     learner = make(name, nonfinite="stop")
     hook = poison_loss(learner) if rank == 1 else None
     update(learner, *minibatch())
