@@ -2,6 +2,11 @@
 
     python benchmarks/scaling.py [--ranks 1 2 4] [--steps-per-rank 10000] [--config configs/cartpole.yaml] [KEY=VALUE ...]
     python benchmarks/scaling.py --strong --steps 20000 [--ranks 1 2] [--config ...] [KEY=VALUE ...]
+    [--repeats 3]: every world size 3 times, alternating (1, 2, 1, 2, ...), medians shown
+
+On a shared machine one run per world size is at the mercy of whatever else ran meanwhile; with
+--repeats the world sizes alternate, so slow spells hit all of them, and the table gives medians
+(the phase shares are over all repeats) with the range of the throughputs.
 
 Weak scaling (the default): each world size W trains `--steps-per-rank * W` global env steps (one env per rank, each rank
 sampling the config's batch_size: `train.batch_scope=per_rank`), with updates every `train_freq * W`
@@ -10,8 +15,9 @@ Prints global env-steps/s (from the run log: env steps over the training wall ti
 efficiency = throughput(W) / (W * throughput(1)), and where the time went: the share of the wall
 time in each phase of the loop (the run log's per-rank timers, averaged over the ranks). `comm` is
 the gradient Allreduce (and any replay exchange); `learn` is the update without it; `idle` is time
-outside every phase. Run dirs stay under --out for `python -m mpidqn report` (which draws the
-scaling plot). On a machine with fewer cores than ranks the efficiency is bounded by cores / W.
+outside every phase. Run dirs stay under --out (default runs/scaling-weak or runs/scaling-strong) for
+`python -m mpidqn report` (which draws the scaling plot); a run dir left there by an earlier call is
+replaced. On a machine with fewer cores than ranks the efficiency is bounded by cores / W.
 
 Strong scaling (``--strong``): the config's own run, unchanged, at every W: ``--steps`` global env
 steps, the global batch split over the ranks (``train.batch_scope: global``, the default), so every W
@@ -23,13 +29,43 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from mpidqn.analysis import load_run
 from mpidqn.analysis.tables import time_breakdown
 from mpidqn.config import load_config
+
+
+def run_world(args: argparse.Namespace, base, w: int, run_dir: Path) -> tuple[float, float, pd.Series]:
+    """One run at world size ``w``: (global env-steps/s, updates/s, seconds per phase averaged over ranks)."""
+    if run_dir.exists():  # an earlier call's run would be resumed (or refused), not measured
+        shutil.rmtree(run_dir)
+    cmd = ["mpiexec", "-n", str(w), sys.executable, "-m", "mpidqn", "train", "--config", args.config,
+           "--run-dir", str(run_dir), "log.progress=none", "eval.interval_steps=0", "eval.episodes=1",
+           "checkpoint.interval_steps=0", "env.num_envs=1"]
+    if args.strong:
+        steps = args.steps
+        cmd += [f"train.total_steps={steps}", f"log.interval_steps={min(base.log.interval_steps, steps)}"]
+    else:
+        steps = args.steps_per_rank * w
+        cmd += ["train.batch_scope=per_rank", f"train.total_steps={steps}",
+                f"train.learning_starts={base.train.learning_starts * w}",
+                f"train.train_freq={base.train.train_freq * w}", f"log.interval_steps={base.log.interval_steps * w}"]
+    cmd += args.overrides
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    run = load_run(run_dir)
+    s = run.scalars
+    wall = float(s["wall_time"].iloc[-1])
+    return steps / wall, float(s["updates"].iloc[-1]) / wall, time_breakdown(run).mean(axis=0)
 
 
 def main() -> int:
@@ -39,45 +75,38 @@ def main() -> int:
     p.add_argument("--steps-per-rank", type=int, default=10_000, help="weak scaling: env steps per rank")
     p.add_argument("--strong", action="store_true", help="strong scaling: the same global run at every W")
     p.add_argument("--steps", type=int, default=20_000, help="strong scaling: global env steps")
-    p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per world size, the world sizes alternating (1, 2, 1, 2, ...); medians are shown")
+    p.add_argument("--out", help="run dirs (default runs/scaling-weak or runs/scaling-strong)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = load_config(args.config, args.overrides)
+    out = Path(args.out or f"runs/scaling-{'strong' if args.strong else 'weak'}")
+    results: dict[int, list[tuple[float, float, pd.Series]]] = {w: [] for w in args.ranks}
+    for r in range(args.repeats):
+        for w in args.ranks:
+            results[w].append(run_world(args, base, w, out / (f"world{w}" if r == 0 else f"world{w}-r{r}")))
+            thr, ups, _ = results[w][-1]
+            print(f"world {w}{f' (repeat {r + 1})' if args.repeats > 1 else ''}: {thr:,.0f} global env-steps/s, "
+                  f"{ups:,.0f} updates/s", flush=True)
     rows = []
     for w in args.ranks:
-        run_dir = Path(args.out) / f"world{w}"
-        cmd = ["mpiexec", "-n", str(w), sys.executable, "-m", "mpidqn", "train", "--config", args.config,
-               "--run-dir", str(run_dir), "log.progress=none", "eval.interval_steps=0", "eval.episodes=1",
-               "checkpoint.interval_steps=0", "env.num_envs=1"]
-        if args.strong:
-            steps = args.steps
-            cmd += [f"train.total_steps={steps}", f"log.interval_steps={min(base.log.interval_steps, steps)}"]
-        else:
-            steps = args.steps_per_rank * w
-            cmd += ["train.batch_scope=per_rank", f"train.total_steps={steps}",
-                    f"train.learning_starts={base.train.learning_starts * w}",
-                    f"train.train_freq={base.train.train_freq * w}", f"log.interval_steps={base.log.interval_steps * w}"]
-        cmd += args.overrides
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        run = load_run(run_dir)
-        s = run.scalars
-        wall = float(s["wall_time"].iloc[-1])
-        phases = time_breakdown(run).mean(axis=0)  # seconds per phase, mean over the ranks
-        updates = float(s["updates"].iloc[-1])
-        rows.append((w, steps / wall, updates / wall, phases / phases.sum()))
-        print(f"world {w}: {rows[-1][1]:,.0f} global env-steps/s, {rows[-1][2]:,.0f} updates/s", flush=True)
+        thr = [t for t, _, _ in results[w]]
+        phases = sum(ph for _, _, ph in results[w])  # seconds per phase, summed over the repeats
+        rows.append((w, float(np.median(thr)), float(np.median([u for _, u, _ in results[w]])), phases / phases.sum(),
+                     min(thr), max(thr)))
     # weak: efficiency = thr(W) / (W thr(1)); strong (same steps): speedup = thr(W) / thr(1)
     thr1 = rows[0][1] / rows[0][0]
     names = [n for n in rows[0][3].index if any(r[3].get(n, 0.0) >= 0.001 for r in rows)]
-    print(f"{'strong' if args.strong else 'weak'} scaling, {args.config}")
+    print(f"{'strong' if args.strong else 'weak'} scaling, {args.config}"
+          + (f", medians of {args.repeats} alternating runs" if args.repeats > 1 else ""))
     print(f"{'ranks':>6} {'env-steps/s':>12} {'updates/s':>10} {'speedup':>8} {'efficiency':>10}  "
-          + " ".join(f"{n:>7}" for n in names) + "   (share of wall time per phase)")
-    for w, thr, ups, share in rows:
+          + " ".join(f"{n:>7}" for n in names) + "   (share of wall time per phase)"
+          + ("   env-steps/s min-max" if args.repeats > 1 else ""))
+    for w, thr, ups, share, lo, hi in rows:
         print(f"{w:>6} {thr:>12,.0f} {ups:>10,.0f} {thr / rows[0][1]:>8.2f} {thr / (w * thr1):>10.0%}  "
-              + " ".join(f"{share.get(n, 0.0):>7.1%}" for n in names))
+              + " ".join(f"{share.get(n, 0.0):>7.1%}" for n in names)
+              + (f"   {lo:,.0f}-{hi:,.0f}" if args.repeats > 1 else ""))
     print(f"cores on this machine: {os.cpu_count()}")
     return 0
 
