@@ -185,7 +185,7 @@ class LearnerBase(ABC):
         self._updates = 0
         self._nonfinite_skipped = 0
         self._local_nonfinite = False  # this rank's loss of the current update was NaN/Inf
-        # Device-side skip (see step): a learner that sets it decides skip-or-skip-not on the device, and
+        # Device-side skip (see step): a learner that sets it decides skip-or-take on the device, and
         # _pending holds the "skipped" flags (0-dim bool tensors) of the updates the host has not read yet.
         self._device_skip = False
         self._pending: list[torch.Tensor] = []
