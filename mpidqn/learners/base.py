@@ -201,21 +201,11 @@ class LearnerBase(ABC):
         self._resolve()
         return self._updates
 
-    @updates.setter
-    def updates(self, value: int) -> None:
-        self._pending.clear()
-        self._updates = int(value)
-
     @property
     def nonfinite_skipped(self) -> int:
         """Updates skipped for a NaN/Inf loss or gradient."""
         self._resolve()
         return self._nonfinite_skipped
-
-    @nonfinite_skipped.setter
-    def nonfinite_skipped(self, value: int) -> None:
-        self._pending.clear()
-        self._nonfinite_skipped = int(value)
 
     @property
     def lr(self) -> float:
@@ -480,5 +470,6 @@ class LearnerBase(ABC):
             self.ema = [ema[n].to(p.device, p.dtype).clone() for n, p in zip(self.param_names, self.params)]
         self._lr = float(hparams.get("lr", self._lr))
         self._loads += 1
-        self.updates = int(state["updates"])
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self._pending.clear()  # flags of updates before the load
+        self._updates = int(state["updates"])
+        self._nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

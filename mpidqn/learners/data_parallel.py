@@ -121,10 +121,12 @@ class Learner(LearnerBase):
             if use_kernel else (self.online, self.target))
         self._loss_sum = torch.zeros((), device=self.device)
         self._q_sum = torch.zeros((), device=self.device)
-        self._metric_count: int | torch.Tensor = 0  # a device count with device_skip
-        self._losses: list[torch.Tensor] = []  # per update, summed every _FOLD updates (one op, not one each)
-        self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update, likewise
-        self._q_losses: list[torch.Tensor] = []  # with device_skip: the loss of each _q_rows entry's update
+        self._metric_count = torch.zeros((), dtype=torch.int64, device=self.device)  # updates with a finite loss
+        # Per update, folded into the sums every _FOLD updates (one op, not one each); a non-finite loss
+        # is left out at the fold, on the device, so no update reads its loss back for the metrics.
+        self._losses: list[torch.Tensor] = []  # the loss of each update
+        self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update with rows
+        self._q_losses: list[torch.Tensor] = []  # the loss of each _q_rows entry's update
         self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
 
     # ------------------------------------------------------------------ acting
@@ -197,11 +199,9 @@ class Learner(LearnerBase):
                 self.flat_grad.zero_()
         if self._device_skip:
             self.flat_grad.masked_fill_(~torch.isfinite(loss.detach()), float("nan"))
-            if len(q_taken):
-                self._q_rows.append(q_taken.detach())
-                self._q_losses.append(loss.detach())
-        elif not self._local_nonfinite and len(q_taken):
+        if len(q_taken):
             self._q_rows.append(q_taken.detach())
+            self._q_losses.append(loss.detach())
         return loss.detach()
 
     def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[_Round, np.ndarray]:
@@ -230,33 +230,26 @@ class Learner(LearnerBase):
                              None if data.td is None else data.td[rows])
         self.reduce_gradients()
         self.step()
-        if self._device_skip or not self._local_nonfinite:  # device_skip: non-finite ones dropped at the fold
-            self._losses.append(loss)
-            if len(self._losses) >= _FOLD:
-                self._fold_metrics()
+        self._losses.append(loss)
+        if len(self._losses) >= _FOLD:
+            self._fold_metrics()
 
     def _fold_metrics(self) -> None:
-        """Add the losses and mean Q(s, a) of the updates since the last fold to the running sums (with
-        device_skip, of the updates whose loss on this rank was finite, chosen on the device)."""
+        """Add the losses and mean Q(s, a) of the updates since the last fold whose loss on this rank
+        was finite to the running sums (chosen on the device: nothing is read back)."""
         if self._losses:
             losses = torch.stack(self._losses)
-            if self._device_skip:
-                finite = torch.isfinite(losses)
-                self._loss_sum += torch.where(finite, losses, 0.0).sum()
-                self._metric_count = self._metric_count + finite.sum()
-            else:
-                self._loss_sum += losses.sum()
-                self._metric_count += len(self._losses)
+            finite = torch.isfinite(losses)
+            self._loss_sum += torch.where(finite, losses, 0.0).sum()
+            self._metric_count += finite.sum()
             self._losses.clear()
         q = self._q_rows
         if q:
             same = all(len(rows) == len(q[0]) for rows in q)
             means = torch.stack(q).mean(dim=1) if same else torch.stack([rows.mean() for rows in q])
-            if self._device_skip:
-                means = torch.where(torch.isfinite(torch.stack(self._q_losses)), means, 0.0)
-                self._q_losses.clear()
-            self._q_sum += means.sum()
+            self._q_sum += torch.where(torch.isfinite(torch.stack(self._q_losses)), means, 0.0).sum()
             q.clear()
+            self._q_losses.clear()
 
     def _td_errors(self, data: _Round) -> np.ndarray:
         return data.td.cpu().numpy()
@@ -272,5 +265,5 @@ class Learner(LearnerBase):
         }
         self._loss_sum.zero_()
         self._q_sum.zero_()
-        self._metric_count = 0
+        self._metric_count.zero_()
         return out
