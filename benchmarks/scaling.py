@@ -3,6 +3,8 @@
     python benchmarks/scaling.py [--ranks 1 2 4] [--steps-per-rank 10000] [--config configs/cartpole.yaml] [KEY=VALUE ...]
     python benchmarks/scaling.py --strong --steps 20000 [--ranks 1 2] [--config ...] [KEY=VALUE ...]
     [--repeats 3]: every world size 3 times, alternating (1, 2, 1, 2, ...), medians shown
+    [--bare]: weak scaling only; after each mpidqn run, bare_dp.py (a bare torch loop with one Allreduce
+              per update) at the same world size and update count, and its efficiency beside mpidqn's
 
 On a shared machine one run per world size is at the mercy of whatever else ran meanwhile; with
 --repeats the world sizes alternate, so slow spells hit all of them, and the table gives medians
@@ -24,6 +26,12 @@ steps, the global batch split over the ranks (``train.batch_scope: global``, the
 does the same updates on the same global batch size and learns the same per env step; only the wall
 time may change. Prints global env-steps/s, updates/s, speedup = time(1) / time(W), efficiency =
 speedup / W and the same per-phase shares. This is the speed-up a user of the default mode gets.
+
+The bare reference (``--bare``, weak scaling): every update of every replica waits in the Allreduce for
+the slowest replica, so jitter in the time of an update (the OS, the VM's vCPU scheduling) costs
+efficiency that no trainer removes while it takes the same step on every replica. The bare loop pays
+that and nothing else; its efficiency is the ceiling of lockstep weak scaling on the machine, measured
+in the same alternation as mpidqn's.
 """
 from __future__ import annotations
 
@@ -68,6 +76,19 @@ def run_world(args: argparse.Namespace, base, w: int, run_dir: Path) -> tuple[fl
     return steps / wall, float(s["updates"].iloc[-1]) / wall, time_breakdown(run).mean(axis=0)
 
 
+def run_bare(w: int, updates: int) -> float:
+    """bare_dp.py at world size ``w`` for ``updates`` updates: its updates/s (its line is printed)."""
+    script = Path(__file__).with_name("bare_dp.py")
+    proc = subprocess.run(["mpiexec", "-n", str(w), sys.executable, str(script), "--updates", str(updates)],
+                          check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    line = proc.stdout.strip()
+    print(f"  bare loop, {line}", flush=True)
+    return float(line.split(" updates, ")[1].split(" updates/s")[0].replace(",", ""))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/cartpole.yaml")
@@ -77,18 +98,26 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20_000, help="strong scaling: global env steps")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per world size, the world sizes alternating (1, 2, 1, 2, ...); medians are shown")
+    p.add_argument("--bare", action="store_true",
+                   help="weak scaling: also the bare data-parallel loop (bare_dp.py), the lockstep ceiling")
     p.add_argument("--out", help="run dirs (default runs/scaling-weak or runs/scaling-strong)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.bare and args.strong:
+        p.error("--bare applies to weak scaling only")
     base = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/scaling-{'strong' if args.strong else 'weak'}")
     results: dict[int, list[tuple[float, float, pd.Series]]] = {w: [] for w in args.ranks}
+    bare: dict[int, list[float]] = {w: [] for w in args.ranks}
     for r in range(args.repeats):
         for w in args.ranks:
             results[w].append(run_world(args, base, w, out / (f"world{w}" if r == 0 else f"world{w}-r{r}")))
             thr, ups, _ = results[w][-1]
             print(f"world {w}{f' (repeat {r + 1})' if args.repeats > 1 else ''}: {thr:,.0f} global env-steps/s, "
                   f"{ups:,.0f} updates/s", flush=True)
+            if args.bare:  # the same updates per rank as this world's mpidqn run
+                updates = round(ups / thr * args.steps_per_rank * w)
+                bare[w].append(run_bare(w, updates))
     rows = []
     for w in args.ranks:
         thr = [t for t, _, _ in results[w]]
@@ -107,6 +136,14 @@ def main() -> int:
         print(f"{w:>6} {thr:>12,.0f} {ups:>10,.0f} {thr / rows[0][1]:>8.2f} {thr / (w * thr1):>10.0%}  "
               + " ".join(f"{share.get(n, 0.0):>7.1%}" for n in names)
               + (f"   {lo:,.0f}-{hi:,.0f}" if args.repeats > 1 else ""))
+    if args.bare:
+        b0 = float(np.median(bare[args.ranks[0]]))
+        print("bare data-parallel loop (bare_dp.py), the same updates per rank, medians; efficiency ="
+              f" updates/s(W) / updates/s({args.ranks[0]})")
+        for w, thr, *_ in rows:
+            b = float(np.median(bare[w]))
+            print(f"{w:>6} {b:>10,.0f} updates/s   efficiency {b / b0:>5.0%}   "
+                  f"mpidqn's {thr / (w * thr1):.0%}   range {min(bare[w]):,.0f}-{max(bare[w]):,.0f}")
     print(f"cores on this machine: {os.cpu_count()}")
     return 0
 

@@ -140,9 +140,10 @@ def _median_seconds(fn, n: int, warmup: int = 3) -> tuple[float, float]:
     return float(np.median(walls)), float(np.median(cpus))
 
 
-def bare_update(w: Workload, device: str = "cpu"):
+def bare_update(w: Workload, device: str = "cpu", reduce=None):
     """One update of the bare loop on ``device``: forward, TD target, Huber loss, backward, clip, Adam on
-    a fixed batch already there, the least an update does."""
+    a fixed batch already there, the least an update does. ``reduce(params)``, if given, runs between
+    backward and clip (bare_dp.py's gradient Allreduce)."""
     dev = torch.device(device)
     if w.env_id == "CartPole-v1":
         net = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
@@ -167,6 +168,8 @@ def bare_update(w: Workload, device: str = "cpu"):
         loss = nn.functional.smooth_l1_loss(q, y)
         opt.zero_grad()
         loss.backward()
+        if reduce is not None:
+            reduce(list(net.parameters()))
         nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
 
