@@ -1,4 +1,4 @@
-"""A bare data-parallel torch loop: the ceiling of lockstep weak scaling on this machine.
+"""A bare data-parallel torch loop: what lockstep costs an update on this machine.
 
     mpiexec -n W python benchmarks/bare_dp.py [--updates 1536]
 
@@ -6,9 +6,9 @@ Every rank runs speed.py's bare CartPole update (forward, TD target, Huber loss,
 on a fixed batch of 64 rows, [256, 256] MLP) with one addition: between backward and clip the
 gradients are averaged over the ranks by one blocking ``MPI.Allreduce`` of their concatenation, the
 least a data-parallel update can do. No env, no replay, no logging: every rank does the same work at
-every world size, so updates/s at W ranks over updates/s at 1 rank is the weak-scaling efficiency any
-lockstep data-parallel trainer can reach here (scaling.py --bare runs it beside mpidqn). 128
-warm-up updates and a barrier come before the timed part.
+every world size, so updates/s at W ranks over updates/s at 1 rank is the weak-scaling efficiency of
+the update alone in any trainer that takes the same step on every replica (scaling.py --bare runs it
+beside mpidqn). 128 warm-up updates and a barrier come before the timed part.
 
 Prints one line: world, updates, updates/s (the slowest rank's wall time), the share of that time
 spent in the Allreduce (mean over the ranks), which is mostly the wait for the other ranks, and the

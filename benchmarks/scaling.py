@@ -30,8 +30,10 @@ speedup / W and the same per-phase shares. This is the speed-up a user of the de
 The bare reference (``--bare``, weak scaling): every update of every replica waits in the Allreduce for
 the slowest replica, so jitter in the time of an update (the OS, the VM's vCPU scheduling) costs
 efficiency that no trainer removes while it takes the same step on every replica. The bare loop pays
-that and nothing else; its efficiency is the ceiling of lockstep weak scaling on the machine, measured
-in the same alternation as mpidqn's.
+that and nothing else: what it loses is what lockstep costs an update on the machine, measured in the
+same alternation as mpidqn's. (A trainer with work between its rounds, as mpidqn's env steps, loses a
+smaller share of its whole time.) The bare loop is the CartPole update, so --bare takes CartPole
+configs only.
 """
 from __future__ import annotations
 
@@ -99,13 +101,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per world size, the world sizes alternating (1, 2, 1, 2, ...); medians are shown")
     p.add_argument("--bare", action="store_true",
-                   help="weak scaling: also the bare data-parallel loop (bare_dp.py), the lockstep ceiling")
+                   help="weak scaling: also the bare data-parallel loop (bare_dp.py), what lockstep costs")
     p.add_argument("--out", help="run dirs (default runs/scaling-weak or runs/scaling-strong)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.bare and args.strong:
         p.error("--bare applies to weak scaling only")
     base = load_config(args.config, args.overrides)
+    if args.bare and base.env.id != "CartPole-v1":
+        p.error(f"--bare runs the CartPole update; {args.config} trains {base.env.id}")
     out = Path(args.out or f"runs/scaling-{'strong' if args.strong else 'weak'}")
     results: dict[int, list[tuple[float, float, pd.Series]]] = {w: [] for w in args.ranks}
     bare: dict[int, list[float]] = {w: [] for w in args.ranks}
