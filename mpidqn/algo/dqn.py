@@ -141,10 +141,14 @@ def per_rank_epsilon(eps: float, rank: int, world: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def polyak_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], tau: float) -> None:
-    """target <- (1 - tau) * target + tau * online, in place (tau = 1 copies)."""
+def polyak_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], tau: float | torch.Tensor) -> None:
+    """target <- (1 - tau) * target + tau * online, in place (tau = 1 copies). ``tau`` may be a 0-dim
+    tensor on the parameters' device, which is never read back (e.g. 0 for a skipped update)."""
     target, online = list(target), list(online)
-    if tau >= 1.0:
-        torch._foreach_copy_(target, online)
-    else:
-        torch._foreach_lerp_(target, online, tau)
+    with torch.no_grad():
+        if isinstance(tau, torch.Tensor):
+            torch._foreach_lerp_(target, online, [tau] * len(target))
+        elif tau >= 1.0:
+            torch._foreach_copy_(target, online)
+        else:
+            torch._foreach_lerp_(target, online, tau)

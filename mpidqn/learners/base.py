@@ -316,14 +316,7 @@ class LearnerBase(ABC):
         self._updates += 1
         if self.optimizer is not None:  # None: a pipeline stage of parameter-free layers
             self.optimizer.step()
-            if h.ema_decay > 0.0:
-                self._ema_step(h.ema_decay)
-            if h.tau < 1.0:
-                polyak_update_(self.target.parameters(), self.params, h.tau)
-            elif self._updates % h.target_update_interval == 0:
-                polyak_update_(self.target.parameters(), self.params, 1.0)
-        if h.sync_check_interval and self._updates % h.sync_check_interval == 0:
-            self.check_replicas()
+        self._after_step()
 
     def _step_on_device(self) -> None:
         """:meth:`step` without reading anything back from the device (train.nonfinite=skip, fused Adam).
@@ -345,27 +338,33 @@ class LearnerBase(ABC):
         self.optimizer.found_inf = skip.float()
         self.optimizer.step()
         self._pending.append(skip)
-        taken = (~skip).float()
-        if h.ema_decay > 0.0 and (self.ema is not None or not bool(skip)):  # it starts at the first update taken
-            self._ema_step(h.ema_decay, taken)
-        if h.tau < 1.0:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.target.parameters()), self.params, [taken * h.tau] * len(self.params))
-        elif self._scheduled % h.target_update_interval == 0:
-            polyak_update_(self.target.parameters(), self.params, 1.0)
+        self._after_step(taken=(~skip).float())
+
+    def _after_step(self, taken: torch.Tensor | None = None) -> None:
+        """After the optimizer step: the moving average, the target network, the replica check.
+
+        ``taken`` is None on the host path (the step was taken); on the device path it is a 0-dim
+        device flag, 0 for a skipped step, by which the average and a Polyak target move. The hard
+        refresh and the replica check follow ``_scheduled`` (on the host path: the updates taken)."""
+        h = self.hyper
+        if self.optimizer is not None:
+            if h.ema_decay > 0.0:
+                self._ema_step(h.ema_decay, taken)
+            if h.tau < 1.0:
+                polyak_update_(self.target.parameters(), self.params, h.tau if taken is None else taken * h.tau)
+            elif self._scheduled % h.target_update_interval == 0:
+                polyak_update_(self.target.parameters(), self.params, 1.0)
         if h.sync_check_interval and self._scheduled % h.sync_check_interval == 0:
             self.check_replicas()
 
     def _ema_step(self, decay: float, taken: torch.Tensor | None = None) -> None:
-        """``avg += (1 - decay) * (online - avg)``; the first update starts the average at the parameters.
-        ``taken``: a device flag, 0 for a skipped update (the average then stays where it is)."""
-        with torch.no_grad():
-            if self.ema is None:
+        """``avg += (1 - decay) * (online - avg)``; the first update taken starts the average at the
+        parameters. ``taken``: see :meth:`_after_step` (read back only until the average exists)."""
+        if self.ema is None:
+            if taken is None or bool(taken):
                 self.ema = [p.detach().clone() for p in self.params]
-            elif taken is None:
-                torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
-            else:
-                torch._foreach_lerp_(self.ema, self.params, [taken * (1.0 - decay)] * len(self.params))
+        else:
+            polyak_update_(self.ema, self.params, (1.0 - decay) if taken is None else taken * (1.0 - decay))
 
     @contextmanager
     def evaluation_weights(self):
