@@ -109,7 +109,7 @@ def _cli(args: list[str], **kw):
 def test_help_lists_the_commands_and_version_prints_once():
     p = _cli(["--help"])
     assert p.returncode == 0
-    for command in ("train", "evaluate", "report", "inspect", "--version"):
+    for command in ("train", "evaluate", "report", "inspect", "config", "--version"):
         assert command in p.stdout
     from mpidqn import __version__
 
