@@ -124,7 +124,7 @@ def test_mistyped_command_is_named_with_a_suggestion(tmp_path):
     p = mpidqn(2, ["frobnicate"])
     assert p.returncode == 2
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [  # once, not once per rank
-        "mpidqn: error: unknown command 'frobnicate' (commands: train, evaluate, report, inspect; "
+        "mpidqn: error: unknown command 'frobnicate' (commands: train, evaluate, report, inspect, config; "
         "overrides are KEY=VALUE)"]
 
 
