@@ -287,6 +287,10 @@ class LogConfig:
     """Global environment steps between progress lines / log rows."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Console output of rank 0: a progress bar on a TTY, plain lines otherwise (auto)."""
+    tensorboard: bool = False
+    """Rank 0 also writes TensorBoard event files to RUN_DIR/tensorboard/ as the run goes: the scalars
+    of log.h5, evaluations and per-phase times (``tensorboard --logdir RUN_DIR``; needs the extra:
+    ``pip install -e ".[tensorboard]"``). A resumed run appends without repeating steps."""
 
 
 @dataclass

@@ -115,10 +115,19 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(argv: Sequence[str], comm: Any) -> int:
-    from mpidqn.train.rundir import prepare_run
-
     args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
     cfg = collective(comm, lambda: train_config(args))
+    return run_training(cfg, comm, args.run_dir, args.resume, args.fresh_start)
+
+
+def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False, fresh_start: bool = False) -> int:
+    """Check everything about a validated config on every rank of ``comm``, then train; the exit code.
+
+    Shared by the train command and :func:`mpidqn.train`; raises UserError (agreed by all ranks) on
+    bad input before anything is written to the run dir."""
+    from mpidqn.io.tensorboard import check_tensorboard
+    from mpidqn.train.rundir import prepare_run
+
     collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
     from mpidqn.distributed.topology import Topology
 
@@ -138,7 +147,8 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     collective(comm, lambda: check_env_id(spec_from_config(cfg.env), cfg.env.backend))
     collective(comm, lambda: check_layout(cfg, topo))
     collective(comm, lambda: check_compile_optimizer(cfg.train))
-    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start)
+    collective(comm, lambda: check_tensorboard(cfg.log.tensorboard))
+    run = prepare_run(cfg, topo, run_dir, resume, collective, fresh_start=fresh_start)
     return run.train()
 
 
