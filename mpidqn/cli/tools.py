@@ -3,31 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 import h5py
-import numpy as np
 import torch
 
-from mpidqn.envs.presets import spec_from_config
-from mpidqn.envs.vector import make_env
-from mpidqn.nn.registry import build_network
-from mpidqn.train.checkpoints import Checkpoint, read_best, read_model, resolve
+from mpidqn.train.checkpoints import read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
-
-
-def load_policy(ckpt: Checkpoint, online: bool = False) -> tuple[Any, torch.nn.Module, str]:
-    """The config and the full Q-network of a checkpoint (all pipeline stages merged) with the weights
-    its evaluations used: the moving average of the parameters where the run kept one
-    (train.ema_decay), else (or with ``online``) the online parameters; and which of the two it is."""
-    cfg = ckpt.config()
-    env = make_env(spec_from_config(cfg.env, evaluation=True))
-    net = build_network(env.observation_space.shape, int(env.action_space.n), cfg.network)
-    env.close()
-    model = read_model(ckpt)
-    average = bool(model["ema"]) and not online
-    net.load_state_dict({**model["online"], **model["ema"]} if average else model["online"])
-    return cfg, net.eval(), "moving average" if average else "online"
+from mpidqn.train.policy import Policy
 
 
 def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> int:
@@ -44,16 +26,12 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     ckpt = resolve(args.target, best=args.best)
-    cfg, net, weights = load_policy(ckpt, online=args.online)
+    policy = Policy.from_checkpoint(ckpt, online=args.online)
+    cfg, weights = policy.config, policy.weights
     torch.set_num_threads(1)
-
-    @torch.no_grad()
-    def policy(obs: np.ndarray) -> np.ndarray:
-        return net(torch.from_numpy(np.asarray(obs, dtype=np.float32))).argmax(dim=1).numpy()
-
     seed = cfg.seed if args.seed is None else args.seed
-    result = evaluate_policy(policy, spec_from_config(cfg.env, evaluation=True), args.episodes, seed, max_episode_steps=cfg.env.max_episode_steps,
-                             step=ckpt.step)
+    result = evaluate_policy(policy.predict, policy.env_spec, args.episodes, seed,
+                             max_episode_steps=cfg.env.max_episode_steps, step=ckpt.step)
     result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed, weights=weights)
     if args.json:
         print(json.dumps(result))
