@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import h5py
 import torch
 
+from mpidqn.envs.video import check_video, recorder, recording_spec, video_prefix
 from mpidqn.train.checkpoints import read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
 from mpidqn.train.policy import Policy
@@ -21,24 +23,37 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
                    help="the checkpoint of the run's best evaluation instead of the newest one")
     p.add_argument("--online", action="store_true",
                    help="the online parameters instead of their moving average (runs with train.ema_decay)")
+    p.add_argument("--video", type=Path, metavar="DIR",
+                   help="record every episode to DIR/<env>-step<N>-episode-<i>.mp4 (needs the video extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.video is not None:
+        check_video()
     ckpt = resolve(args.target, best=args.best)
     policy = Policy.from_checkpoint(ckpt, online=args.online)
     cfg, weights = policy.config, policy.weights
     torch.set_num_threads(1)
     seed = cfg.seed if args.seed is None else args.seed
-    result = evaluate_policy(policy.predict, policy.env_spec, args.episodes, seed,
-                             max_episode_steps=cfg.env.max_episode_steps, step=ckpt.step)
+    spec, wrap = policy.env_spec, None
+    if args.video is not None:
+        spec = recording_spec(spec)
+        wrap = recorder(spec, args.video, video_prefix(cfg.env.id, ckpt.step))
+    result = evaluate_policy(policy.predict, spec, args.episodes, seed,
+                             max_episode_steps=cfg.env.max_episode_steps, step=ckpt.step, wrap_env=wrap)
     result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed, weights=weights)
+    if args.video is not None:
+        prefix = video_prefix(cfg.env.id, ckpt.step)
+        result["videos"] = [str(args.video / f"{prefix}-episode-{i}.mp4") for i in range(args.episodes)]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{cfg.env.id} @ step {ckpt.step:,} ({ckpt.path}, {weights} weights): "
               f"mean {result['mean']:.2f} ± {result['std']:.2f} "
               f"(min {result['min']:.1f}, max {result['max']:.1f}) over {result['episodes']} episodes")
+        if args.video is not None:
+            print(f"videos: {args.video}/{video_prefix(cfg.env.id, ckpt.step)}-episode-*.mp4 ({args.episodes} files)")
     return 0
 
 
