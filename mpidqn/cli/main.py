@@ -19,8 +19,9 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
-       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
+       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--video DIR] [--json]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
+       python -m mpidqn report --tensorboard RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
        python -m mpidqn --version
 
@@ -28,8 +29,8 @@ MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N p
 
 commands:
   train      train (the default command); resumes when --run-dir holds a checkpoint
-  evaluate   greedy evaluation of a run's newest checkpoint
-  report     summary tables (CSV) and plots (PNG) of one or more runs
+  evaluate   greedy evaluation of a run's newest checkpoint (--video DIR: MP4 of each episode)
+  report     summary tables (CSV) and plots (PNG) of one or more runs (--tensorboard: TensorBoard events)
   inspect    describe a run's newest checkpoint
 
 `python -m mpidqn COMMAND --help` shows the options of a command."""
