@@ -74,11 +74,14 @@ def test_train_under_mpiexec(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(
         "import sys, mpidqn\n"
+        "from mpi4py import MPI\n"
         f"overrides = {tiny_overrides()!r}\n"
         "result = mpidqn.train(None, sys.argv[1], **overrides)\n"
-        "print('result', result.exit_code, result.run_dir)\n")
+        "with open(f'{sys.argv[1]}.rank{MPI.COMM_WORLD.Get_rank()}', 'w') as f:\n"
+        "    f.write(f'{result.exit_code} {result.run_dir}')\n")
     run_dir = tmp_path / "mpi"
     p = mpirun(2, [str(script), str(run_dir)], timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count(f"result 0 {run_dir}") == 2  # every rank returns the same result
+    for rank in range(2):  # every rank returns the same result
+        assert (tmp_path / f"mpi.rank{rank}").read_text() == f"0 {run_dir}"
     assert inspect_json(run_dir)["world_size"] == 2

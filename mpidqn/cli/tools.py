@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from mpidqn.envs.video import check_video, recorder, recording_spec, video_prefix
+from mpidqn.envs.video import check_video, recording, video_prefix
 from mpidqn.train.checkpoints import read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
 from mpidqn.train.policy import Policy
@@ -36,24 +36,22 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     cfg, weights = policy.config, policy.weights
     torch.set_num_threads(1)
     seed = cfg.seed if args.seed is None else args.seed
-    spec, wrap = policy.env_spec, None
+    spec, wrap, videos = policy.env_spec, None, []
     if args.video is not None:
-        spec = recording_spec(spec)
-        wrap = recorder(spec, args.video, video_prefix(cfg.env.id, ckpt.step))
+        spec, wrap, videos = recording(spec, args.video, video_prefix(cfg.env.id, ckpt.step), args.episodes)
     result = evaluate_policy(policy.predict, spec, args.episodes, seed,
                              max_episode_steps=cfg.env.max_episode_steps, step=ckpt.step, wrap_env=wrap)
     result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed, weights=weights)
-    if args.video is not None:
-        prefix = video_prefix(cfg.env.id, ckpt.step)
-        result["videos"] = [str(args.video / f"{prefix}-episode-{i}.mp4") for i in range(args.episodes)]
+    if videos:
+        result["videos"] = [str(v) for v in videos]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{cfg.env.id} @ step {ckpt.step:,} ({ckpt.path}, {weights} weights): "
               f"mean {result['mean']:.2f} ± {result['std']:.2f} "
               f"(min {result['min']:.1f}, max {result['max']:.1f}) over {result['episodes']} episodes")
-        if args.video is not None:
-            print(f"videos: {args.video}/{video_prefix(cfg.env.id, ckpt.step)}-episode-*.mp4 ({args.episodes} files)")
+        if videos:
+            print(f"videos: {str(videos[0]).replace('-episode-0.mp4', '-episode-*.mp4')} ({len(videos)} files)")
     return 0
 
 

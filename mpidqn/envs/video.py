@@ -93,3 +93,11 @@ def recorder(spec: EnvSpec, folder: Path, prefix: str) -> Callable[[gym.Env], gy
         return gym.wrappers.RecordVideo(VideoFrames(env), str(folder), episode_trigger=lambda _: True,
                                        name_prefix=prefix, fps=video_fps(spec, env.metadata), disable_logger=True)
     return wrap
+
+
+def recording(spec: EnvSpec, folder: Path, prefix: str, episodes: int
+              ) -> tuple[EnvSpec, Callable[[gym.Env], gym.Env], list[Path]]:
+    """What records ``episodes`` episodes of ``spec``: the spec to build, the wrapper for the built env,
+    and the files it will write (episode i to ``folder/<prefix>-episode-<i>.mp4``)."""
+    spec = recording_spec(spec)
+    return spec, recorder(spec, folder, prefix), [folder / f"{prefix}-episode-{i}.mp4" for i in range(episodes)]
