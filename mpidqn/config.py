@@ -287,6 +287,10 @@ class LogConfig:
     """Global environment steps between progress lines / log rows."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Console output of rank 0: a progress bar on a TTY, plain lines otherwise (auto)."""
+    tensorboard: bool = False
+    """Rank 0 also writes TensorBoard event files to RUN_DIR/tensorboard/ as the run goes: the scalars
+    of log.h5, evaluations and per-phase times (``tensorboard --logdir RUN_DIR``; needs the extra:
+    ``pip install -e ".[tensorboard]"``). A resumed run appends without repeating steps."""
 
 
 @dataclass
@@ -391,15 +395,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item}: overrides are KEY=VALUE with a dotted key, e.g. train.lr=1e-3")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: unknown config key")
-            node = child
-        node[parts[-1]] = _parse_scalar(raw)
+        set_dotted(data, key, _parse_scalar(raw))
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"]["c"] = value`` for ``key`` "a.b.c" (in place, creating sections)."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: unknown config key")
+        node = child
+    node[parts[-1]] = value
 
 
 def yaml_error(path: str, e: yaml.YAMLError) -> str:
@@ -424,6 +433,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             raise ConfigError(yaml_error(str(path), e)) from None
     apply_overrides(data, list(overrides))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from nested plain data (sections as dicts; missing keys keep their defaults)."""
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
@@ -431,9 +445,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_from_yaml_text(text: str) -> Config:
     """Rebuild a Config from the YAML text stored in a run directory, log or checkpoint."""
-    cfg = _from_dict(Config, yaml.safe_load(text) or {})
-    validate(cfg)
-    return cfg
+    return config_from_dict(yaml.safe_load(text) or {})
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -31,6 +31,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory (holds log.h5)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="where to write (default: RUN_DIR/report for one run, ./report for several)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="instead: write each run's log as TensorBoard events (RUN_DIR/tensorboard/, or "
+                             "OUT/<run dir name>/ with --out); needs only the tensorboard extra")
     return parser.parse_args(argv)
 
 
@@ -39,6 +42,10 @@ def main(argv: Sequence[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its usage line; -h exits 0
         return int(exit_.code or 0)
+    if args.tensorboard:
+        from mpidqn.analysis.export import tensorboard_main
+
+        return tensorboard_main(argv)
     runs = load_runs(args.run_dirs)
     if not runs:
         print(f"{PROG}: no run could be read", file=sys.stderr)
