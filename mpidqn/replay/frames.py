@@ -41,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from mpidqn.replay.priority import Priorities, ShardMass
+from mpidqn.replay.priority import Priorities
 from mpidqn.replay.shard import (
     FIELDS,
     Batch,
     NStepAccumulator,
+    SlotSampling,
     Transitions,
     UniformSampler,
 )
@@ -318,7 +319,7 @@ class FrameRing:
         self.written = int(d["frames/written"])
 
 
-class FrameReplayShard:
+class FrameReplayShard(SlotSampling):
     """This rank's replay shard for image observations; the interface of ``ReplayShard``."""
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, num_envs: int,
@@ -398,7 +399,7 @@ class FrameReplayShard:
 
     def drop_pending(self) -> None:
         """Forget pending n-step steps and start new frame chains (envs restarted, see ReplayShard)."""
-        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
+        super().drop_pending()
         self._fresh[:] = True
 
     def _write_rows(self, obs_idx: np.ndarray, next_idx: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
@@ -436,41 +437,6 @@ class FrameReplayShard:
         if self.size == self.capacity or self.pos == self.size:
             return idx
         return (self.pos - self.size + idx) % self.capacity
-
-    def sample(self, batch_size: int, rng: np.random.Generator, out: Batch | None = None) -> Batch:
-        """Uniform batch with replacement (one ``rng.integers`` draw, as ``ReplayShard.sample``)."""
-        slots = self._slots(self._sampler.indices(self.size, batch_size, rng))
-        return self._gather(slots, out)
-
-    def sample_many(self, num_batches: int, batch_size: int, rng: np.random.Generator,
-                    out: Batch | None = None) -> Batch:
-        """``num_batches`` minibatches at once (see ``ReplayShard.sample_many``)."""
-        if num_batches < 1:
-            raise ValueError(f"num_batches={num_batches} must be >= 1")
-        return self.sample(num_batches * batch_size, rng, out)
-
-    def sample_slots(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        """``count`` physical slots by priority or uniformly (see ``ReplayShard.sample_slots``)."""
-        if count == 0:
-            return np.zeros(0, np.int64)
-        if self.priorities is not None:
-            return self.priorities.sample(count, rng)
-        return self._slots(self._sampler.indices(self.size, count, rng))
-
-    def gather(self, slots: np.ndarray, out: Batch | None = None) -> Batch:
-        return self._gather(slots, out)
-
-    def mass(self) -> ShardMass:
-        if self.priorities is not None:
-            return self.priorities.shard_mass(self.size)
-        return ShardMass(float(self.size), 1.0 if self.size else np.inf, self.size)
-
-    def slot_masses(self, slots: np.ndarray) -> np.ndarray:
-        return np.ones(len(slots)) if self.priorities is None else self.priorities.masses(slots)
-
-    def update_priorities(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
-        if self.priorities is not None:
-            self.priorities.update(slots, td_abs)
 
     def empty_batch(self, batch_size: int) -> Batch:
         b = batch_size
