@@ -14,8 +14,9 @@ Step counting (the same whatever the world size):
     ``gradient_steps / train_freq`` whatever the world size and ``env.num_envs``.
   * The global batch of an update is the transitions its gradient averages over, summed over all
     ranks. ``train.batch_scope: global`` (default): it is ``train.batch_size``, and every rank samples
-    ``batch_size / world`` from its shard (a remainder is refused), so N ranks do exactly the updates
-    of 1 rank on the same global batch. ``per_rank``: every rank samples ``batch_size``, the global
+    ``batch_size / world`` from its shard (a remainder goes one row each to the first ranks, and every
+    row weighs its share of the global batch), so N ranks do exactly the updates of 1 rank on the same
+    global batch. ``per_rank``: every rank samples ``batch_size``, the global
     batch is ``world * batch_size`` (data parallel and pipelines alike).
   * ``train.lr`` is used as given unless ``train.lr_scaling`` scales it with k = global batch /
     ``batch_size`` (1 in global scope, world in per_rank scope): ``linear`` lr * k, ``sqrt`` lr * sqrt(k).
@@ -111,13 +112,15 @@ class TrainConfig:
     learning_starts: int = 1_000
     """Global environment steps collected before the first update (at least world * num_envs * n_step, so
     every shard holds a transition). After a resume whose checkpoint holds fewer transitions (a light
-    checkpoint, checkpoint.replay false), updates wait until the replay has refilled to this many."""
+    checkpoint, checkpoint.replay false), updates wait until the replay has refilled to this many (or
+    to buffer_size, if smaller); a resume past it with its replay restored goes on updating at once."""
     buffer_size: int = 100_000
     """Global replay capacity in transitions; each rank holds a shard of about buffer_size / world."""
     batch_size: int = 64
     """Transitions per update: the global batch over all ranks (batch_scope global) or per rank."""
     batch_scope: Literal["global", "per_rank"] = "global"
-    """global: ``batch_size`` is the global batch and each rank samples batch_size / world of it, so the
+    """global: ``batch_size`` is the global batch and each rank samples batch_size / world of it (the
+    remainder one row each on the first ranks), so the
     learning per env step does not depend on the world size. per_rank: each rank samples batch_size and
     the global batch grows with the world (world * batch_size)."""
     train_freq: int = 256
@@ -485,15 +488,23 @@ def field_docs(cls: type) -> dict[str, str]:
 # ----------------------------------------------------------------------------- validation
 
 
-def samples_per_rank(train: TrainConfig, world: int) -> int:
-    """Transitions every rank samples per update (see ``train.batch_scope``); raises ConfigError when the
-    global batch does not divide over the world."""
+def samples_per_rank(train: TrainConfig, world: int, rank: int = 0) -> int:
+    """Transitions rank ``rank`` samples per update (see ``train.batch_scope``). Global scope: the global
+    batch is split as evenly as integers allow, ``batch_size // world`` rows and one more on the first
+    ``batch_size % world`` ranks (issue #35: any world size, e.g. a requeue onto 3 ranks); the loss
+    weights each row by its share of the global batch, so the gradient is the global batch's. Raises
+    ConfigError when the global batch is smaller than the world."""
     if train.batch_scope == "per_rank":
         return train.batch_size
-    _require(train.batch_size % world == 0, "train.batch_size",
-             f"{train.batch_size} is not divisible by the world size {world} (train.batch_scope=global: every "
-             f"rank samples batch_size / world); use a multiple of {world} or train.batch_scope=per_rank")
-    return train.batch_size // world
+    _require(train.batch_size >= world, "train.batch_size",
+             f"{train.batch_size} is smaller than the world size {world} (train.batch_scope=global: every "
+             f"rank samples a share of it); use at least {world} or train.batch_scope=per_rank")
+    return train.batch_size // world + int(rank < train.batch_size % world)
+
+
+def rows_per_rank(train: TrainConfig, world: int) -> tuple[int, ...]:
+    """``samples_per_rank`` of every rank of the world, in rank order."""
+    return tuple(samples_per_rank(train, world, r) for r in range(world))
 
 
 def lr_batch_factor(train: TrainConfig, world: int) -> float:
