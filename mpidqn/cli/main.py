@@ -18,7 +18,8 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect")
-USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
+USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [--trust-run-dir]
+                       [KEY=VALUE ...]
        python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
@@ -51,6 +52,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-start", action="store_true",
                    help="start again from step 0 in an existing --run-dir (e.g. when no checkpoint there verifies); "
                         "its checkpoints and log are kept, renamed *.old-<time>")
+    p.add_argument("--trust-run-dir", action="store_true",
+                   help="load the environment state of --run-dir's checkpoints even if you did not write them "
+                        "(unpickling runs code; see docs/checkpoints.md, Trust model)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
     return p
 
@@ -138,7 +142,8 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     collective(comm, lambda: check_env_id(spec_from_config(cfg.env), cfg.env.backend))
     collective(comm, lambda: check_layout(cfg, topo))
     collective(comm, lambda: check_compile_optimizer(cfg.train))
-    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start)
+    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start,
+                      trust_run_dir=args.trust_run_dir)
     return run.train()
 
 
