@@ -104,6 +104,7 @@ def train_config(args: argparse.Namespace) -> Any:
     """The run's config: ``--config`` + overrides, or an existing run dir's saved config + overrides
     (so that ``train --resume --run-dir X`` continues a run without retyping its settings)."""
     from mpidqn.config import load_config
+    from mpidqn.envs.vector import check_env_module_trusted
     from mpidqn.train.rundir import check_resume_overrides
 
     if args.resume and args.fresh_start:
@@ -114,6 +115,7 @@ def train_config(args: argparse.Namespace) -> Any:
     if args.config is None and saved is not None and os.path.isfile(saved):
         cfg = load_config(saved, args.overrides)
         check_resume_overrides(load_config(saved), cfg, args.run_dir)
+        check_env_module_trusted(cfg.env.id, saved, args.trust_run_dir)
         return cfg
     return load_config(args.config, args.overrides)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mpidqn.envs.presets import spec_from_config
-from mpidqn.envs.vector import make_env
+from mpidqn.envs.vector import check_env_module_trusted, make_env
 from mpidqn.nn.registry import build_network
 from mpidqn.train.checkpoints import Checkpoint, read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
@@ -40,10 +40,14 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     p.add_argument("--online", action="store_true",
                    help="the online parameters instead of their moving average (runs with train.ema_decay)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trust-run-dir", action="store_true",
+                   help="build an env whose id names a Python module to import (module:Env-v0) even if you did "
+                        "not write the run (see docs/checkpoints.md, Trust model)")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     ckpt = resolve(args.target, best=args.best)
+    check_env_module_trusted(ckpt.config().env.id, f"the config of {ckpt.path}", args.trust_run_dir)
     cfg, net, weights = load_policy(ckpt, online=args.online)
     torch.set_num_threads(1)
 

@@ -192,3 +192,63 @@ def test_ranks_agree_when_one_rank_file_is_not_trusted(tmp_path, tiny):
         assert all(v["restored"] == restored for v in verdicts), verdicts
         lines = warnings(p.stdout + p.stderr)
         assert len(lines) == (0 if restored else 1) and all("rank 1: it is not signed" in x for x in lines)
+
+
+def set_config_env_id(ckpt_dir: Path, run_dir: Path, env_id: str) -> None:
+    """Name another env.id in the run's config.yaml and in the checkpoint's model file (CRC recomputed)."""
+    import yaml
+
+    for path in (run_dir / "config.yaml",):
+        data = yaml.safe_load(path.read_text())
+        data["env"]["id"] = env_id
+        path.write_text(yaml.safe_dump(data))
+    with h5py.File(ckpt_dir / "model_s0.h5", "r+") as h:
+        data = yaml.safe_load(str(h.attrs["config"]))
+        data["env"]["id"] = env_id
+        h.attrs["config"] = yaml.safe_dump(data)
+    manifest = json.loads((ckpt_dir / MARKER).read_text())
+    raw = (ckpt_dir / "model_s0.h5").read_bytes()
+    manifest["files"]["model_s0.h5"] = {"bytes": len(raw), "crc32": zlib.crc32(raw)}
+    (ckpt_dir / MARKER).write_text(json.dumps(manifest))
+
+
+def test_an_env_id_naming_a_module_is_imported_only_from_a_trusted_run_dir(poisoned_run):
+    """gymnasium imports the module of a "module:Env-v0" id; a module beside the user's working directory
+    (here: a file the run directory's author placed there) would run its code."""
+    run_dir, marker = poisoned_run
+    work = run_dir.parent
+    (work / "pwnmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    set_config_env_id(find_latest(run_dir / "checkpoints").path, run_dir, "pwnmod:CartPole-v1")
+    evaluate = [sys.executable, "-m", "mpidqn", "evaluate", str(run_dir), "--episodes", "1", "--json"]
+    for cmd in (evaluate, [sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), "train.total_steps=1600"]):
+        p = run(cmd, cwd=work, timeout=180)
+        assert p.returncode == 2, p.stderr[-2000:]
+        (line,) = program_lines(p.stderr)
+        assert "imports the Python module 'pwnmod'" in line and "--trust-run-dir" in line
+        assert not marker.exists()
+    p = run([*evaluate, "--trust-run-dir"], cwd=work)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert marker.exists()  # trusted: gymnasium imported it
+
+
+def test_a_checkpoint_names_only_torch_dtypes(tmp_path):
+    from mpidqn.io.h5tree import read_tree
+
+    with h5py.File(tmp_path / "f.h5", "w") as h:
+        h.create_dataset("w", data=np.zeros(2, np.float32)).attrs["torch_dtype"] = "load"
+    with h5py.File(tmp_path / "f.h5", "r") as h, pytest.raises(ValueError, match="'load' is not a torch dtype"):
+        read_tree(h)
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    from mpidqn.errors import UserError
+    from mpidqn.io.runlock import RunLock
+
+    target = tmp_path / "bashrc"
+    target.write_text("mine\n")
+    run_dir = tmp_path / "R"
+    run_dir.mkdir()
+    (run_dir / ".lock").symlink_to(target)
+    with pytest.raises(UserError, match="symbolic link"):
+        RunLock(run_dir).acquire()
+    assert target.read_text() == "mine\n"
