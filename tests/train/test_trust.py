@@ -252,3 +252,21 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
     with pytest.raises(UserError, match="symbolic link"):
         RunLock(run_dir).acquire()
     assert target.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("manifest", [
+    {"files": {"../../elsewhere.h5": {"bytes": 1, "crc32": 1}}},
+    {"files": {"rank_00000.h5": "x"}},
+    {"files": []},
+    {"step": "7"},
+])
+def test_a_manifest_lists_only_files_of_its_own_checkpoint(tmp_path, manifest):
+    from mpidqn.errors import UserError
+    from mpidqn.train.checkpoints import resolve
+
+    ckpt = tmp_path / "checkpoints" / "step_000000000100"
+    ckpt.mkdir(parents=True)
+    (ckpt / MARKER).write_text(json.dumps({"format_version": 1, "step": 100, "world_size": 1,
+                                           "pipeline_stages": 1, **manifest}))
+    with pytest.raises(UserError, match="COMPLETE marker"):
+        resolve(ckpt)
