@@ -3,12 +3,15 @@
 The launcher differences between MPICH (Hydra) and Open MPI live in :func:`mpiexec`."""
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,8 +25,15 @@ TINY = [
 ]
 
 
+# The per-user secret that signs checkpoints' env state (mpidqn.io.trust) of every command the tests
+# run: a fresh one of this test process, never the user's own ~/.config/mpidqn/secret.
+CONFIG_HOME = tempfile.mkdtemp(prefix="mpidqn-tests-config-")
+atexit.register(shutil.rmtree, CONFIG_HOME, True)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    env["XDG_CONFIG_HOME"] = CONFIG_HOME
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env.pop("SLURM_NTASKS", None)
     env.pop("PMI_SIZE", None)

@@ -18,8 +18,10 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect", "config")
-USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
+USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [--trust-run-dir]
+                       [KEY=VALUE ...]
        python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--video DIR] [--json]
+                       [--trust-run-dir]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn report --tensorboard RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
@@ -54,6 +56,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-start", action="store_true",
                    help="start again from step 0 in an existing --run-dir (e.g. when no checkpoint there verifies); "
                         "its checkpoints and log are kept, renamed *.old-<time>")
+    p.add_argument("--trust-run-dir", action="store_true",
+                   help="load the environment state of --run-dir's checkpoints even if you did not write them "
+                        "(unpickling runs code; see docs/checkpoints.md, Trust model)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
     return p
 
@@ -103,6 +108,7 @@ def train_config(args: argparse.Namespace) -> Any:
     """The run's config: ``--config`` + overrides, or an existing run dir's saved config + overrides
     (so that ``train --resume --run-dir X`` continues a run without retyping its settings)."""
     from mpidqn.config import load_config
+    from mpidqn.envs.vector import check_env_module_trusted
     from mpidqn.train.rundir import check_resume_overrides
 
     if args.resume and args.fresh_start:
@@ -113,6 +119,7 @@ def train_config(args: argparse.Namespace) -> Any:
     if args.config is None and saved is not None and os.path.isfile(saved):
         cfg = load_config(saved, args.overrides)
         check_resume_overrides(load_config(saved), cfg, args.run_dir)
+        check_env_module_trusted(cfg.env.id, saved, args.trust_run_dir)
         return cfg
     return load_config(args.config, args.overrides)
 
@@ -120,10 +127,11 @@ def train_config(args: argparse.Namespace) -> Any:
 def cmd_train(argv: Sequence[str], comm: Any) -> int:
     args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
     cfg = collective(comm, lambda: train_config(args))
-    return run_training(cfg, comm, args.run_dir, args.resume, args.fresh_start)
+    return run_training(cfg, comm, args.run_dir, args.resume, args.fresh_start, args.trust_run_dir)
 
 
-def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False, fresh_start: bool = False) -> int:
+def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False, fresh_start: bool = False,
+                 trust_run_dir: bool = False) -> int:
     """Check everything about a validated config on every rank of ``comm``, then train; the exit code.
 
     Shared by the train command and :func:`mpidqn.train`; raises UserError (agreed by all ranks) on
@@ -151,7 +159,8 @@ def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False,
     collective(comm, lambda: check_layout(cfg, topo))
     collective(comm, lambda: check_compile_optimizer(cfg.train))
     collective(comm, lambda: check_tensorboard(cfg.log.tensorboard))
-    run = prepare_run(cfg, topo, run_dir, resume, collective, fresh_start=fresh_start)
+    run = prepare_run(cfg, topo, run_dir, resume, collective, fresh_start=fresh_start,
+                      trust_run_dir=trust_run_dir)
     return run.train()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import torch
 
+from mpidqn.envs.vector import check_env_module_trusted
 from mpidqn.envs.video import check_video, recording, video_prefix
 from mpidqn.train.checkpoints import read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
@@ -26,12 +27,16 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     p.add_argument("--video", type=Path, metavar="DIR",
                    help="record every episode to DIR/<env>-step<N>-episode-<i>.mp4 (needs the video extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trust-run-dir", action="store_true",
+                   help="build an env whose id names a Python module to import (module:Env-v0) even if you did "
+                        "not write the run (see docs/checkpoints.md, Trust model)")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.video is not None:
         check_video()
     ckpt = resolve(args.target, best=args.best)
+    check_env_module_trusted(ckpt.config().env.id, f"the config of {ckpt.path}", args.trust_run_dir)
     policy = Policy.from_checkpoint(ckpt, online=args.online)
     cfg, weights = policy.config, policy.weights
     torch.set_num_threads(1)

@@ -32,6 +32,20 @@ def _register_optional(env_id: str) -> None:
         raise UserError(f"env.id: {env_id} needs an optional package that is not installed ({e.name})") from None
 
 
+def env_module(env_id: str) -> str | None:
+    """The module gymnasium imports, running its code, to make ``env_id`` ("module:Env-v0"), or None."""
+    return env_id.split(":", 1)[0] if ":" in env_id else None
+
+
+def check_env_module_trusted(env_id: str, source: str, trusted: bool) -> None:
+    """An env id read from a run directory (``source``) may name a module to import only when the user
+    trusts that run directory; raise UserError otherwise (issue #37)."""
+    module = env_module(env_id)
+    if module is not None and not trusted:
+        raise UserError(f"env.id {env_id!r} in {source} imports the Python module {module!r}, which runs its code; "
+                        "pass --trust-run-dir if you trust whoever wrote the run directory")
+
+
 def _make_kwargs(max_episode_steps: int | None) -> dict[str, Any]:
     return {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
 

@@ -58,6 +58,15 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _torch_dtype(node: h5py.Dataset) -> torch.dtype:
+    """The dtype a dataset's ``torch_dtype`` names; a file names only dtypes, no other attribute of torch."""
+    name = str(node.attrs["torch_dtype"])
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{node.file.filename}:{node.name}: torch_dtype {name!r} is not a torch dtype")
+    return dtype
+
+
 def read_tree(group: h5py.Group) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in group.attrs.items():
@@ -71,8 +80,7 @@ def read_tree(group: h5py.Group) -> dict[str, Any]:
         elif node.attrs.get("bytes"):
             out[key] = node[()].tobytes()
         elif "torch_dtype" in node.attrs:
-            dtype = getattr(torch, str(node.attrs["torch_dtype"]))
-            out[key] = torch.from_numpy(np.asarray(node[()])).to(dtype)
+            out[key] = torch.from_numpy(np.asarray(node[()])).to(_torch_dtype(node))
         else:
             out[key] = node[()]
     return out

@@ -59,7 +59,13 @@ class RunLock:
 
     def acquire(self, warn: Callable[[str], None] = lambda s: None) -> None:
         """Take the lock or raise UserError naming the job that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # a link named .lock would make us truncate and overwrite whatever it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise UserError(f"--run-dir {self.path.parent}: {LOCK_NAME} is a symbolic link; mpidqn writes its lock "
+                            "only into a plain file (remove the link)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

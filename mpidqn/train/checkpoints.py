@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 BEST = "BEST"
 _STEP_DIR = re.compile(r"^step_(\d{12})$")
+_DATA_FILE = re.compile(r"^(model_s\d+|rank_\d{5,})\.h5$")  # the only names a manifest may list
 
 
 def step_dir_name(step: int) -> str:
@@ -141,10 +142,19 @@ def verify(path: Path, check_crc: bool = True) -> Checkpoint:
         manifest = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable COMPLETE marker ({e})") from None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(manifest.get(k), int) and manifest[k] >= 0 for k in ("step", "world_size", "pipeline_stages")):
+        raise ValueError("COMPLETE marker is not a manifest (a JSON object with step, world_size, pipeline_stages)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"format version {version} is not {FORMAT_VERSION} (written by mpidqn {manifest.get('mpidqn_version')})")
-    for name, info in manifest["files"].items():
+    files = manifest.get("files")
+    # a manifest names files of its own directory only (never "../elsewhere"), each with its size and CRC32
+    if not isinstance(files, dict) or not all(
+            isinstance(n, str) and _DATA_FILE.match(n) and isinstance(i, dict)
+            and isinstance(i.get("bytes"), int) and isinstance(i.get("crc32"), int) for n, i in files.items()):
+        raise ValueError("COMPLETE marker does not list the checkpoint's files as mpidqn writes them")
+    for name, info in files.items():
         f = path / name
         if not f.exists():
             raise ValueError(f"{name} is missing")
@@ -178,7 +188,7 @@ def read_best(root: Path) -> dict[str, Any] | None:
     """The BEST record of a checkpoints directory (step, score, episodes, dir), or None."""
     try:
         record = json.loads((Path(root) / BEST).read_text())
-        return record if isinstance(record, dict) and "step" in record else None
+        return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
     except (OSError, ValueError):
         return None
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,15 +16,16 @@ from mpidqn.config import Config, lr_batch_factor, priority_params, rows_per_ran
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
+from mpidqn.envs.snapshot import refusal_line, restore_envs, seal_envs
 from mpidqn.envs.vector import (
     env_reset_seeds,
     make_vector_env,
-    pickle_envs,
     shared_seed,
     spawn_seeds,
     true_next_obs,
 )
 from mpidqn.io.h5tree import Json, flatten, unflatten
+from mpidqn.io.trust import Trust
 from mpidqn.learners.factory import build_learner
 from mpidqn.replay.frames import make_replay_shard
 from mpidqn.replay.shard import ReplayShard, partition_plan
@@ -104,8 +104,10 @@ def crossed(prev: int, cur: int, interval: int) -> bool:
 class Trainer:
     """Runs one rank's part of a data-parallel DQN job."""
 
-    def __init__(self, cfg: Config, topo: Any, reporter: Any, checkpoints: Any | None = None) -> None:
+    def __init__(self, cfg: Config, topo: Any, reporter: Any, checkpoints: Any | None = None,
+                 trust: Trust = Trust(None, problem="the trainer was given no secret")) -> None:
         self.cfg, self.topo, self.reporter, self.checkpoints = cfg, topo, reporter, checkpoints
+        self.trust = trust  # signs the env state of checkpoints; decides which saved env state a resume loads
         torch.set_num_threads(cfg.parallel.torch_threads)
         self.world, self.rank = topo.world, topo.rank
         self.seeds = spawn_seeds(cfg.seed, self.world, self.rank)
@@ -322,7 +324,7 @@ class Trainer:
             "rng": {"explore": Json(self.explore_rng.bit_generator.state),
                     "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state(),
                     "shared": Json(self.sampler.shared_rng.bit_generator.state)},
-            "envs": {"pickle": pickle_envs(self.envs), "obs": np.asarray(self.obs)},
+            "envs": seal_envs(self.envs, self.obs, self.trust.key),
             "episodes": self.episodes.state_dict(),
             "schedules": self.schedules.state_dict(),
             "stats": {"timer": self.timer.totals(), "recent_returns": np.array(self.recent_returns, dtype=np.float64),
@@ -345,21 +347,11 @@ class Trainer:
             if "shared" in state["rng"]:
                 self.sampler.shared_rng.bit_generator.state = state["rng"]["shared"]
             torch.set_rng_state(state["rng"]["torch"])
-            if len(state["envs"]["pickle"]):
-                self.envs.close()
-                self.envs = pickle.loads(state["envs"]["pickle"])
-                self.obs = state["envs"]["obs"]
             self.episodes.load_state_dict(state["episodes"])
-            if not len(state["envs"]["pickle"]):
-                # envs whose state was not saved (async, EnvPool, EzPickle: see envs.pickle_envs) start new episodes,
-                # seeded from (seed, resumed step) so they are not the run's first episodes again
-                fresh = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)["env"]
-                self.obs, _ = self.envs.reset(seed=env_reset_seeds(fresh, self.cfg.env.num_envs))
-                self.episodes.returns[:] = 0.0
-                self.episodes.lengths[:] = 0
+            restored = self._resume_envs(state.get("envs", {}), ckpt)
             if "replay" in state:
                 self.replay.load_state_dict(flatten(state["replay"]))
-                if not len(state["envs"]["pickle"]):
+                if not restored:
                     self.replay.drop_pending()  # pending n-step steps belong to episodes not resumed
             return "exact"
         # Elastic: counters and model carry over; every rank's streams are re-derived from
@@ -379,6 +371,29 @@ class Trainer:
             if top is not None:  # new transitions keep getting the run's maximum priority
                 self.replay.priorities.raise_max(top)
         return "elastic"
+
+    def _resume_envs(self, saved: Any, ckpt: Any) -> bool:
+        """The saved envs where every rank restores its own (True); else every rank starts new episodes,
+        seeded from (seed, resumed step) so they are not the run's first episodes again: envs whose state
+        was not saved (async, EnvPool, EzPickle: see envs.pickle_envs) quietly, env state that is not
+        trusted or not usable (issue #37) with one warning line. One verdict for all ranks."""
+        envs, obs, why = restore_envs(saved if isinstance(saved, dict) else {}, self.trust, self.envs)
+        refused = C.gather_errors(why, self.topo.comm)  # every rank learns every rank's verdict
+        if not refused:
+            self.envs.close()
+            self.envs, self.obs = envs, obs
+            return True
+        if envs is not None:
+            envs.close()
+        problems = [(rank, text) for rank, text in refused if text]
+        if problems:
+            self.reporter.event(self.counters.env_steps, "envs_not_restored",
+                                refusal_line(ckpt.path, problems, self.world))
+        fresh = spawn_seeds(self.cfg.seed, self.world, self.rank, epoch=self.counters.env_steps)["env"]
+        self.obs, _ = self.envs.reset(seed=env_reset_seeds(fresh, self.cfg.env.num_envs))
+        self.episodes.returns[:] = 0.0
+        self.episodes.lengths[:] = 0
+        return False
 
     def _resume_schedules(self, ckpt: Any) -> None:
         """Epsilon and lr continue from their checkpointed values, re-anchored if total_steps changed."""

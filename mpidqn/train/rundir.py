@@ -31,6 +31,7 @@ from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.io.h5tree import flatten
 from mpidqn.io.runlock import RunLock
 from mpidqn.io.runlog import check_log_version
+from mpidqn.io.trust import Trust, load_trust
 from mpidqn.train import stop as signals
 from mpidqn.train.checkpoints import (
     FORMAT_VERSION,
@@ -181,8 +182,10 @@ class Run:
 
 
 def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
-                collective: Callable[[Any, Callable[[], Any]], Any], fresh_start: bool = False) -> Run:
-    """Agree on the run dir, lock and check it, build the trainer, resume if a checkpoint exists."""
+                collective: Callable[[Any, Callable[[], Any]], Any], fresh_start: bool = False,
+                trust_run_dir: bool = False) -> Run:
+    """Agree on the run dir, lock and check it, build the trainer, resume if a checkpoint exists.
+    ``trust_run_dir``: load the env state of its checkpoints even when this user did not sign it."""
     from mpidqn.train.loop import Trainer
 
     comm, root = topo.comm, topo.is_root
@@ -228,7 +231,12 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
                "versions": json.dumps(meta["versions"])},
         say=reporter.message,
     )
-    trainer = collective(comm, lambda: Trainer(cfg, topo, reporter, manager))
+    # rank 0's secret for every rank: one key signs the whole checkpoint, and all ranks verify alike
+    trust: Trust = comm.bcast(load_trust(trust_run_dir) if root else None, root=0)
+    if trust.key is None:
+        reporter.message(f"mpidqn: warning: checkpoints will not be signed, {trust.problem}; "
+                         "a resume will start new episodes (everything else resumes exactly)")
+    trainer = collective(comm, lambda: Trainer(cfg, topo, reporter, manager, trust))
     if ckpt is not None:
         mode = trainer.load_checkpoint(ckpt)
         manager.last_step = ckpt.step
