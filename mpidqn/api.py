@@ -56,12 +56,14 @@ def _base_data(config_or_path: Any, saved: Path | None) -> dict[str, Any]:
     raise TypeError(f"config_or_path: a YAML path, a dict or a mpidqn.config.Config, got {type(config_or_path).__name__}")
 
 
-def build_config(config_or_path: Any, run_dir: str | os.PathLike | None = None, **overrides: Any) -> Config:
+def build_config(config_or_path: Any, run_dir: str | os.PathLike | None = None, trust_run_dir: bool = False,
+                 **overrides: Any) -> Config:
     """The validated config :func:`train` would run (ConfigError, a UserError, naming a bad key).
 
     With ``config_or_path`` None and a ``run_dir`` that holds a run, that run's saved config is the
     base and the overrides may only change what a resume may change (as ``train --run-dir``)."""
     from mpidqn.config import config_from_dict, load_config, set_dotted
+    from mpidqn.envs.vector import check_env_module_trusted
     from mpidqn.train.rundir import check_resume_overrides
 
     saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
@@ -72,11 +74,12 @@ def build_config(config_or_path: Any, run_dir: str | os.PathLike | None = None, 
     cfg = config_from_dict(data)
     if config_or_path is None and saved is not None:
         check_resume_overrides(load_config(saved), cfg, str(run_dir))
+        check_env_module_trusted(cfg.env.id, str(saved), trust_run_dir)
     return cfg
 
 
 def train(config_or_path: Any = None, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
-          fresh_start: bool = False, comm: Any = None, **overrides: Any) -> TrainResult:
+          fresh_start: bool = False, trust_run_dir: bool = False, comm: Any = None, **overrides: Any) -> TrainResult:
     """Train in this process, alone or as one rank of an MPI job, as ``python -m mpidqn train`` does.
 
     ``config_or_path``: a YAML file, a dict of sections, a :class:`mpidqn.config.Config`, or None
@@ -86,7 +89,9 @@ def train(config_or_path: Any = None, run_dir: str | os.PathLike | None = None, 
     ``runs/<env>-s<seed>-<time>``; one that holds a checkpoint resumes (``resume=True`` requires one,
     ``fresh_start=True`` starts again from step 0 and keeps the old files renamed). ``comm``: the
     communicator to train on (default ``MPI.COMM_WORLD``; under ``mpiexec -n N python script.py``
-    every rank calls ``train`` with the same arguments).
+    every rank calls ``train`` with the same arguments). ``trust_run_dir``: as ``train --trust-run-dir``,
+    restore env state that this user did not sign and import a module an env id names (docs/checkpoints.md,
+    "Trust model"); without it a foreign run continues with new episodes.
 
     Bad input raises ``mpidqn.errors.UserError`` (on every rank, before anything is written). Under
     MPI any other error on one rank ends the whole job, as with the command line. Signals are left
@@ -105,11 +110,11 @@ def train(config_or_path: Any = None, run_dir: str | os.PathLike | None = None, 
     from mpidqn.train.rundir import default_run_dir
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    cfg = collective(comm, lambda: build_config(config_or_path, run_dir, **overrides))
+    cfg = collective(comm, lambda: build_config(config_or_path, run_dir, trust_run_dir, **overrides))
     root = comm.Get_rank() == 0
     agreed = comm.bcast(str(run_dir if run_dir is not None else default_run_dir(cfg)) if root else None, root=0)
     try:
-        code = run_training(cfg, comm, agreed, resume, fresh_start)
+        code = run_training(cfg, comm, agreed, resume, fresh_start, trust_run_dir)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - under MPI a failure on one rank must end every rank
@@ -119,13 +124,15 @@ def train(config_or_path: Any = None, run_dir: str | os.PathLike | None = None, 
     return TrainResult(Path(agreed), code)
 
 
-def load_policy(run_dir: str | os.PathLike, best: bool = True, online: bool = False) -> Policy:
+def load_policy(run_dir: str | os.PathLike, best: bool = True, online: bool = False,
+                trust_run_dir: bool = False) -> Policy:
     """The greedy policy of a run: ``policy.predict(obs)`` gives actions (numpy in and out).
 
     ``best``: the checkpoint of the run's best evaluation where the run recorded one, else the
     newest (``policy.step`` and ``policy.checkpoint`` say which); ``best=False``: the newest.
     ``run_dir`` may also be a checkpoint directory. ``online``: the online parameters instead of
-    their moving average (runs with ``train.ema_decay``). Needs no MPI.
+    their moving average (runs with ``train.ema_decay``). Needs no MPI. An env id that names a module
+    to import (``module:Env-v0``) is refused unless ``trust_run_dir`` (docs/checkpoints.md, "Trust model").
 
     >>> import mpidqn
     >>> policy = mpidqn.load_policy("runs/nb")  # doctest: +SKIP
@@ -137,9 +144,13 @@ def load_policy(run_dir: str | os.PathLike, best: bool = True, online: bool = Fa
     from mpidqn.train.checkpoints import read_best, resolve
     from mpidqn.train.policy import Policy
 
+    from mpidqn.envs.vector import check_env_module_trusted
+
     path = Path(run_dir)
     use_best = best and read_best(path / "checkpoints") is not None
-    return Policy.from_checkpoint(resolve(path, best=use_best), online=online)
+    ckpt = resolve(path, best=use_best)
+    check_env_module_trusted(ckpt.config().env.id, f"the config of {ckpt.path}", trust_run_dir)
+    return Policy.from_checkpoint(ckpt, online=online)
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun, program_lines, run
 from mpidqn.envs.snapshot import TRUST_HINT, restore_envs, seal_envs
+from mpidqn.errors import UserError
 from mpidqn.envs.vector import make_vector_env
 from mpidqn.io.trust import Trust, load_or_create_secret, load_trust, read_secret, secret_path, sign, signed_with
 from mpidqn.train.checkpoints import MARKER, find_latest
@@ -226,6 +227,12 @@ def test_an_env_id_naming_a_module_is_imported_only_from_a_trusted_run_dir(poiso
         (line,) = program_lines(p.stderr)
         assert "imports the Python module 'pwnmod'" in line and "--trust-run-dir" in line
         assert not marker.exists()
+    from mpidqn.api import build_config, load_policy  # the Python API refuses it the same way
+
+    for call in (lambda: load_policy(run_dir), lambda: build_config(None, run_dir)):
+        with pytest.raises(UserError, match="imports the Python module 'pwnmod'"):
+            call()
+    assert not marker.exists()
     p = run([*evaluate, "--trust-run-dir"], cwd=work)
     assert p.returncode == 0, p.stderr[-2000:]
     assert marker.exists()  # trusted: gymnasium imported it
