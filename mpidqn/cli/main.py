@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpidqn [train|evaluate|report|inspect] ...``.
+"""Command line: ``python -m mpidqn [train|sweep|evaluate|report|inspect] ...``.
 
 The only module that reads ``MPI.COMM_WORLD``. Errors follow one rule: bad input (UserError) is
 agreed on by all ranks and printed once by rank 0 (exit 2); any other exception on any rank prints
@@ -17,10 +17,11 @@ from mpidqn import errors
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
-COMMANDS = ("train", "evaluate", "report", "inspect")
+COMMANDS = ("train", "sweep", "evaluate", "report", "inspect")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
+       python -m mpidqn sweep --out DIR [--config FILE] [--seeds A-B] [--grid KEY=V1,V2 ...] [--ranks-per-run R] [KEY=VALUE ...]
        python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
-       python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
+       python -m mpidqn report RUN_DIR|SWEEP_DIR [...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
        python -m mpidqn --version
 
@@ -28,8 +29,9 @@ MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N p
 
 commands:
   train      train (the default command); resumes when --run-dir holds a checkpoint
+  sweep      many runs (grid x seeds) in one MPI job, groups of ranks taking runs in turn; resumable
   evaluate   greedy evaluation of a run's newest checkpoint
-  report     summary tables (CSV) and plots (PNG) of one or more runs
+  report     summary tables (CSV) and plots (PNG) of one or more runs or a sweep
   inspect    describe a run's newest checkpoint
 
 `python -m mpidqn COMMAND --help` shows the options of a command."""
@@ -142,6 +144,13 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     return run.train()
 
 
+def cmd_sweep(argv: Sequence[str], comm: Any) -> int:
+    from mpidqn.cli.sweep import sweep_main
+
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    return sweep_main(argv, comm, _Parser, collective, _abort)
+
+
 def cmd_evaluate(argv: Sequence[str]) -> int:
     from mpidqn.cli.tools import evaluate_main
 
@@ -216,11 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    if command == "train":
+    if command in ("train", "sweep"):
         from mpidqn.train import stop as signals
 
         signals.install()
-    if command != "train":  # offline tools: single process, no MPI collectives
+    if command not in ("train", "sweep"):  # offline tools: single process, no MPI collectives
         try:
             return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report}[command](argv)
         except UserError as e:
@@ -233,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        return cmd_train(argv, comm)
+        return (cmd_sweep if command == "sweep" else cmd_train)(argv, comm)
     except UserError as e:
         if comm.Get_rank() == 0:
             _say(f"mpidqn: error: {e}")
