@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from mpidqn.errors import UserError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+_UNSAFE_ENDS = re.compile(r"^[^A-Za-z0-9_.+-]+|[^A-Za-z0-9_.+-]+$")
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,14 @@ def parse_grid(items: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]
     return axes, fixed
 
 
+def _safe(text: str) -> str:
+    """``text`` for a file name: brackets and the like at the ends dropped, other runs of them "-"."""
+    return _UNSAFE.sub("-", _UNSAFE_ENDS.sub("", text)) or "x"
+
+
 def run_name(point: list[tuple[str, str]], seed: int) -> str:
     """Directory name of a run: its grid values and seed, e.g. ``train.lr-1e-3_seed0``."""
-    parts = [_UNSAFE.sub("-", f"{key}-{value}").strip("-") for key, value in point]
+    parts = [f"{_safe(key)}-{_safe(value)}" for key, value in point]
     return "_".join([*parts, f"seed{seed}"])
 
 
