@@ -56,7 +56,7 @@ def split_values(text: str) -> list[str]:
 
 def parse_grid(items: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
     """``KEY=V1,V2`` words -> (grid axes [(key, values)], overrides): a word with one value is the
-    same in every run, so it is an ordinary override."""
+    same in every run, so it is an ordinary override (dropped when the grid sweeps its key)."""
     axes: list[tuple[str, list[str]]] = []
     fixed: list[str] = []
     for item in items:
@@ -65,9 +65,9 @@ def parse_grid(items: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]
             raise UserError(f"--grid {item}: expected KEY=V1,V2,... (e.g. train.lr=1e-3,3e-3)")
         if key == "seed":
             raise UserError(f"--grid {item}: seeds are given with --seeds, not in the grid")
-        if key in [k for k, _ in axes]:
-            raise UserError(f"--grid: {key} is given twice")
         values = split_values(rest)
+        if len(values) > 1 and key in [k for k, _ in axes]:
+            raise UserError(f"--grid: {key} is given twice")
         if any(not v for v in values):
             raise UserError(f"--grid {item}: an empty value (two commas in a row or one at the end)")
         if len(set(values)) < len(values):
@@ -76,7 +76,8 @@ def parse_grid(items: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]
             fixed.append(item)
         else:
             axes.append((key, values))
-    return axes, fixed
+    swept = {k for k, _ in axes}
+    return axes, [item for item in fixed if item.partition("=")[0] not in swept]  # the grid wins
 
 
 def _safe(text: str) -> str:

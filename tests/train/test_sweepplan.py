@@ -25,6 +25,7 @@ def test_grid_values_split_outside_brackets_and_single_values_are_overrides() ->
     axes, fixed = parse_grid(["train.lr=1e-3,3e-3", "network.hidden=[32,32]", "train.n_step=3,8"])
     assert axes == [("train.lr", ["1e-3", "3e-3"]), ("train.n_step", ["3", "8"])]
     assert fixed == ["network.hidden=[32,32]"]
+    assert parse_grid(["train.lr=1e-3", "train.lr=1e-3,3e-3"]) == ([("train.lr", ["1e-3", "3e-3"])], [])
     for bad, why in [(["train.lr"], "expected KEY=V1,V2"), (["seed=1,2"], "--seeds"), (["a=1,,2"], "empty"),
                      (["a=1,2", "a=3,4"], "twice"), (["a=1,1"], "twice")]:
         with pytest.raises(UserError, match=why):
