@@ -160,7 +160,7 @@ def sweep_main(argv: Sequence[str], comm: Any, base_parser: type[argparse.Argume
     from mpidqn.train.rundir import prepare_run
 
     root = comm.Get_rank() == 0
-    args = collective(comm, lambda: parser(base_parser).parse_args(list(argv)))
+    args = collective(comm, lambda: parser(base_parser).parse_intermixed_args(list(argv)))
     plan = comm.bcast(collective(comm, lambda: make_plan(args, comm.Get_size()) if root else None), root=0)
     lock = collective(comm, lambda: claim_out(plan) if root else None)
     group = packed.split_groups(comm, plan.ranks_per_run)
