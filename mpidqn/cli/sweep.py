@@ -89,7 +89,7 @@ def check_existing(plan: Plan) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     if not sweeprecord.record_path(out).exists():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):  # .lock: a job that died early
             raise UserError(f"--out {out}: not empty and holds no {sweeprecord.RECORD_NAME} (not a sweep directory)")
         return
     try:
