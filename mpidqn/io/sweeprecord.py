@@ -29,6 +29,7 @@ from mpidqn.errors import UserError
 RECORD_NAME = "sweep.yaml"
 LOCK_NAME = ".sweep.lock"
 FORMAT_VERSION = 1
+STATES = ("finished", "failed", "stopped", "running", "pending")
 TO_DO = ("pending", "stopped")
 T = TypeVar("T")
 
@@ -144,8 +145,6 @@ def settle(out: Path, index: int, state: str, exit_code: int | None = None, last
 
 
 def counts(data: dict[str, Any]) -> dict[str, int]:
-    """How many runs are in each state."""
-    out: dict[str, int] = {}
-    for run in data["runs"]:
-        out[run["state"]] = out.get(run["state"], 0) + 1
-    return out
+    """How many runs are in each state that some run is in, in the order of :data:`STATES`."""
+    states = [run["state"] for run in data["runs"]]
+    return {state: states.count(state) for state in STATES if state in states}

@@ -106,24 +106,28 @@ def test_a_bad_grid_point_is_refused_before_anything_is_written(tmp_path: Path, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fault, code", [("nan", 3), ("raise", 1)])
-def test_a_run_failing_while_running_is_marked_failed_and_the_others_finish(tmp_path: Path, fault: str,
-                                                                             code: int) -> None:
+@pytest.mark.parametrize("fault, code, ranks, seeds, grid", [
+    ("nan", 3, 2, "0-1", "train.total_steps=1200,2400"),  # 2 groups, 4 runs
+    ("raise", 1, 1, "0", "train.total_steps=2400,1200"),  # 1 group: the run after the failed one
+])
+def test_a_run_failing_while_running_is_marked_failed_and_the_others_finish(
+        tmp_path: Path, fault: str, code: int, ranks: int, seeds: str, grid: str) -> None:
     # the fault fires at step 1600, which only the runs of 2400 steps reach
     out = tmp_path / "s"
-    p = mpidqn(2, [*sweep_args(out, "--seeds", "0-1", "--grid", "train.total_steps=1200,2400"), "train.nonfinite=stop"],
-               timeout=600,
+    p = mpidqn(ranks, [*sweep_args(out, "--seeds", seeds, "--grid", grid), "train.nonfinite=stop"], timeout=600,
                env={"MPIDQN_FAULT": f"{fault}:0:1600"})
     assert p.returncode == 1, p.stdout + p.stderr
     runs = yaml.safe_load((out / "sweep.yaml").read_text())["runs"]
+    failed = [run for run in runs if run["name"].startswith("train.total_steps-2400")]
     for run in runs:
-        if run["name"].startswith("train.total_steps-2400"):
+        if run in failed:
             assert run["state"] == "failed" and run["exit_code"] == code
             expected = "NaN/Inf in the loss" if fault == "nan" else "RuntimeError: injected fault"
             assert expected in run["last_line"]
         else:
             assert run["state"] == "finished" and inspect_json(out / run["name"])["step"] == 1200
-    assert "mpidqn sweep: 2 finished, 2 failed of 4 run(s)" in p.stderr
+    n = len(failed)
+    assert f"mpidqn sweep: {n} finished, {n} failed of {2 * n} run(s)" in p.stderr
 
 
 def _wait_for(out: Path, ready, proc: subprocess.Popen, limit: float = 300) -> None:
@@ -141,11 +145,11 @@ def _wait_for(out: Path, ready, proc: subprocess.Popen, limit: float = 300) -> N
 
 def test_sigint_then_the_same_command_resumes(tmp_path: Path) -> None:
     out = tmp_path / "s"
-    args = sweep_args(out, "--seeds", "0-1", "--grid", "train.total_steps=1200,6000")
+    args = sweep_args(out, "--seeds", "0-1", "--grid", "train.total_steps=1200,3000")
     cmd = [*mpiexec(2), sys.executable, "-m", "mpidqn", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                             start_new_session=True)
-    short, long = "train.total_steps-1200_seed0", "train.total_steps-6000_seed0"
+    short, long = "train.total_steps-1200_seed0", "train.total_steps-3000_seed0"
     _wait_for(out, lambda s: s[short] == "finished" and s[long] == "running", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -155,17 +159,20 @@ def test_sigint_then_the_same_command_resumes(tmp_path: Path) -> None:
     assert "Traceback" not in err
     finished = {name: digests(out / name) for name, state in first.items() if state == "finished"}
     stopped_at = inspect_json(out / long)["step"]
-    assert 0 < stopped_at < 6000
+    assert 0 < stopped_at < 3000
 
     p = mpidqn(2, args, timeout=600)
     assert p.returncode == 0, p.stderr
     assert set(states(out).values()) == {"finished"}
     for name, files in finished.items():  # finished runs are left alone
         assert digests(out / name) == files
-    assert f"from {out / long}/checkpoints/step_" in p.stderr  # resumed, not restarted
+    from mpidqn.io.runlog import read_log
+
+    resumes = read_log(out / long / "log.h5").tables["resumes"]
+    assert stopped_at in resumes["step"]  # resumed from its checkpoint, not restarted
     # resumed exactly: the same parameters as the same run trained in one go
     alone = tmp_path / "alone"
-    q = mpidqn(1, ["--run-dir", str(alone), *QUIET, "train.total_steps=6000", "seed=0"], timeout=600)
+    q = mpidqn(1, ["--run-dir", str(alone), *QUIET, "train.total_steps=3000", "seed=0"], timeout=600)
     assert q.returncode == 0, q.stderr
     resumed, whole = final_model(out / long), final_model(alone)
     assert resumed.keys() == whole.keys() and all(np.array_equal(resumed[k], whole[k]) for k in whole)
