@@ -151,12 +151,13 @@ def _wait_for(out: Path, ready, proc: subprocess.Popen, limit: float = 300) -> N
 
 
 def test_sigint_then_the_same_command_resumes(tmp_path: Path) -> None:
+    # the long run's 4,800 steps after the short one's end leave time for the signal to land in it
     out = tmp_path / "s"
-    args = sweep_args(out, "--seeds", "0-1", "--grid", "train.total_steps=1200,3000")
+    args = sweep_args(out, "--seeds", "0-1", "--grid", "train.total_steps=1200,6000")
     cmd = [*mpiexec(2), sys.executable, "-m", "mpidqn", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                             start_new_session=True)
-    short, long = "train.total_steps-1200_seed0", "train.total_steps-3000_seed0"
+    short, long = "train.total_steps-1200_seed0", "train.total_steps-6000_seed0"
     _wait_for(out, lambda s: s[short] == "finished" and s[long] == "running", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -166,7 +167,7 @@ def test_sigint_then_the_same_command_resumes(tmp_path: Path) -> None:
     assert "Traceback" not in err
     finished = {name: digests(out / name) for name, state in first.items() if state == "finished"}
     stopped_at = newest_checkpoint(out / long).step
-    assert 0 < stopped_at < 3000
+    assert 0 < stopped_at < 6000
 
     p = mpidqn(2, args, timeout=600)
     assert p.returncode == 0, p.stderr
@@ -179,7 +180,7 @@ def test_sigint_then_the_same_command_resumes(tmp_path: Path) -> None:
     assert stopped_at in resumes["step"]  # resumed from its checkpoint, not restarted
     # resumed exactly: the same parameters as the same run trained in one go
     alone = tmp_path / "alone"
-    q = mpidqn(1, ["--run-dir", str(alone), *QUIET, "train.total_steps=3000", "seed=0"], timeout=600)
+    q = mpidqn(1, ["--run-dir", str(alone), *QUIET, "train.total_steps=6000", "seed=0"], timeout=600)
     assert q.returncode == 0, q.stderr
     resumed, whole = final_model(out / long), final_model(alone)
     assert resumed.keys() == whole.keys() and all(np.array_equal(resumed[k], whole[k]) for k in whole)
