@@ -109,7 +109,7 @@ def tiny() -> list[str]:
 # pyproject's --dist loadfile) workers take files in collection order, so these go first and the many
 # short files fill the gaps; without -n the order does not matter.
 LONGEST_FIRST = ["slurm/test_slurm.py", "train/test_checkpoint.py", "train/test_learning_contract.py",
-                 "train/test_faults.py", "learners/test_pipeline_mpi.py", "distributed/test_multihost.py"]
+                 "train/test_sweep.py", "train/test_faults.py", "learners/test_pipeline_mpi.py", "distributed/test_multihost.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -1,4 +1,5 @@
-"""``python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]``: tables and plots over runs."""
+"""``python -m mpidqn report RUN_DIR|SWEEP_DIR [...] [--out DIR]``: tables and plots over runs; a
+sweep directory stands for its runs and adds a ranked table of its configs."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from typing import Sequence
 import pandas as pd
 
 from mpidqn.analysis import plots
+from mpidqn.analysis.sweep import is_sweep, ranked, sweep_runs
 from mpidqn.analysis.runs import Run, RunLoadError, load_run
 from mpidqn.analysis.tables import (
     aggregate,
@@ -28,9 +30,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog=PROG, description="Summary tables (CSV) and plots (PNG) of one or more runs. Runs whose "
         "config differs only in the seed are aggregated: interquartile mean (IQM) with a 95% bootstrap "
         "confidence interval over the seeds.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory (holds log.h5)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="a run directory (holds log.h5) or a sweep directory (holds sweep.yaml)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="where to write (default: RUN_DIR/report for one run, ./report for several)")
+                        help="where to write (default: DIR/report for one run or sweep, ./report for several)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="instead: write each run's log as TensorBoard events (RUN_DIR/tensorboard/, or "
                              "OUT/<run dir name>/ with --out); needs only the tensorboard extra")
@@ -46,7 +49,8 @@ def main(argv: Sequence[str]) -> int:
         from mpidqn.analysis.export import tensorboard_main
 
         return tensorboard_main(argv)
-    runs = load_runs(args.run_dirs)
+    run_dirs, sweep_notes = expand_sweeps(args.run_dirs)
+    runs = load_runs(run_dirs)
     if not runs:
         print(f"{PROG}: no run could be read", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -54,19 +58,42 @@ def main(argv: Sequence[str]) -> int:
     table = summary(runs)
     print(format_table(table))
     print()
-    print(format_table(aggregate(group_by_settings(runs), table)))
+    configs = aggregate(group_by_settings(runs), table)
+    print(format_table(configs))
     print()
+    sweep = any(map(is_sweep, args.run_dirs))
+    if sweep:
+        print("configs ranked by the IQM of the final evaluation over seeds:")
+        print(format_table(ranked(configs)))
+        print()
     try:
         out.mkdir(parents=True, exist_ok=True)
         written, notes = write_report(runs, table, out)
+        if sweep:
+            ranked(configs).to_csv(out / "ranked.csv", index=False)
+            written.insert(2, out / "ranked.csv")
     except OSError as err:
         print(f"{PROG}: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILURE
     for path in written:
         print(f"wrote {path}")
-    for note in notes:
+    for note in [*sweep_notes, *notes]:
         print(f"note: {note}")
     return EXIT_OK
+
+
+def expand_sweeps(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Each sweep directory replaced by its runs that have a log; notes on its unfinished runs."""
+    run_dirs: list[Path] = []
+    notes: list[str] = []
+    for path in paths:
+        if is_sweep(path):
+            dirs, more = sweep_runs(path)
+            run_dirs += dirs
+            notes += more
+        else:
+            run_dirs.append(path)
+    return run_dirs, notes
 
 
 def format_table(table: pd.DataFrame) -> str:

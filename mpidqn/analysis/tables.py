@@ -63,13 +63,13 @@ def summary(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 AGGREGATE_COLUMNS = ["setting", "runs", "final_eval_iqm", "final_eval_ci_low", "final_eval_ci_high",
-                     "final_eval_mean", "final_eval_min", "best_eval_iqm", "env_steps_per_s"]
+                     "final_eval_mean", "final_eval_min", "best_eval_iqm", "env_steps_per_s", "wall_time_s"]
 
 
 def aggregate(groups: dict[str, list[Run]], table: pd.DataFrame) -> pd.DataFrame:
     """One row per group of runs that differ only in the seed: the interquartile mean of the final
     (and best) evaluation over the seeds with a 95 % bootstrap interval, plus the mean and the worst
-    seed so a failure is not averaged away."""
+    seed so a failure is not averaged away; ``wall_time_s`` is the mean wall time of a seed."""
     by_run = table.set_index("run")
     rows = []
     for label, runs in groups.items():
@@ -82,7 +82,7 @@ def aggregate(groups: dict[str, list[Run]], table: pd.DataFrame) -> pd.DataFrame
             "final_eval_ci_high": float(high), "final_eval_mean": final.mean() if len(final) else np.nan,
             "final_eval_min": final.min() if len(final) else np.nan,
             "best_eval_iqm": float(iqm_interval(best)[0]) if len(best) else np.nan,
-            "env_steps_per_s": t["env_steps_per_s"].mean(),
+            "env_steps_per_s": t["env_steps_per_s"].mean(), "wall_time_s": t["wall_time_s"].mean(),
         })
     return pd.DataFrame(rows, columns=AGGREGATE_COLUMNS)
 

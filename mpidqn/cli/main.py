@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpidqn [train|evaluate|report|inspect] ...``.
+"""Command line: ``python -m mpidqn [train|sweep|evaluate|report|inspect] ...``.
 
 The only module that reads ``MPI.COMM_WORLD``. Errors follow one rule: bad input (UserError) is
 agreed on by all ranks and printed once by rank 0 (exit 2); any other exception on any rank prints
@@ -17,12 +17,13 @@ from mpidqn import errors
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
-COMMANDS = ("train", "evaluate", "report", "inspect", "config")
+COMMANDS = ("train", "sweep", "evaluate", "report", "inspect", "config")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [--trust-run-dir]
                        [KEY=VALUE ...]
+       python -m mpidqn sweep --out DIR [--config FILE] [--seeds A-B] [--grid KEY=V1,V2 ...] [--ranks-per-run R] [KEY=VALUE ...]
        python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--video DIR] [--json]
                        [--trust-run-dir]
-       python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
+       python -m mpidqn report RUN_DIR|SWEEP_DIR [...] [--out DIR] [--target RETURN]
        python -m mpidqn report --tensorboard RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
        python -m mpidqn config [--list [--format text]] [--config FILE] [KEY=VALUE ...]
@@ -32,8 +33,9 @@ MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N p
 
 commands:
   train      train (the default command); resumes when --run-dir holds a checkpoint
+  sweep      many runs (grid x seeds) in one MPI job, groups of ranks taking runs in turn; resumable
   evaluate   greedy evaluation of a run's newest checkpoint (--video DIR: MP4 of each episode)
-  report     summary tables (CSV) and plots (PNG) of one or more runs (--tensorboard: TensorBoard events)
+  report     summary tables (CSV) and plots (PNG) of one or more runs or a sweep (--tensorboard: TensorBoard events)
   inspect    describe a run's newest checkpoint
   config     print the resolved config; --list: every config key with its type, default and meaning
 
@@ -164,6 +166,13 @@ def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False,
     return run.train()
 
 
+def cmd_sweep(argv: Sequence[str], comm: Any) -> int:
+    from mpidqn.cli.sweep import sweep_main
+
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    return sweep_main(argv, comm, _Parser, collective, _abort)
+
+
 def cmd_evaluate(argv: Sequence[str]) -> int:
     from mpidqn.cli.tools import evaluate_main
 
@@ -244,11 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done is not None:
         return done
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    if command == "train":
+    if command in ("train", "sweep"):
         from mpidqn.train import stop as signals
 
         signals.install()
-    if command != "train":  # offline tools: single process, no MPI collectives
+    if command not in ("train", "sweep"):  # offline tools: single process, no MPI collectives
         try:
             return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report,
                     "config": cmd_config}[command](argv)
@@ -262,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        return cmd_train(argv, comm)
+        return (cmd_sweep if command == "sweep" else cmd_train)(argv, comm)
     except UserError as e:
         if comm.Get_rank() == 0:
             _say(f"mpidqn: error: {e}")

@@ -299,6 +299,28 @@ def test_sweep_array_two_seeds(submit, tmp_path):
     assert "seed=0" in out and "seed=1" in out
 
 
+def test_sweep_packed_requeues_and_finishes_every_run(submit, tmp_path):
+    """sweep.sbatch --packed: 2 one-rank groups in one allocation work through 3 runs; USR1 to the
+    batch shell stops the running ones (exit 75), the job requeues itself and the requeued job (same
+    job id, same --out) finishes the sweep."""
+    total = PREEMPT_STEPS
+    job = submit(["--ntasks=2", str(SLURM_DIR / "sweep.sbatch"), "--packed", "--config", str(CONFIG),
+                  "--seeds", "0-2", f"train.total_steps={total}", "env.num_envs=1",
+                  "checkpoint.interval_steps=1000000"])
+    out_dir = tmp_path / "runs" / f"sweep-{job}"
+    wait_for_file(out_dir / "seed0" / "log.h5", job)
+    time.sleep(2)
+    r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    recs = wait_job(job)
+    assert_completed(recs, tmp_path)
+    assert int(recs[0].get("Restarts", 0)) >= 1, recs
+    for seed in (0, 1, 2):
+        assert_finished_run(out_dir / f"seed{seed}", tmp_path, total=total, world=1)
+    out = output_of(tmp_path)
+    assert "step exited with 75" in out and "mpidqn sweep: 3 finished of 3 run(s)" in out, out
+
+
 def test_scaling_one_and_two_ranks(submit, tmp_path):
     """scaling.sbatch --ntasks=2: world1 and world2 runs, one after the other, in runs/<job>/."""
     job = submit(["--ntasks=2", str(SLURM_DIR / "scaling.sbatch"), str(CONFIG), *TINY])
