@@ -246,6 +246,7 @@ class Trainer:
                     [signals.received() is not None, self._checkpoint_due()],
                     self.topo.comm)
                 if stop:
+                    signals.begin_stop()
                     self.report_progress(time.perf_counter() - t_start)
                     self.save_checkpoint()
                     return "signal"
