@@ -19,7 +19,7 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
-       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
+       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--best] [--online] [--json]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
        python -m mpidqn --version
@@ -28,7 +28,8 @@ MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N p
 
 commands:
   train      train (the default command); resumes when --run-dir holds a checkpoint
-  evaluate   greedy evaluation of a run's newest checkpoint
+  evaluate   greedy evaluation of a run's newest checkpoint (--best: of its best evaluation;
+             --online: the online parameters, not their moving average)
   report     summary tables (CSV) and plots (PNG) of one or more runs
   inspect    describe a run's newest checkpoint
 
@@ -39,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage on every rank and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message)  # the caller prefixes the command's name once
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -117,7 +118,8 @@ def train_config(args: argparse.Namespace) -> Any:
 def cmd_train(argv: Sequence[str], comm: Any) -> int:
     from mpidqn.train.rundir import prepare_run
 
-    args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
+    # intermixed: overrides may stand on both sides of an option (`seed=3 --run-dir X train.lr=1e-3`)
+    args = collective(comm, lambda: _train_parser().parse_intermixed_args(list(argv)))
     cfg = collective(comm, lambda: train_config(args))
     collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
     from mpidqn.distributed.topology import Topology
@@ -180,10 +182,17 @@ def _launcher_rank() -> int:
     return 0
 
 
-def unknown_command(word: str) -> str | None:
-    """The error for a first argument that is neither a command, an option nor KEY=VALUE."""
+def unknown_command(word: str, value: str | None = None) -> str | None:
+    """The error for a first argument that is neither a command, an option nor KEY=VALUE (``value``:
+    the argument after it, shown in the KEY=VALUE the user probably meant)."""
     if word.startswith("-") or "=" in word or word in COMMANDS:
         return None
+    from mpidqn.config import iter_fields
+
+    if "." in word or word in {name for name, _ in iter_fields()}:  # `mpidqn train.lr 1e-3`: the = forgotten
+        plain = value is not None and "=" not in value and not value.startswith("--")
+        example = f"{word}={value if plain else 'VALUE'}"
+        return f"'{word}' is not a command: config overrides are KEY=VALUE, e.g. {example}"
     close = difflib.get_close_matches(word, COMMANDS, n=1)
     hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}; overrides are KEY=VALUE"
     return f"unknown command '{word}' ({hint})"
@@ -202,7 +211,7 @@ def _top_level(argv: list[str]) -> int | None:
         if _launcher_rank() == 0:
             print(f"mpidqn {__version__}")
         return EXIT_OK
-    problem = unknown_command(first) if first else None
+    problem = unknown_command(first, argv[1] if len(argv) > 1 else None) if first else None
     if problem is not None:
         if _launcher_rank() == 0:
             _say(f"mpidqn: error: {problem}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -30,6 +31,11 @@ def test_train_smoke_then_evaluate_and_inspect(tmp_path, tiny, n):
     result = json.loads(ev.stdout)
     assert result["episodes"] == 3 and result["step"] == 1200
     assert result["min"] <= result["mean"] <= result["max"] <= 100  # env.max_episode_steps=100 is kept
+    text = run([sys.executable, "-m", "mpidqn", "inspect", str(run_dir)])
+    best = [ln.strip() for ln in text.stdout.splitlines() if ln.strip().startswith("best:")]
+    assert text.returncode == 0 and len(best) == 1, text.stdout + text.stderr
+    assert re.fullmatch(r"best: mean \d+\.\d\d over 2 episodes at step (600|1,200) \(checkpoints/step_\d{12}\)",
+                        best[0]), best  # issue #34: not a Python dict
 
 
 def test_default_config_runs_without_arguments(tmp_path):
@@ -109,7 +115,7 @@ def _cli(args: list[str], **kw):
 def test_help_lists_the_commands_and_version_prints_once():
     p = _cli(["--help"])
     assert p.returncode == 0
-    for command in ("train", "evaluate", "report", "inspect", "--version"):
+    for command in ("train", "evaluate", "report", "inspect", "--version", "--best", "--online"):
         assert command in p.stdout
     from mpidqn import __version__
 
@@ -200,3 +206,34 @@ def test_progress_bar_under_mpiexec_on_a_terminal(tmp_path, tiny):
     assert "env-steps/s |" not in out  # no plain progress lines next to the bar
     p = mpidqn(2, ["--run-dir", str(tmp_path / "r2"), *tiny, "log.progress=auto"])  # stdout a pipe: lines
     assert p.returncode == 0 and "env-steps/s |" in p.stdout and "step/s]" not in p.stdout
+
+
+def test_overrides_on_both_sides_of_an_option(tmp_path):
+    # issue #34: `train KEY=VALUE --run-dir X KEY=VALUE` used to say "unrecognized arguments"
+    run_dir = tmp_path / "r"
+    p = mpidqn(1, ["train", "train.total_steps=300", "--run-dir", str(run_dir), "seed=3", "train.learning_starts=100",
+                   "log.progress=none"], timeout=120)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["seed"], saved["train"]["total_steps"]) == (3, 300)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train.lr", "1e-3"], "mpidqn: error: 'train.lr' is not a command: config overrides are KEY=VALUE, "
+                           "e.g. train.lr=1e-3"),
+    (["seed"], "mpidqn: error: 'seed' is not a command: config overrides are KEY=VALUE, e.g. seed=VALUE"),
+    (["train.lrr=1e-3"], "mpidqn: error: train.lrr: unknown config key (did you mean train.lr?)"),
+    (["lr=1e-3"], "mpidqn: error: lr: unknown config key (did you mean train.lr?)"),
+    (["evaluate", "RUN", "--episodes", "0"], "mpidqn evaluate: error: --episodes must be >= 1, got 0"),
+    (["inspect", "RUN", "--bogus"], "mpidqn inspect: error: unrecognized arguments: --bogus"),
+])
+def test_command_line_mistakes_get_one_line_with_the_fix(tmp_path, args, expected):
+    run_dir = tmp_path / "r"
+    if args[0] in ("evaluate", "inspect"):
+        args = [str(tmp_path) if a == "RUN" else a for a in args]
+    else:
+        args = [*args, "--run-dir", str(run_dir)]
+    p = _cli(args)
+    assert p.returncode == 2
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [expected]
+    assert not run_dir.exists()
