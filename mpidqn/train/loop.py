@@ -224,6 +224,7 @@ class Trainer:
             self.counters.env_steps += self.steps_per_iteration
             self.counters.iterations += 1
             cur = self.counters.env_steps
+            self.reporter.tick(cur)
             self.watchdog.step = cur
             faults.point("step", self.rank, cur, learner=self.learner)
             rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)

@@ -197,13 +197,16 @@ def test_progress_bar_under_mpiexec_on_a_terminal(tmp_path, tiny):
 
     master, slave = os.openpty()
     p = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"),
-                          *tiny, "log.progress=auto"], stdin=subprocess.DEVNULL, stdout=slave,
+                          *tiny, "log.progress=auto", "log.interval_steps=5000"], stdin=subprocess.DEVNULL, stdout=slave,
                          stderr=subprocess.PIPE, env=_env())
     os.close(slave)
     out = _read_pty(master)
     assert p.wait(timeout=180) == 0, p.stderr.read()
     assert "1200/1200" in out and "step/s" in out and "\r" in out, out
     assert "env-steps/s |" not in out  # no plain progress lines next to the bar
+    # issue #34: the bar moves between log intervals (here there is none before the end)
+    counts = {int(n) for n in re.findall(r"\b(\d+)/1200\b", out)}
+    assert any(0 < n < 1200 for n in counts), out
     p = mpidqn(2, ["--run-dir", str(tmp_path / "r2"), *tiny, "log.progress=auto"])  # stdout a pipe: lines
     assert p.returncode == 0 and "env-steps/s |" in p.stdout and "step/s]" not in p.stdout
 
