@@ -11,7 +11,7 @@ import difflib
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from mpidqn import errors
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
@@ -79,22 +79,31 @@ def collective(comm: Any, fn: Callable[[], T]) -> T:
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
-def check_slurm_tasks(world: int) -> None:
-    """A launcher without PMI starts N copies of "rank 0 of 1": refuse instead of N separate runs.
+def slurm_tasks_problem(world: int, environ: Mapping[str, str]) -> str | None:
+    """Inside Slurm, a world size other than SLURM_NTASKS: srun without a PMI the MPI understands
+    starts SLURM_NTASKS copies of "rank 0 of 1", each training alone (Open MPI's silent failure,
+    ompi#13523). ``environ``: the environment as the launcher left it, read before MPI starts (a
+    singleton MPI may set size variables of its own).
 
     A world that a process manager deliberately started (mpiexec -n K inside an allocation, whose
     Hydra proxies are themselves started by srun and see SLURM_NTASKS=1) announces its size in
     PMI_SIZE / OMPI_COMM_WORLD_SIZE; then a differing SLURM_NTASKS is no error.
     """
-    ntasks = os.environ.get("SLURM_NTASKS")
-    launched = {os.environ.get(v) for v in LAUNCHER_SIZE_VARS} - {None}
-    if str(world) in launched:
-        return
-    if ntasks and ntasks.isdigit() and int(ntasks) != world:
-        raise UserError(
-            f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s): the launcher did not start one MPI job "
-            "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"
-        )
+    ntasks = environ.get("SLURM_NTASKS", "")
+    launched = {environ.get(v) for v in LAUNCHER_SIZE_VARS} - {None}
+    if not ntasks.isdigit() or int(ntasks) == world or str(world) in launched:
+        return None
+    return (f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s), so this is not one {ntasks}-rank job "
+            "(srun without a PMI this MPI understands starts every task as a job of its own); launch with `srun --mpi=pmix` (Open MPI, or any "
+            f"MPI built with PMIx; `srun --mpi=list` shows what Slurm offers) or `mpiexec -n {ntasks}` "
+            "(see slurm/README.md)")
+
+
+def check_slurm_tasks(world: int, environ: Mapping[str, str] | None = None) -> None:
+    """Raise UserError with :func:`slurm_tasks_problem`'s line, if any."""
+    problem = slurm_tasks_problem(world, os.environ if environ is None else environ)
+    if problem is not None:
+        raise UserError(problem)
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -115,13 +124,14 @@ def train_config(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides)
 
 
-def cmd_train(argv: Sequence[str], comm: Any) -> int:
+def cmd_train(argv: Sequence[str], comm: Any, launch_env: Mapping[str, str]) -> int:
+    """``launch_env``: the environment before MPI started (for the Slurm guard)."""
     from mpidqn.train.rundir import prepare_run
 
     # intermixed: overrides may stand on both sides of an option (`seed=3 --run-dir X train.lr=1e-3`)
     args = collective(comm, lambda: _train_parser().parse_intermixed_args(list(argv)))
     cfg = collective(comm, lambda: train_config(args))
-    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size(), launch_env))
     from mpidqn.distributed.topology import Topology
 
     def build_topology() -> Topology:
@@ -238,11 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             _say(f"mpidqn {command}: interrupted")
             return 130
+    launch_env = dict(os.environ)  # before MPI starts: what the launcher announced, not a singleton's own
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     try:
-        return cmd_train(argv, comm)
+        return cmd_train(argv, comm, launch_env)
     except UserError as e:
         if comm.Get_rank() == 0:
             _say(f"mpidqn: error: {e}")

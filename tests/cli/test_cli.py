@@ -71,29 +71,30 @@ def test_run_dir_of_another_run_is_refused(tmp_path, tiny):
     assert p.returncode == 2 and "is not a directory" in p.stderr
 
 
-def test_slurm_ntasks_guard(monkeypatch):
-    from mpidqn.cli.main import LAUNCHER_SIZE_VARS, check_slurm_tasks
-    from mpidqn.errors import UserError
+def test_slurm_ntasks_guard():
+    from mpidqn.cli.main import slurm_tasks_problem
 
-    for var in ("SLURM_NTASKS", *LAUNCHER_SIZE_VARS):
-        monkeypatch.delenv(var, raising=False)
-    check_slurm_tasks(1)  # not under Slurm
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    with pytest.raises(UserError, match="SLURM_NTASKS=4 but the MPI world has 1 rank"):
-        check_slurm_tasks(1)  # srun without PMI: 4 copies of "rank 0 of 1"
-    check_slurm_tasks(4)
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    monkeypatch.setenv("PMI_SIZE", "2")
-    check_slurm_tasks(2)  # mpiexec -n 2 inside an allocation: Hydra's proxies see SLURM_NTASKS=1
+    assert slurm_tasks_problem(1, {}) is None  # not under Slurm
+    assert slurm_tasks_problem(4, {"SLURM_NTASKS": "4"}) is None
+    problem = slurm_tasks_problem(1, {"SLURM_NTASKS": "4", "SLURM_PROCID": "2"})  # srun without PMI
+    assert problem is not None and problem.startswith("SLURM_NTASKS=4 but the MPI world has 1 rank(s)")
+    assert "`srun --mpi=pmix`" in problem and "`mpiexec -n 4`" in problem
+    assert slurm_tasks_problem(2, {"SLURM_NTASKS": "4"}) is not None  # srun -n 4 but two 2-rank worlds
+    # mpiexec -n 2 inside an allocation: Hydra's proxies see SLURM_NTASKS=1, the ranks PMI_SIZE=2
+    assert slurm_tasks_problem(2, {"SLURM_NTASKS": "1", "PMI_SIZE": "2"}) is None
+    assert slurm_tasks_problem(2, {"SLURM_NTASKS": "1", "OMPI_COMM_WORLD_SIZE": "2"}) is None
 
 
 def test_slurm_ntasks_guard_end_to_end(tmp_path, tiny):
-    # a singleton MPI process (what srun without PMI starts) inside a 3-task allocation
-    p = run([sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"), *tiny], env={"SLURM_NTASKS": "3"})
-    assert p.returncode == 2
+    # a singleton MPI process (what srun without PMI starts, SLURM_NTASKS times) inside a 3-task allocation
+    run_dir = tmp_path / "r"
+    p = run([sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *tiny], env={"SLURM_NTASKS": "3"})
+    assert p.returncode == 2, p.stdout + p.stderr
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
-        "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s): the launcher did not start one MPI job "
-        "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"]
+        "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s), so this is not one 3-rank job (srun "
+        "without a PMI this MPI understands starts every task as a job of its own); launch with `srun --mpi=pmix` (Open MPI, or any MPI built with PMIx; "
+        "`srun --mpi=list` shows what Slurm offers) or `mpiexec -n 3` (see slurm/README.md)"]
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("key, extra", [("train.compile_optimizer", ["train.optimizer=rmsprop"]),
