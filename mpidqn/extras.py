@@ -17,7 +17,8 @@ def install_hint(extra: str) -> str:
 
 
 def missing(what: str, module: str) -> str:
-    """``{what} needs ale_py (the 'atari' extra: pip install ...)`` for a module that is not installed."""
+    """The one line for a missing ``module``: ``{what} needs ale_py, from the 'atari' extra, which is not
+    installed (pip install -e '.[atari]' in a source checkout, or pip install 'mpidqn[atari]')``."""
     top = module.split(".")[0]
     extra = EXTRA_OF.get(top)
     if extra is None:

@@ -94,9 +94,9 @@ def slurm_tasks_problem(world: int, environ: Mapping[str, str]) -> str | None:
     if not ntasks.isdigit() or int(ntasks) == world or str(world) in launched:
         return None
     return (f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s), so this is not one {ntasks}-rank job "
-            "(srun without a PMI this MPI understands starts every task as a job of its own); launch with `srun --mpi=pmix` (Open MPI, or any "
-            f"MPI built with PMIx; `srun --mpi=list` shows what Slurm offers) or `mpiexec -n {ntasks}` "
-            "(see slurm/README.md)")
+            "(srun without a PMI this MPI understands starts every task as a job of its own); launch with "
+            "`srun --mpi=pmix` (Open MPI, or any MPI built with PMIx; `srun --mpi=list` shows what Slurm offers) "
+            f"or `mpiexec -n {ntasks}` (see slurm/README.md)")
 
 
 def check_slurm_tasks(world: int, environ: Mapping[str, str] | None = None) -> None:

@@ -41,8 +41,7 @@ import torch
 from mpidqn.train import stop as signals
 
 POINTS = {"raise": "step", "stop": "step", "kill": "step", "hang": "step", "nan": "step", "perturb": "step",
-          "kill_in_checkpoint": "checkpoint",
-          "pause_in_checkpoint": "checkpoint", "enospc": "rank_file"}
+          "kill_in_checkpoint": "checkpoint", "pause_in_checkpoint": "checkpoint", "enospc": "rank_file"}
 KINDS = tuple(POINTS)
 PAUSE_S = 5.0  # pause_in_checkpoint
 

@@ -166,7 +166,7 @@ class ConsoleReporter(SilentReporter):
             self.bar.update(steps - self.bar.n)
             self.bar.set_postfix_str(
                 f"ret {_fmt(stats['episode_return'])} loss {_fmt(stats['loss'])} eps {stats['epsilon']:.3f} "
-                f"{stats['env_steps_per_s']:,.0f} st/s allreduce {100 * comm_share:.1f}%")  # shown now, not an interval late
+                f"{stats['env_steps_per_s']:,.0f} st/s allreduce {100 * comm_share:.1f}%")  # drawn now, not later
             return
         self.message(
             f"step {steps:>9,}/{self.total_steps:,} | {stats['env_steps_per_s']:8,.0f} env-steps/s | "

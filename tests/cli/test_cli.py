@@ -92,8 +92,9 @@ def test_slurm_ntasks_guard_end_to_end(tmp_path, tiny):
     assert p.returncode == 2, p.stdout + p.stderr
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
         "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s), so this is not one 3-rank job (srun "
-        "without a PMI this MPI understands starts every task as a job of its own); launch with `srun --mpi=pmix` (Open MPI, or any MPI built with PMIx; "
-        "`srun --mpi=list` shows what Slurm offers) or `mpiexec -n 3` (see slurm/README.md)"]
+        "without a PMI this MPI understands starts every task as a job of its own); launch with "
+        "`srun --mpi=pmix` (Open MPI, or any MPI built with PMIx; `srun --mpi=list` shows what Slurm offers) "
+        "or `mpiexec -n 3` (see slurm/README.md)"]
     assert not run_dir.exists()
 
 
@@ -198,7 +199,8 @@ def test_progress_bar_under_mpiexec_on_a_terminal(tmp_path, tiny):
 
     master, slave = os.openpty()
     p = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"),
-                          *tiny, "log.progress=auto", "log.interval_steps=5000"], stdin=subprocess.DEVNULL, stdout=slave,
+                          *tiny, "log.progress=auto", "log.interval_steps=5000"],
+                         stdin=subprocess.DEVNULL, stdout=slave,
                          stderr=subprocess.PIPE, env=_env())
     os.close(slave)
     out = _read_pty(master)

@@ -163,3 +163,16 @@ def test_second_interrupt_before_the_stop_exits_130_under_mpiexec(tmp_path):
     assert "Traceback" not in err
     assert err.count("mpidqn: interrupted again: stopped at once, without a checkpoint") == 1, err
     assert not any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+
+
+def test_a_rank_killed_during_the_stop_checkpoint_ends_the_job_non_zero(tmp_path):
+    # the stop's checkpoint is cut short by a SIGKILL of rank 1 (OOM killer, a forced abort): the job
+    # must not look stopped (75) or finished (0), and the half-written checkpoint must not count
+    run_dir = tmp_path / "r"
+    p = _start(["mpiexec", "-n", "2"], sys.executable, run_dir, env={"MPIDQN_FAULT": "kill_in_checkpoint:1:0"})
+    _wait_started(p, run_dir)
+    os.kill(p.pid, signal.SIGINT)
+    rc, out, err = _finish(p)
+    assert rc not in (0, 75), out + err
+    assert "mpidqn: stopped on" not in out + err
+    assert any((run_dir / "checkpoints").glob("step_*")) and not any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
