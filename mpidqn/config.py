@@ -24,6 +24,7 @@ Step counting (the same whatever the world size):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -364,7 +365,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown config key")
+            raise unknown_key(prefix, str(key), names)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -375,6 +376,14 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[f.name] = _check_type(prefix + f.name, value, tp)
     return cls(**kwargs)
+
+
+def unknown_key(prefix: str, key: str, names: typing.Iterable[str]) -> ConfigError:
+    """``train.lrr: unknown config key (did you mean train.lr?)``: the closest key of the same section,
+    else a key anywhere whose last part is ``key`` (``lr`` -> ``train.lr``)."""
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    guess = prefix + close[0] if close else next((n for n, _ in iter_fields() if n.rsplit(".", 1)[-1] == key), None)
+    return ConfigError(f"{prefix}{key}: unknown config key" + (f" (did you mean {guess}?)" if guess else ""))
 
 
 def _parse_scalar(text: str) -> Any:

@@ -1,6 +1,6 @@
 """Offline analysis of run logs: load runs into pandas, tidy and summary tables, plots, ``report``.
 
-pandas and matplotlib live behind the ``report`` extra (``pip install 'mpidqn[report]'``): importing
+pandas and matplotlib live behind the ``report`` extra (``pip install -e '.[report]'``): importing
 this package does not import them, so the command line can always import :func:`report_main`.
 
     runs.py    Run, load_run: one run directory -> metadata, config and DataFrames
@@ -16,7 +16,8 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
-from mpidqn.errors import EXIT_FAILURE
+from mpidqn.errors import EXIT_BAD_INPUT
+from mpidqn.extras import missing
 
 if TYPE_CHECKING:
     from mpidqn.analysis.runs import Run, RunLoadError, load_run
@@ -43,6 +44,6 @@ def report_main(argv: list[str]) -> int:
     except ImportError as err:
         if (err.name or "").split(".")[0] not in ("pandas", "matplotlib", "scipy"):
             raise
-        print(f"mpidqn report: needs {err.name}: pip install 'mpidqn[report]'", file=sys.stderr)
-        return EXIT_FAILURE
+        print(f"mpidqn report: error: {missing('report', err.name or 'pandas')}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return main(argv)

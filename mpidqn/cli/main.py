@@ -11,7 +11,7 @@ import difflib
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from mpidqn import errors
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
@@ -21,7 +21,8 @@ COMMANDS = ("train", "sweep", "evaluate", "report", "inspect", "config")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [--trust-run-dir]
                        [KEY=VALUE ...]
        python -m mpidqn sweep --out DIR [--config FILE] [--seeds A-B] [--grid KEY=V1,V2 ...] [--ranks-per-run R] [KEY=VALUE ...]
-       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--video DIR] [--json]
+       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--best] [--online]
+                       [--video DIR] [--json]
                        [--trust-run-dir]
        python -m mpidqn report RUN_DIR|SWEEP_DIR [...] [--out DIR] [--target RETURN]
        python -m mpidqn report --tensorboard RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -34,7 +35,8 @@ MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N p
 commands:
   train      train (the default command); resumes when --run-dir holds a checkpoint
   sweep      many runs (grid x seeds) in one MPI job, groups of ranks taking runs in turn; resumable
-  evaluate   greedy evaluation of a run's newest checkpoint (--video DIR: MP4 of each episode)
+  evaluate   greedy evaluation of a run's newest checkpoint (--best: of its best evaluation;
+             --online: the online parameters, not their moving average; --video DIR: MP4 of each episode)
   report     summary tables (CSV) and plots (PNG) of one or more runs or a sweep (--tensorboard: TensorBoard events)
   inspect    describe a run's newest checkpoint
   config     print the resolved config; --list: every config key with its type, default and meaning
@@ -46,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage on every rank and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message)  # the caller prefixes the command's name once
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -88,22 +90,31 @@ def collective(comm: Any, fn: Callable[[], T]) -> T:
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
-def check_slurm_tasks(world: int) -> None:
-    """A launcher without PMI starts N copies of "rank 0 of 1": refuse instead of N separate runs.
+def slurm_tasks_problem(world: int, environ: Mapping[str, str]) -> str | None:
+    """Inside Slurm, a world size other than SLURM_NTASKS: srun without a PMI the MPI understands
+    starts SLURM_NTASKS copies of "rank 0 of 1", each training alone (Open MPI's silent failure,
+    ompi#13523). ``environ``: the environment as the launcher left it, read before MPI starts (a
+    singleton MPI may set size variables of its own).
 
     A world that a process manager deliberately started (mpiexec -n K inside an allocation, whose
     Hydra proxies are themselves started by srun and see SLURM_NTASKS=1) announces its size in
     PMI_SIZE / OMPI_COMM_WORLD_SIZE; then a differing SLURM_NTASKS is no error.
     """
-    ntasks = os.environ.get("SLURM_NTASKS")
-    launched = {os.environ.get(v) for v in LAUNCHER_SIZE_VARS} - {None}
-    if str(world) in launched:
-        return
-    if ntasks and ntasks.isdigit() and int(ntasks) != world:
-        raise UserError(
-            f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s): the launcher did not start one MPI job "
-            "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"
-        )
+    ntasks = environ.get("SLURM_NTASKS", "")
+    launched = {environ.get(v) for v in LAUNCHER_SIZE_VARS} - {None}
+    if not ntasks.isdigit() or int(ntasks) == world or str(world) in launched:
+        return None
+    return (f"SLURM_NTASKS={ntasks} but the MPI world has {world} rank(s), so this is not one {ntasks}-rank job "
+            "(srun without a PMI this MPI understands starts every task as a job of its own); launch with "
+            "`srun --mpi=pmix` (Open MPI, or any MPI built with PMIx; `srun --mpi=list` shows what Slurm offers) "
+            f"or `mpiexec -n {ntasks}` (see slurm/README.md)")
+
+
+def check_slurm_tasks(world: int, environ: Mapping[str, str] | None = None) -> None:
+    """Raise UserError with :func:`slurm_tasks_problem`'s line, if any."""
+    problem = slurm_tasks_problem(world, os.environ if environ is None else environ)
+    if problem is not None:
+        raise UserError(problem)
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -126,22 +137,25 @@ def train_config(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides)
 
 
-def cmd_train(argv: Sequence[str], comm: Any) -> int:
-    args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
+def cmd_train(argv: Sequence[str], comm: Any, launch_env: Mapping[str, str] | None = None) -> int:
+    """``launch_env``: the environment before MPI started (for the Slurm guard)."""
+    # intermixed: overrides may stand on both sides of an option (`seed=3 --run-dir X train.lr=1e-3`)
+    args = collective(comm, lambda: _train_parser().parse_intermixed_args(list(argv)))
     cfg = collective(comm, lambda: train_config(args))
-    return run_training(cfg, comm, args.run_dir, args.resume, args.fresh_start, args.trust_run_dir)
+    return run_training(cfg, comm, args.run_dir, args.resume, args.fresh_start, args.trust_run_dir, launch_env)
 
 
 def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False, fresh_start: bool = False,
-                 trust_run_dir: bool = False) -> int:
+                 trust_run_dir: bool = False, launch_env: Mapping[str, str] | None = None) -> int:
     """Check everything about a validated config on every rank of ``comm``, then train; the exit code.
 
     Shared by the train command and :func:`mpidqn.train`; raises UserError (agreed by all ranks) on
-    bad input before anything is written to the run dir."""
+    bad input before anything is written to the run dir. ``launch_env``: the environment before MPI
+    started, for the Slurm guard (default: the current one)."""
     from mpidqn.io.tensorboard import check_tensorboard
     from mpidqn.train.rundir import prepare_run
 
-    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size(), launch_env))
     from mpidqn.distributed.topology import Topology
 
     def build_topology() -> Topology:
@@ -166,10 +180,10 @@ def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False,
     return run.train()
 
 
-def cmd_sweep(argv: Sequence[str], comm: Any) -> int:
+def cmd_sweep(argv: Sequence[str], comm: Any, launch_env: Mapping[str, str] | None = None) -> int:
     from mpidqn.cli.sweep import sweep_main
 
-    collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
+    collective(comm, lambda: check_slurm_tasks(comm.Get_size(), launch_env))
     return sweep_main(argv, comm, _Parser, collective, _abort)
 
 
@@ -217,10 +231,17 @@ def _launcher_rank() -> int:
     return 0
 
 
-def unknown_command(word: str) -> str | None:
-    """The error for a first argument that is neither a command, an option nor KEY=VALUE."""
+def unknown_command(word: str, value: str | None = None) -> str | None:
+    """The error for a first argument that is neither a command, an option nor KEY=VALUE (``value``:
+    the argument after it, shown in the KEY=VALUE the user probably meant)."""
     if word.startswith("-") or "=" in word or word in COMMANDS:
         return None
+    from mpidqn.config import iter_fields
+
+    if "." in word or word in {name for name, _ in iter_fields()}:  # `mpidqn train.lr 1e-3`: the = forgotten
+        plain = value is not None and "=" not in value and not value.startswith("--")
+        example = f"{word}={value if plain else 'VALUE'}"
+        return f"'{word}' is not a command: config overrides are KEY=VALUE, e.g. {example}"
     close = difflib.get_close_matches(word, COMMANDS, n=1)
     hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}; overrides are KEY=VALUE"
     return f"unknown command '{word}' ({hint})"
@@ -239,7 +260,7 @@ def _top_level(argv: list[str]) -> int | None:
         if _launcher_rank() == 0:
             print(f"mpidqn {__version__}")
         return EXIT_OK
-    problem = unknown_command(first) if first else None
+    problem = unknown_command(first, argv[1] if len(argv) > 1 else None) if first else None
     if problem is not None:
         if _launcher_rank() == 0:
             _say(f"mpidqn: error: {problem}")
@@ -267,11 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             _say(f"mpidqn {command}: interrupted")
             return 130
+    launch_env = dict(os.environ)  # before MPI starts: what the launcher announced, not a singleton's own
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     try:
-        return (cmd_sweep if command == "sweep" else cmd_train)(argv, comm)
+        return (cmd_sweep if command == "sweep" else cmd_train)(argv, comm, launch_env)
     except UserError as e:
         if comm.Get_rank() == 0:
             _say(f"mpidqn: error: {e}")

@@ -88,5 +88,15 @@ def inspect_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> 
         print(json.dumps(info))
     else:
         for k, v in info.items():
-            print(f"{k:>20}: {v}")
+            print(f"{k:>20}: {describe_best(v) if k == 'best' else v}")
     return 0
+
+
+def describe_best(record: dict[str, Any] | None) -> str:
+    """The BEST record as ``inspect`` prints it: ``mean 187.30 over 10 episodes at step 12,000
+    (checkpoints/step_000000012000)``."""
+    if record is None:
+        return "none recorded (no evaluation yet)"
+    where = f" (checkpoints/{record['dir']})" if record.get("dir") else ""
+    return (f"mean {float(record['score']):.2f} over {int(record['episodes'])} episodes at step "
+            f"{int(record['step']):,}{where}")

@@ -59,6 +59,7 @@ from gymnasium.vector.utils import batch_space
 
 from mpidqn.envs.presets import EnvSpec
 from mpidqn.errors import UserError
+from mpidqn.extras import missing
 
 ALE_V5_STICKY = 0.25  # repeat_action_probability of gymnasium's ALE/...-v5 ids
 ALE_V5_MAX_STEPS = 27_000  # ALE/...-v5's max_num_frames_per_episode=108000 at frame skip 4
@@ -73,7 +74,7 @@ def _import_envpool() -> Any:
     try:
         import envpool
     except ImportError as e:
-        raise UserError(f"env.backend: envpool is not installed ({e}); pip install -e \".[envpool]\"") from None
+        raise UserError(missing("env.backend: envpool", e.name or "envpool")) from None
     return envpool
 
 

@@ -13,6 +13,7 @@ from gymnasium.vector import AutoresetMode
 from mpidqn.envs.pool import EnvPoolVectorEnv, check_envpool
 from mpidqn.envs.presets import EnvSpec, build_env, infer_preset
 from mpidqn.errors import UserError
+from mpidqn.extras import missing
 
 
 def _register_optional(env_id: str) -> None:
@@ -29,7 +30,7 @@ def _register_optional(env_id: str) -> None:
 
             minatar_gym.register_envs()
     except ImportError as e:
-        raise UserError(f"env.id: {env_id} needs an optional package that is not installed ({e.name})") from None
+        raise UserError(missing(f"env.id: {env_id}", e.name or str(e))) from None
 
 
 def env_module(env_id: str) -> str | None:
@@ -88,6 +89,8 @@ def make_env(env: str | EnvSpec, max_episode_steps: int | None = None) -> gym.En
     try:
         return build()
     except gym.error.DependencyNotInstalled as e:
+        if "box2d" in str(e).lower():
+            raise UserError(missing(f"env.id: {env_id}", "Box2D")) from None
         raise UserError(f"env.id: {env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
     except gym.error.Error as e:
         raise UserError(f"env.id: cannot make {env_id!r}: {str(e).splitlines()[0]}") from None

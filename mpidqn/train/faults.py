@@ -13,6 +13,7 @@ kind                          point              what happens
 ``nan``                       ``step``           this rank's loss is NaN from then on (train.nonfinite: skip or stop)
 ``perturb``                   ``step``           add 1e-3 to this rank's first parameter, once (the replica check must see it)
 ``kill_in_checkpoint``        ``checkpoint``     SIGKILL between this rank's data files and the COMPLETE marker
+``pause_in_checkpoint``       ``checkpoint``     sleep 5 s there, once (a slow disk: a signal arrives mid-checkpoint)
 ``enospc``                    ``rank_file``      writing this rank's checkpoint file fails with "No space left on device"
 ============================  =================  ==================================================
 
@@ -40,8 +41,9 @@ import torch
 from mpidqn.train import stop as signals
 
 POINTS = {"raise": "step", "stop": "step", "kill": "step", "hang": "step", "nan": "step", "perturb": "step",
-          "kill_in_checkpoint": "checkpoint", "enospc": "rank_file"}
+          "kill_in_checkpoint": "checkpoint", "pause_in_checkpoint": "checkpoint", "enospc": "rank_file"}
 KINDS = tuple(POINTS)
+PAUSE_S = 5.0  # pause_in_checkpoint
 
 
 @dataclass
@@ -91,6 +93,9 @@ def point(where: str, rank: int, step: int, *, learner: Any = None, path: Path |
         signals.request(signal.SIGUSR1)
     elif kind in ("kill", "kill_in_checkpoint"):
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "pause_in_checkpoint" and not fault.done:
+        fault.done = True
+        time.sleep(PAUSE_S)
     elif kind == "hang":
         while True:
             time.sleep(3600)

@@ -227,6 +227,7 @@ class Trainer:
             self.counters.env_steps += self.steps_per_iteration
             self.counters.iterations += 1
             cur = self.counters.env_steps
+            self.reporter.tick(cur)
             self.watchdog.step = cur
             faults.point("step", self.rank, cur, learner=self.learner)
             rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)
@@ -249,6 +250,7 @@ class Trainer:
                     [signals.received() is not None, self._checkpoint_due()],
                     self.topo.comm)
                 if stop:
+                    signals.begin_stop()
                     self.report_progress(time.perf_counter() - t_start)
                     self.save_checkpoint()
                     return "signal"

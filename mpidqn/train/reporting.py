@@ -89,6 +89,7 @@ class SilentReporter:
 
     def start(self, header: RunHeader) -> None: ...
     def progress(self, p: Progress) -> None: ...
+    def tick(self, step: int) -> None: ...
     def evaluation(self, result: dict, final: bool) -> None: ...
     def message(self, text: str) -> None: ...
     def event(self, step: int, kind: str, text: str) -> None: ...
@@ -137,6 +138,12 @@ class ConsoleReporter(SilentReporter):
                                   unit="step", file=self.stream, dynamic_ncols=True)
         self._last = (0.0, h.step, h.updates, None)
 
+    def tick(self, step: int) -> None:
+        """Every loop iteration: move the bar to the global step (known on every rank, so no
+        collective); tqdm redraws at most every 0.1 s. Plain lines wait for :meth:`progress`."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
     def progress(self, p: Progress) -> None:
         steps, updates, timings = p.step, p.updates, p.timings
         last_wall, last_steps, last_updates, last_timings = self._last
@@ -159,7 +166,7 @@ class ConsoleReporter(SilentReporter):
             self.bar.update(steps - self.bar.n)
             self.bar.set_postfix_str(
                 f"ret {_fmt(stats['episode_return'])} loss {_fmt(stats['loss'])} eps {stats['epsilon']:.3f} "
-                f"{stats['env_steps_per_s']:,.0f} st/s allreduce {100 * comm_share:.1f}%", refresh=False)
+                f"{stats['env_steps_per_s']:,.0f} st/s allreduce {100 * comm_share:.1f}%")  # drawn now, not later
             return
         self.message(
             f"step {steps:>9,}/{self.total_steps:,} | {stats['env_steps_per_s']:8,.0f} env-steps/s | "

@@ -94,6 +94,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
     """Rank 0's checks of the run dir; raises UserError with one line."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: exists and is not a directory")
+    if resume and not (run_dir / "checkpoints").is_dir():  # before the lock creates anything (issue #34)
+        what = "does not exist" if not run_dir.exists() else "holds no checkpoints/ directory"
+        raise UserError(f"--resume: --run-dir {run_dir} {what}, so there is no run to continue "
+                        "(leave out --resume to start one there)")
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists():
         try:

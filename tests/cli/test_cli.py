@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -30,6 +31,11 @@ def test_train_smoke_then_evaluate_and_inspect(tmp_path, tiny, n):
     result = json.loads(ev.stdout)
     assert result["episodes"] == 3 and result["step"] == 1200
     assert result["min"] <= result["mean"] <= result["max"] <= 100  # env.max_episode_steps=100 is kept
+    text = run([sys.executable, "-m", "mpidqn", "inspect", str(run_dir)])
+    best = [ln.strip() for ln in text.stdout.splitlines() if ln.strip().startswith("best:")]
+    assert text.returncode == 0 and len(best) == 1, text.stdout + text.stderr
+    assert re.fullmatch(r"best: mean \d+\.\d\d over 2 episodes at step (600|1,200) \(checkpoints/step_\d{12}\)",
+                        best[0]), best  # issue #34: not a Python dict
 
 
 def test_default_config_runs_without_arguments(tmp_path):
@@ -65,29 +71,31 @@ def test_run_dir_of_another_run_is_refused(tmp_path, tiny):
     assert p.returncode == 2 and "is not a directory" in p.stderr
 
 
-def test_slurm_ntasks_guard(monkeypatch):
-    from mpidqn.cli.main import LAUNCHER_SIZE_VARS, check_slurm_tasks
-    from mpidqn.errors import UserError
+def test_slurm_ntasks_guard():
+    from mpidqn.cli.main import slurm_tasks_problem
 
-    for var in ("SLURM_NTASKS", *LAUNCHER_SIZE_VARS):
-        monkeypatch.delenv(var, raising=False)
-    check_slurm_tasks(1)  # not under Slurm
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    with pytest.raises(UserError, match="SLURM_NTASKS=4 but the MPI world has 1 rank"):
-        check_slurm_tasks(1)  # srun without PMI: 4 copies of "rank 0 of 1"
-    check_slurm_tasks(4)
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    monkeypatch.setenv("PMI_SIZE", "2")
-    check_slurm_tasks(2)  # mpiexec -n 2 inside an allocation: Hydra's proxies see SLURM_NTASKS=1
+    assert slurm_tasks_problem(1, {}) is None  # not under Slurm
+    assert slurm_tasks_problem(4, {"SLURM_NTASKS": "4"}) is None
+    problem = slurm_tasks_problem(1, {"SLURM_NTASKS": "4", "SLURM_PROCID": "2"})  # srun without PMI
+    assert problem is not None and problem.startswith("SLURM_NTASKS=4 but the MPI world has 1 rank(s)")
+    assert "`srun --mpi=pmix`" in problem and "`mpiexec -n 4`" in problem
+    assert slurm_tasks_problem(2, {"SLURM_NTASKS": "4"}) is not None  # srun -n 4 but two 2-rank worlds
+    # mpiexec -n 2 inside an allocation: Hydra's proxies see SLURM_NTASKS=1, the ranks PMI_SIZE=2
+    assert slurm_tasks_problem(2, {"SLURM_NTASKS": "1", "PMI_SIZE": "2"}) is None
+    assert slurm_tasks_problem(2, {"SLURM_NTASKS": "1", "OMPI_COMM_WORLD_SIZE": "2"}) is None
 
 
 def test_slurm_ntasks_guard_end_to_end(tmp_path, tiny):
-    # a singleton MPI process (what srun without PMI starts) inside a 3-task allocation
-    p = run([sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"), *tiny], env={"SLURM_NTASKS": "3"})
-    assert p.returncode == 2
+    # a singleton MPI process (what srun without PMI starts, SLURM_NTASKS times) inside a 3-task allocation
+    run_dir = tmp_path / "r"
+    p = run([sys.executable, "-m", "mpidqn", "--run-dir", str(run_dir), *tiny], env={"SLURM_NTASKS": "3"})
+    assert p.returncode == 2, p.stdout + p.stderr
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
-        "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s): the launcher did not start one MPI job "
-        "(use mpiexec, or srun with --mpi=pmi2/pmix for an MPI built with Slurm support; see slurm/README.md)"]
+        "mpidqn: error: SLURM_NTASKS=3 but the MPI world has 1 rank(s), so this is not one 3-rank job (srun "
+        "without a PMI this MPI understands starts every task as a job of its own); launch with "
+        "`srun --mpi=pmix` (Open MPI, or any MPI built with PMIx; `srun --mpi=list` shows what Slurm offers) "
+        "or `mpiexec -n 3` (see slurm/README.md)"]
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("key, extra", [("train.compile_optimizer", ["train.optimizer=rmsprop"]),
@@ -109,7 +117,7 @@ def _cli(args: list[str], **kw):
 def test_help_lists_the_commands_and_version_prints_once():
     p = _cli(["--help"])
     assert p.returncode == 0
-    for command in ("train", "sweep", "evaluate", "report", "inspect", "config", "--version"):
+    for command in ("train", "sweep", "evaluate", "report", "inspect", "config", "--version", "--best", "--online"):
         assert command in p.stdout
     from mpidqn import __version__
 
@@ -191,12 +199,47 @@ def test_progress_bar_under_mpiexec_on_a_terminal(tmp_path, tiny):
 
     master, slave = os.openpty()
     p = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"),
-                          *tiny, "log.progress=auto"], stdin=subprocess.DEVNULL, stdout=slave,
+                          *tiny, "log.progress=auto", "log.interval_steps=5000"],
+                         stdin=subprocess.DEVNULL, stdout=slave,
                          stderr=subprocess.PIPE, env=_env())
     os.close(slave)
     out = _read_pty(master)
     assert p.wait(timeout=180) == 0, p.stderr.read()
     assert "1200/1200" in out and "step/s" in out and "\r" in out, out
     assert "env-steps/s |" not in out  # no plain progress lines next to the bar
+    # issue #34: the bar moves between log intervals (here there is none before the end)
+    counts = {int(n) for n in re.findall(r"\b(\d+)/1200\b", out)}
+    assert any(0 < n < 1200 for n in counts), out
     p = mpidqn(2, ["--run-dir", str(tmp_path / "r2"), *tiny, "log.progress=auto"])  # stdout a pipe: lines
     assert p.returncode == 0 and "env-steps/s |" in p.stdout and "step/s]" not in p.stdout
+
+
+def test_overrides_on_both_sides_of_an_option(tmp_path):
+    # issue #34: `train KEY=VALUE --run-dir X KEY=VALUE` used to say "unrecognized arguments"
+    run_dir = tmp_path / "r"
+    p = mpidqn(1, ["train", "train.total_steps=300", "--run-dir", str(run_dir), "seed=3", "train.learning_starts=100",
+                   "log.progress=none"], timeout=120)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["seed"], saved["train"]["total_steps"]) == (3, 300)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train.lr", "1e-3"], "mpidqn: error: 'train.lr' is not a command: config overrides are KEY=VALUE, "
+                           "e.g. train.lr=1e-3"),
+    (["seed"], "mpidqn: error: 'seed' is not a command: config overrides are KEY=VALUE, e.g. seed=VALUE"),
+    (["train.lrr=1e-3"], "mpidqn: error: train.lrr: unknown config key (did you mean train.lr?)"),
+    (["lr=1e-3"], "mpidqn: error: lr: unknown config key (did you mean train.lr?)"),
+    (["evaluate", "RUN", "--episodes", "0"], "mpidqn evaluate: error: --episodes must be >= 1, got 0"),
+    (["inspect", "RUN", "--bogus"], "mpidqn inspect: error: unrecognized arguments: --bogus"),
+])
+def test_command_line_mistakes_get_one_line_with_the_fix(tmp_path, args, expected):
+    run_dir = tmp_path / "r"
+    if args[0] in ("evaluate", "inspect"):
+        args = [str(tmp_path) if a == "RUN" else a for a in args]
+    else:
+        args = [*args, "--run-dir", str(run_dir)]
+    p = _cli(args)
+    assert p.returncode == 2
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [expected]
+    assert not run_dir.exists()

@@ -170,3 +170,15 @@ def test_layout_and_batch_errors_are_refused_before_the_run_dir_exists(tmp_path,
     p = mpidqn(2, ["--run-dir", str(run_dir), *tiny, *overrides], timeout=90)
     _refused(p, expected)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_resume_without_a_run_is_refused_and_leaves_nothing(tmp_path, tiny, existing):
+    # issue #34: the refusal used to leave RUN_DIR/.lock (and the directory itself) behind
+    run_dir = tmp_path / "fresh"
+    if existing:
+        run_dir.mkdir()
+    p = mpidqn(1, ["--resume", "--run-dir", str(run_dir), *tiny], timeout=60)
+    what = "holds no checkpoints/ directory" if existing else "does not exist"
+    _refused(p, f"--resume: --run-dir {run_dir} {what}, so there is no run to continue")
+    assert run_dir.exists() == existing and (not existing or not any(run_dir.iterdir()))

@@ -87,3 +87,92 @@ def test_sigusr1_to_open_mpi_mpiexec_checkpoints_and_exits_75(tmp_path):
     _wait_started(p, run_dir)
     os.kill(p.pid, signal.SIGUSR1)
     _stopped_cleanly(*_finish(p), run_dir, 2, "SIGUSR1")
+
+
+def _rank_pids(launcher: int, world: int) -> list[int]:
+    """The pids of the ranks under ``launcher`` (mpiexec -> Hydra's proxy -> ranks), from /proc."""
+    deadline = time.monotonic() + 30
+    while True:
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (ValueError, OSError):
+                continue
+        tree, changed = {launcher}, True
+        while changed:
+            grown = tree | {pid for pid, ppid in parents.items() if ppid in tree}
+            changed, tree = grown != tree, grown
+        ranks = [pid for pid in tree - {launcher} if b"mpidqn" in _cmdline(pid) and b"hydra" not in _cmdline(pid)]
+        if len(ranks) == world:
+            return ranks
+        assert time.monotonic() < deadline, f"found rank pids {ranks}"
+        time.sleep(0.2)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _wait_for(predicate, what: str, p: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_interrupt_during_the_stop_checkpoint_is_ignored_under_mpiexec(tmp_path):
+    # issue #34: a second Ctrl-C used to cut the stop short (rc 0 or 255). Once the ranks agreed to
+    # stop, a SIGINT reaching them (a launcher that forwards every one, `kill` on the ranks) must not
+    # keep the checkpoint from completing: exit 75 through mpiexec. Rank 0 pauses 5 s in the
+    # checkpoint (a slow disk) so that the second SIGINT lands inside it.
+    run_dir = tmp_path / "r"
+    p = _start(["mpiexec", "-n", "2"], sys.executable, run_dir, env={"MPIDQN_FAULT": "pause_in_checkpoint:0:0"})
+    _wait_started(p, run_dir)
+    ranks = _rank_pids(p.pid, 2)
+    os.kill(p.pid, signal.SIGINT)  # mpiexec forwards its first SIGINT to every rank
+    _wait_for(lambda: any((run_dir / "checkpoints").glob("step_*")), "no stop checkpoint was begun", p)
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    rc, out, err = _finish(p)
+    _stopped_cleanly(rc, out, err, run_dir, 2, "SIGINT")
+    assert "mpidqn: SIGINT received: checkpointing at the next step boundary, then exit 75" in err
+    assert "interrupted again while writing the stop checkpoint: ignored" in err
+    assert "stopped at once" not in err
+
+
+def test_second_interrupt_before_the_stop_exits_130_under_mpiexec(tmp_path):
+    # rank 0 hangs (test-only fault), so the ranks never agree to stop: the second SIGINT ends the
+    # job at once, and mpiexec reports the ranks' 130, not 0
+    run_dir = tmp_path / "r"
+    p = _start(["mpiexec", "-n", "2"], sys.executable, run_dir, env={"MPIDQN_FAULT": "hang:0:1"})
+    _wait_started(p, run_dir)
+    ranks = _rank_pids(p.pid, 2)
+    os.kill(p.pid, signal.SIGINT)
+    time.sleep(1)
+    assert p.poll() is None
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    rc, out, err = _finish(p, timeout=60)
+    assert rc == 130, out + err
+    assert "Traceback" not in err
+    assert err.count("mpidqn: interrupted again: stopped at once, without a checkpoint") == 1, err
+    assert not any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+
+
+def test_a_rank_killed_during_the_stop_checkpoint_ends_the_job_non_zero(tmp_path):
+    # the stop's checkpoint is cut short by a SIGKILL of rank 1 (OOM killer, a forced abort): the job
+    # must not look stopped (75) or finished (0), and the half-written checkpoint must not count
+    run_dir = tmp_path / "r"
+    p = _start(["mpiexec", "-n", "2"], sys.executable, run_dir, env={"MPIDQN_FAULT": "kill_in_checkpoint:1:0"})
+    _wait_started(p, run_dir)
+    os.kill(p.pid, signal.SIGINT)
+    rc, out, err = _finish(p)
+    assert rc not in (0, 75), out + err
+    assert "mpidqn: stopped on" not in out + err
+    assert any((run_dir / "checkpoints").glob("step_*")) and not any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
