@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun
 from mpidqn.train.checkpoints import find_latest
-from mpidqn.config import ConfigError, load_config, lr_batch_factor, samples_per_rank
+from mpidqn.config import ConfigError, batch_plan, load_config, samples_per_rank
 from mpidqn.train.reporting import SilentReporter
 from mpidqn.algo.dqn import LinearSchedule, update_rounds
 from mpidqn.io.runlog import read_log
@@ -48,7 +48,8 @@ def test_update_rounds_counts_every_crossed_multiple():
 def test_global_batch_is_split_over_the_world_and_a_remainder_is_refused():
     cfg = load_config(None, ["train.batch_size=64"])
     assert [samples_per_rank(cfg.train, w) for w in (1, 2, 4, 8)] == [64, 32, 16, 8]
-    with pytest.raises(ConfigError, match=r"train.batch_size: 64 is not divisible by the world size 3"):
+    with pytest.raises(ConfigError, match=r"train.batch_size: the global batch 64 \(batch_scale 1 x batch_size 64\) "
+                                          r"is not divisible by the world size 3"):
         samples_per_rank(cfg.train, 3)
     per_rank = load_config(None, ["train.batch_size=64", "train.batch_scope=per_rank"])
     assert samples_per_rank(per_rank.train, 3) == 64
@@ -60,7 +61,7 @@ def test_global_batch_is_split_over_the_world_and_a_remainder_is_refused():
 ])
 def test_lr_scaling_follows_the_global_batch(scope, scaling, world, factor):
     cfg = load_config(None, [f"train.batch_scope={scope}", f"train.lr_scaling={scaling}"])
-    assert lr_batch_factor(cfg.train, world) == factor
+    assert batch_plan(cfg.train, world).lr_factor == factor
 
 
 def test_linear_schedule_extension_is_continuous():
@@ -96,9 +97,8 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_writt
     p = mpidqn(3, ["--run-dir", str(run_dir), "train.batch_size=64"], timeout=120)
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if "error" in line]
-    assert lines == ["mpidqn: error: train.batch_size: 64 is not divisible by the world size 3 (train.batch_scope="
-                     "global: every rank samples batch_size / world); use a multiple of 3 or "
-                     "train.batch_scope=per_rank"], p.stderr
+    assert lines == ["mpidqn: error: train.batch_size: the global batch 64 (batch_scale 1 x batch_size 64) is not "
+                     "divisible by the world size 3; use a multiple of 3"], p.stderr
     assert not run_dir.exists()
 
 
