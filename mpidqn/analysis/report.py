@@ -116,6 +116,8 @@ def write_report(runs: Sequence[Run], table: pd.DataFrame, out: Path) -> tuple[l
     for run in runs:
         keep(plots.time_breakdown_plot(run, out / f"time_breakdown_{_file_safe(run.name)}.png"),
              f"time breakdown of {run.name}")
+        keep(plots.phase_timeline_plot(run, out / f"timeline_{_file_safe(run.name)}.png"),
+             f"phase timeline of {run.name}")
     problem = scaling_problem(runs)
     if problem is None and table["env_steps_per_s"].notna().all():
         table.pipe(plots.scaling_table).to_csv(out / "scaling.csv")

@@ -107,6 +107,20 @@ def time_breakdown(run: Run) -> pd.DataFrame:
     return last.groupby("rank")[phases].sum(min_count=1).dropna(axis=1, how="all").fillna(0.0)
 
 
+def phase_timeline(run: Run) -> pd.DataFrame:
+    """Seconds per phase of every rank in every report interval: one row per (rank, step), the step at
+    the interval's end. The timings are cumulative per process, so an interval is the difference to the
+    rank's previous row in the same segment (the first row of a segment counts from its start)."""
+    t = run.timings
+    if not len(t):
+        return pd.DataFrame()
+    phases = [c for c in t.columns if c not in ("segment", "step", "wall_time", "rank")]
+    t = t.sort_values(["segment", "rank", "step"], kind="stable")
+    per = t.groupby(["segment", "rank"])[phases].diff().fillna(t[phases])
+    out = pd.concat([t[["rank", "step"]], per.clip(lower=0.0)], axis=1)
+    return out.dropna(axis=1, how="all").reset_index(drop=True)
+
+
 def host_groups(ranks: Sequence[int], rank_hosts: object) -> list[tuple[str, list[int]]]:
     """``ranks`` grouped by host, hosts in the order of their lowest rank: [(host, ranks), ...].
 
