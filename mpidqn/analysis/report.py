@@ -17,6 +17,7 @@ from mpidqn.analysis.tables import (
     scaling_problem,
     summary,
     tidy,
+    time_to_score,
 )
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 
@@ -31,6 +32,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory (holds log.h5)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="where to write (default: RUN_DIR/report for one run, ./report for several)")
+    parser.add_argument("--target", type=float, metavar="RETURN",
+                        help="also the time to score: per setting (world size included), the median env steps and "
+                        "seconds to the first evaluation >= RETURN and their fraction of the fastest 1-rank "
+                        "setting's (time_to_score.csv)")
     return parser.parse_args(argv)
 
 
@@ -49,9 +54,18 @@ def main(argv: Sequence[str]) -> int:
     print()
     print(format_table(aggregate(group_by_settings(runs), table)))
     print()
+    scores = None
+    if args.target is not None:
+        scores = time_to_score(group_by_settings(runs), args.target)
+        print(f"time to the first evaluation >= {args.target:g}")
+        print(format_table(scores))
+        print()
     try:
         out.mkdir(parents=True, exist_ok=True)
         written, notes = write_report(runs, table, out)
+        if scores is not None:
+            scores.to_csv(out / "time_to_score.csv", index=False)
+            written.append(out / "time_to_score.csv")
     except OSError as err:
         print(f"{PROG}: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILURE
