@@ -140,7 +140,7 @@ class TrainConfig:
     """Discount factor."""
     n_step: int = 8
     """n-step returns (1 = classic one-step TD). 8 in the CartPole default: a cart drifting out over 100+
-    steps is the late failure there, and longer returns carry that end back faster (README, Measured)."""
+    steps is the late failure there, and longer returns carry that end back faster (docs/results.md)."""
     lr: float = 2.3e-3
     """Learning rate (of whichever ``optimizer`` is chosen)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -174,7 +174,7 @@ class TrainConfig:
     compile_network: bool = False
     """Compile the online network's forward (and with it its backward) in the update with
     ``torch.compile`` (data parallel only, not with ``parallel.overlap_allreduce``; the hand-written MLP
-    gradient is then not used). On the CPU it made Pong's update about 10 % faster (README, Measured);
+    gradient is then not used). On the CPU it made Pong's update about 10 % faster (docs/results.md);
     compilation costs seconds to a minute at the first update, is cached across runs by torch, and needs
     a C++ compiler on the CPU. Checkpoints do not change."""
     mlp_kernel: bool = True
@@ -191,15 +191,15 @@ class TrainConfig:
     """Advantage learning's alpha in [0, 1) (Bellemare et al. 2016): the TD target of (s, a) loses
     ``alpha * (max_b Q_target(s, b) - Q_target(s, a))``, which widens the gap between the greedy action
     and the others so that small errors in Q do not flip the greedy choice. One more target-network
-    forward per batch. On CartPole's tuning seeds 0.5 and 0.9 did not beat the default (README,
-    Measured). 0: plain (double) DQN targets."""
+    forward per batch. On CartPole's tuning seeds 0.5 and 0.9 did not beat the default
+    (docs/results.md). 0: plain (double) DQN targets."""
     target_regularization: float = 0.0
     """kappa >= 0: adds ``kappa * sum_a (Q(s, a) - Q_target(s, a))^2``, averaged over the batch (weighted
     like the TD loss), to the loss: the functional regulariser of Piché et al. 2021, here beside the
     target network rather than instead of it (the TD target still bootstraps from it). It keeps every
     action's value near the target network's between refreshes, damping the policy churn that makes a
     learnt policy fall back late in a run. One more target-network forward per update. On CartPole's
-    tuning seeds 0.01-0.05 did not beat the default (README, Measured). 0: off."""
+    tuning seeds 0.01-0.05 did not beat the default (docs/results.md). 0: off."""
     target_update_interval: int = 256
     """Hard target update every this many updates (ignored when tau < 1)."""
     tau: float = 1.0
@@ -210,7 +210,7 @@ class TrainConfig:
     at the first update) instead of the online parameters themselves; acting and learning still use the
     online network. It averages out the last updates' swings of a greedy policy: on CartPole (0.999)
     it removed most late drops of the evaluated return but not the failures of final models, so no
-    shipped config uses it (README, Measured, "Evaluated weights"). 0: off."""
+    shipped config uses it (docs/results.md, "Evaluated weights"). 0: off."""
     replay_storage: Literal["auto", "transitions", "frames"] = "auto"
     """transitions: every row holds obs and next_obs. frames: image observations are stored one frame
     per env step and stacks are rebuilt at sampling (about 7 KB instead of 56 KB per Atari transition).
@@ -228,7 +228,7 @@ class TrainConfig:
     """Added to |TD error| so no transition gets priority 0; null means 0.01. It bounds the smallest
     priority, and importance weights are normalised by the globally smallest probability, so the loss
     scale shrinks like (eps / p) ** (alpha * beta): with 1e-6 and RMSprop (eps 0.01 outside the root)
-    MinAtar Breakout stopped learning (README, Measured). Only with prioritized true."""
+    MinAtar Breakout stopped learning (docs/results.md). Only with prioritized true."""
     replay_sampling: Literal["auto", "local", "global"] = "auto"
     """local: every rank draws its share of the global batch from its own shard (prioritized: normalised
     per shard, as Ape-X). global: the global batch is drawn exactly as from one buffer holding every

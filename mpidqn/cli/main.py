@@ -17,11 +17,12 @@ from mpidqn import errors
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 
 T = TypeVar("T")
-COMMANDS = ("train", "evaluate", "report", "inspect")
+COMMANDS = ("train", "evaluate", "report", "inspect", "config")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
        python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
+       python -m mpidqn config [--list [--format text]] [--config FILE] [KEY=VALUE ...]
        python -m mpidqn --version
 
 MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N python -m mpidqn ...
@@ -31,6 +32,7 @@ commands:
   evaluate   greedy evaluation of a run's newest checkpoint
   report     summary tables (CSV) and plots (PNG) of one or more runs
   inspect    describe a run's newest checkpoint
+  config     print the resolved config; --list: every config key with its type, default and meaning
 
 `python -m mpidqn COMMAND --help` shows the options of a command."""
 
@@ -154,6 +156,12 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     return inspect_main(list(argv), _Parser)
 
 
+def cmd_config(argv: Sequence[str]) -> int:
+    from mpidqn.cli.configdoc import config_main
+
+    return config_main(list(argv), _Parser)
+
+
 def cmd_report(argv: Sequence[str]) -> int:
     from mpidqn.analysis import report_main
 
@@ -222,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.install()
     if command != "train":  # offline tools: single process, no MPI collectives
         try:
-            return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report}[command](argv)
+            return {"evaluate": cmd_evaluate, "inspect": cmd_inspect, "report": cmd_report,
+                    "config": cmd_config}[command](argv)
         except UserError as e:
             _say(f"mpidqn {command}: error: {e}")
             return EXIT_BAD_INPUT

@@ -8,7 +8,7 @@ text is then overwritten. A second job on the same run dir is refused with the h
 Shared file systems: Linux NFS (v4, or v3 with lockd) maps flock onto POSIX byte-range locks that
 all clients see. Lustre needs the ``flock`` mount option (``localflock`` only locks within one node;
 without either, flock fails with ENOSYS). When the file system cannot lock at all, the run goes on
-with a warning and no protection; see README.md ("Run directories").
+with a warning and no protection; see docs/checkpoints.md ("Run directory").
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class RunLock:
                                 "wait for it to end, or use another --run-dir") from None
             if e.errno in _UNSUPPORTED:
                 warn(f"mpidqn: warning: cannot lock {self.path} ({e.strerror}): this file system does not "
-                     "support flock, so nothing stops a second job on this run dir (see README.md, Run directories)")
+                     "support flock, so nothing stops a second job on this run dir (see docs/checkpoints.md, Run directory)")
             else:
                 os.close(fd)
                 raise

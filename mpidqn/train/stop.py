@@ -9,7 +9,7 @@ Launchers: MPICH's Hydra mpiexec forwards SIGINT, SIGTERM and SIGUSR1 to every r
 in their own sessions, so a Ctrl-C in the terminal reaches mpiexec only, which forwards it; a second
 Ctrl-C makes Hydra kill the job). Open MPI 5's mpiexec (PRRTE) forwards SIGUSR1 but answers SIGINT
 and SIGTERM by ending the job itself (SIGCONT, SIGTERM, SIGKILL within a second): with Open MPI,
-stop a run with SIGUSR1. See README.md ("Stopping and resuming").
+stop a run with SIGUSR1. See docs/training.md ("Stopping and resuming").
 """
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def _cli(args: list[str], **kw):
 def test_help_lists_the_commands_and_version_prints_once():
     p = _cli(["--help"])
     assert p.returncode == 0
-    for command in ("train", "evaluate", "report", "inspect", "--version"):
+    for command in ("train", "evaluate", "report", "inspect", "config", "--version"):
         assert command in p.stdout
     from mpidqn import __version__
 
@@ -124,7 +124,7 @@ def test_mistyped_command_is_named_with_a_suggestion(tmp_path):
     p = mpidqn(2, ["frobnicate"])
     assert p.returncode == 2
     assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [  # once, not once per rank
-        "mpidqn: error: unknown command 'frobnicate' (commands: train, evaluate, report, inspect; "
+        "mpidqn: error: unknown command 'frobnicate' (commands: train, evaluate, report, inspect, config; "
         "overrides are KEY=VALUE)"]
 
 

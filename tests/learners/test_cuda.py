@@ -1,7 +1,7 @@
 """The CUDA path of the data-parallel learner: its updates follow the CPU learner's, every reduction
 strategy keeps replicas on one GPU identical, and a real run on the GPU checkpoints and resumes on the
-CPU. These need a GPU that torch can see; on a CPU-only machine (CI) they are skipped, and README says
-where they last ran."""
+CPU. These need a GPU that torch can see; on a CPU-only machine (CI) they are skipped, and docs/gpu.md
+says where they last ran."""
 from __future__ import annotations
 
 import numpy as np

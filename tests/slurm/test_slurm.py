@@ -6,7 +6,7 @@ the Debian packages if missing). The tests are skipped only when that script say
 
 Run them with:  pytest -m slurm tests/slurm/test_slurm.py
 
-What the tests rely on from the trainer (`python -m mpidqn`, see README.md and mpidqn/errors.py):
+What the tests rely on from the trainer (`python -m mpidqn`, see docs/training.md and mpidqn/errors.py):
   [train]    `train --config FILE --run-dir DIR KEY=VALUE ...` trains to `train.total_steps` and exits
              0, leaving DIR/log.h5 and a complete checkpoint at step == train.total_steps exactly
              (the totals used here are multiples of world size x env.num_envs=1).
