@@ -13,7 +13,8 @@ Step counting (the same whatever the world size):
     crosses several multiples does several rounds. Updates per global env step are therefore
     ``gradient_steps / train_freq`` whatever the world size and ``env.num_envs``.
   * The global batch of an update is the transitions its gradient averages over, summed over all
-    ranks: ``K * train.batch_size``, split over the ranks. K = 1 (default) makes N ranks do exactly the
+    ranks: ``K * train.batch_size``, split over the ranks as evenly as integers allow (the first
+    ``global % world`` ranks sample one row more, and every row weighs its share of the global batch). K = 1 (default) makes N ranks do exactly the
     updates of 1 rank on the same global batch. K > 1 is the large-batch mode (``train.batch_scale``, or
     ``train.batch_scope: per_rank`` for K = world): updates per env step fall by K while the replay ratio
     (transitions sampled per env step) stays the config's, and the settings counted in updates (target
@@ -111,7 +112,8 @@ class TrainConfig:
     learning_starts: int = 1_000
     """Global environment steps collected before the first update (at least world * num_envs * n_step, so
     every shard holds a transition). After a resume whose checkpoint holds fewer transitions (a light
-    checkpoint, checkpoint.replay false), updates wait until the replay has refilled to this many."""
+    checkpoint, checkpoint.replay false), updates wait until the replay has refilled to this many (or
+    to buffer_size, if smaller); a resume past it with its replay restored goes on updating at once."""
     buffer_size: int = 100_000
     """Global replay capacity in transitions; each rank holds a shard of about buffer_size / world."""
     batch_size: int = 64
@@ -301,6 +303,10 @@ class LogConfig:
     """Global environment steps between progress lines / log rows."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Console output of rank 0: a progress bar on a TTY, plain lines otherwise (auto)."""
+    tensorboard: bool = False
+    """Rank 0 also writes TensorBoard event files to RUN_DIR/tensorboard/ as the run goes: the scalars
+    of log.h5, evaluations and per-phase times (``tensorboard --logdir RUN_DIR``; needs the extra:
+    ``pip install -e ".[tensorboard]"``). A resumed run appends without repeating steps."""
 
 
 @dataclass
@@ -405,15 +411,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item}: overrides are KEY=VALUE with a dotted key, e.g. train.lr=1e-3")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: unknown config key")
-            node = child
-        node[parts[-1]] = _parse_scalar(raw)
+        set_dotted(data, key, _parse_scalar(raw))
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"]["c"] = value`` for ``key`` "a.b.c" (in place, creating sections)."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: unknown config key")
+        node = child
+    node[parts[-1]] = value
 
 
 def yaml_error(path: str, e: yaml.YAMLError) -> str:
@@ -438,6 +449,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             raise ConfigError(yaml_error(str(path), e)) from None
     apply_overrides(data, list(overrides))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from nested plain data (sections as dicts; missing keys keep their defaults)."""
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
@@ -445,9 +461,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_from_yaml_text(text: str) -> Config:
     """Rebuild a Config from the YAML text stored in a run directory, log or checkpoint."""
-    cfg = _from_dict(Config, yaml.safe_load(text) or {})
-    validate(cfg)
-    return cfg
+    return config_from_dict(yaml.safe_load(text) or {})
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -498,14 +512,23 @@ def batch_plan(train: TrainConfig, world: int) -> BatchPlan:
                            train.target_update_interval, train.tau, train.ema_decay, train.lr_scaling)
 
 
-def samples_per_rank(train: TrainConfig, world: int) -> int:
-    """Transitions every rank samples per update; raises ConfigError when the global batch does not
-    divide over the world."""
+def samples_per_rank(train: TrainConfig, world: int, rank: int = 0) -> int:
+    """Transitions rank ``rank`` samples per update: the global batch (``batch_plan``) split as evenly as
+    integers allow, ``global // world`` rows and one more on the first ``global % world`` ranks (any world
+    size runs, e.g. a requeue onto 3 ranks); the loss weights each row by its share of the global batch,
+    so the gradient is the global batch's. Raises ConfigError when the global batch is smaller than the
+    world."""
     global_batch = batch_plan(train, world).global_batch
-    _require(global_batch % world == 0, "train.batch_size",
+    _require(global_batch >= world, "train.batch_size",
              f"the global batch {global_batch} (batch_scale {batch_scale(train, world)} x batch_size "
-             f"{train.batch_size}) is not divisible by the world size {world}; use a multiple of {world}")
-    return global_batch // world
+             f"{train.batch_size}) is smaller than the world size {world}: every rank samples a share of it; "
+             f"use at least {world} rows or train.batch_scope=per_rank")
+    return global_batch // world + int(rank < global_batch % world)
+
+
+def rows_per_rank(train: TrainConfig, world: int) -> tuple[int, ...]:
+    """``samples_per_rank`` of every rank of the world, in rank order."""
+    return tuple(samples_per_rank(train, world, r) for r in range(world))
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -133,6 +133,28 @@ def update_rounds(prev: int, cur: int, train_freq: int, start: int) -> int:
     return max(0, cur // train_freq - lo // train_freq)
 
 
+def resumed_updates_start(step: int, restored: int, learning_starts: int, capacity: int, slack: int,
+                          min_fill: int) -> int:
+    """The global step before which a run resumed at ``step`` with ``restored`` stored transitions (all
+    ranks; 0: the checkpoint held no replay) must not update, beyond ``learning_starts``; 0: no wait.
+
+    A run past ``learning_starts`` whose replay came back goes on updating at once, as if never stopped
+    (issue #35: comparing stored transitions with the env-step threshold paused every requeue for
+    thousands of steps when ``learning_starts`` exceeds the buffer, or equals it with frame storage,
+    which stays a little under capacity). Before it, the replay must hold ``min(learning_starts,
+    capacity) - slack`` transitions, ``slack`` being what a replay of that many steps may lack (pending
+    n-step rows, frame-ring evictions). An empty replay collects ``min(learning_starts, capacity)``
+    steps again, at least ``min_fill``.
+    """
+    target = min(learning_starts, capacity)
+    if restored == 0:
+        return step + max(target, min_fill)
+    if step >= learning_starts:
+        return 0
+    missing = target - slack - restored
+    return step + max(missing, min_fill) if missing > 0 else 0
+
+
 def per_rank_epsilon(eps: float, rank: int, world: int, alpha: float) -> float:
     """Ape-X exploration spread: rank r explores with eps ** (1 + alpha * r / (world - 1))."""
     if world == 1:

@@ -7,6 +7,7 @@ this package does not import them, so the command line can always import :func:`
     tables.py  tidy, summary, per-rank time breakdown, grouping of runs that differ only by seed
     curves.py  seed aggregation: interquartile mean and bootstrap interval (scipy.stats.bootstrap)
     plots.py   the PNG plots (matplotlib Figure objects, no pyplot state)
+    export.py  ``report --tensorboard``: log.h5 -> TensorBoard event files (the tensorboard extra only)
     report.py  ``python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]``
 """
 from __future__ import annotations
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
 
 def report_main(argv: list[str]) -> int:
     """``mpidqn report`` (arguments after ``report``); returns the exit code."""
+    if "--tensorboard" in argv:  # a conversion, without the report extra's pandas and matplotlib
+        from mpidqn.analysis.export import tensorboard_main
+
+        return tensorboard_main(argv)
     try:
         from mpidqn.analysis.report import main
     except ImportError as err:

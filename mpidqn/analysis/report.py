@@ -36,6 +36,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="also the time to score: per setting (world size included), the median env steps and "
                         "seconds to the first evaluation >= RETURN and their fraction of the fastest 1-rank "
                         "setting's (time_to_score.csv)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="instead: write each run's log as TensorBoard events (RUN_DIR/tensorboard/, or "
+                             "OUT/<run dir name>/ with --out); needs only the tensorboard extra")
     return parser.parse_args(argv)
 
 
@@ -44,6 +47,10 @@ def main(argv: Sequence[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its usage line; -h exits 0
         return int(exit_.code or 0)
+    if args.tensorboard:
+        from mpidqn.analysis.export import tensorboard_main
+
+        return tensorboard_main(argv)
     runs = load_runs(args.run_dirs)
     if not runs:
         print(f"{PROG}: no run could be read", file=sys.stderr)

@@ -19,8 +19,9 @@ from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, UserError
 T = TypeVar("T")
 COMMANDS = ("train", "evaluate", "report", "inspect", "config")
 USAGE = """usage: python -m mpidqn [train] [--config FILE] [--run-dir DIR] [--resume | --fresh-start] [KEY=VALUE ...]
-       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--json]
+       python -m mpidqn evaluate RUN_DIR_OR_CHECKPOINT [--episodes N] [--seed S] [--video DIR] [--json]
        python -m mpidqn report RUN_DIR [RUN_DIR ...] [--out DIR]
+       python -m mpidqn report --tensorboard RUN_DIR [RUN_DIR ...] [--out DIR]
        python -m mpidqn inspect RUN_DIR_OR_CHECKPOINT [--json]
        python -m mpidqn config [--list [--format text]] [--config FILE] [KEY=VALUE ...]
        python -m mpidqn --version
@@ -29,8 +30,8 @@ MPI-based batch trainer for Deep Q-Learning; launch training with mpiexec -n N p
 
 commands:
   train      train (the default command); resumes when --run-dir holds a checkpoint
-  evaluate   greedy evaluation of a run's newest checkpoint
-  report     summary tables (CSV) and plots (PNG) of one or more runs
+  evaluate   greedy evaluation of a run's newest checkpoint (--video DIR: MP4 of each episode)
+  report     summary tables (CSV) and plots (PNG) of one or more runs (--tensorboard: TensorBoard events)
   inspect    describe a run's newest checkpoint
   config     print the resolved config; --list: every config key with its type, default and meaning
 
@@ -117,10 +118,19 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(argv: Sequence[str], comm: Any) -> int:
-    from mpidqn.train.rundir import prepare_run
-
     args = collective(comm, lambda: _train_parser().parse_args(list(argv)))
     cfg = collective(comm, lambda: train_config(args))
+    return run_training(cfg, comm, args.run_dir, args.resume, args.fresh_start)
+
+
+def run_training(cfg: Any, comm: Any, run_dir: str | None, resume: bool = False, fresh_start: bool = False) -> int:
+    """Check everything about a validated config on every rank of ``comm``, then train; the exit code.
+
+    Shared by the train command and :func:`mpidqn.train`; raises UserError (agreed by all ranks) on
+    bad input before anything is written to the run dir."""
+    from mpidqn.io.tensorboard import check_tensorboard
+    from mpidqn.train.rundir import prepare_run
+
     collective(comm, lambda: check_slurm_tasks(comm.Get_size()))
     from mpidqn.distributed.topology import Topology
 
@@ -140,7 +150,8 @@ def cmd_train(argv: Sequence[str], comm: Any) -> int:
     collective(comm, lambda: check_env_id(spec_from_config(cfg.env), cfg.env.backend))
     collective(comm, lambda: check_layout(cfg, topo))
     collective(comm, lambda: check_compile_optimizer(cfg.train))
-    run = prepare_run(cfg, topo, args.run_dir, args.resume, collective, fresh_start=args.fresh_start)
+    collective(comm, lambda: check_tensorboard(cfg.log.tensorboard))
+    run = prepare_run(cfg, topo, run_dir, resume, collective, fresh_start=fresh_start)
     return run.train()
 
 

@@ -3,31 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
-from mpidqn.envs.presets import spec_from_config
-from mpidqn.envs.vector import make_env
-from mpidqn.nn.registry import build_network
-from mpidqn.train.checkpoints import Checkpoint, read_best, read_model, resolve
+from mpidqn.envs.video import check_video, recording, video_prefix
+from mpidqn.train.checkpoints import read_best, read_model, resolve
 from mpidqn.train.evaluation import evaluate_policy
-
-
-def load_policy(ckpt: Checkpoint, online: bool = False) -> tuple[Any, torch.nn.Module, str]:
-    """The config and the full Q-network of a checkpoint (all pipeline stages merged) with the weights
-    its evaluations used: the moving average of the parameters where the run kept one
-    (train.ema_decay), else (or with ``online``) the online parameters; and which of the two it is."""
-    cfg = ckpt.config()
-    env = make_env(spec_from_config(cfg.env, evaluation=True))
-    net = build_network(env.observation_space.shape, int(env.action_space.n), cfg.network)
-    env.close()
-    model = read_model(ckpt)
-    average = bool(model["ema"]) and not online
-    net.load_state_dict({**model["online"], **model["ema"]} if average else model["online"])
-    return cfg, net.eval(), "moving average" if average else "online"
+from mpidqn.train.policy import Policy
 
 
 def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> int:
@@ -39,28 +23,35 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
                    help="the checkpoint of the run's best evaluation instead of the newest one")
     p.add_argument("--online", action="store_true",
                    help="the online parameters instead of their moving average (runs with train.ema_decay)")
+    p.add_argument("--video", type=Path, metavar="DIR",
+                   help="record every episode to DIR/<env>-step<N>-episode-<i>.mp4 (needs the video extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.video is not None:
+        check_video()
     ckpt = resolve(args.target, best=args.best)
-    cfg, net, weights = load_policy(ckpt, online=args.online)
+    policy = Policy.from_checkpoint(ckpt, online=args.online)
+    cfg, weights = policy.config, policy.weights
     torch.set_num_threads(1)
-
-    @torch.no_grad()
-    def policy(obs: np.ndarray) -> np.ndarray:
-        return net(torch.from_numpy(np.asarray(obs, dtype=np.float32))).argmax(dim=1).numpy()
-
     seed = cfg.seed if args.seed is None else args.seed
-    result = evaluate_policy(policy, spec_from_config(cfg.env, evaluation=True), args.episodes, seed, max_episode_steps=cfg.env.max_episode_steps,
-                             step=ckpt.step)
+    spec, wrap, videos = policy.env_spec, None, []
+    if args.video is not None:
+        spec, wrap, videos = recording(spec, args.video, video_prefix(cfg.env.id, ckpt.step), args.episodes)
+    result = evaluate_policy(policy.predict, spec, args.episodes, seed,
+                             max_episode_steps=cfg.env.max_episode_steps, step=ckpt.step, wrap_env=wrap)
     result.update(checkpoint=str(ckpt.path), env=cfg.env.id, seed=seed, weights=weights)
+    if videos:
+        result["videos"] = [str(v) for v in videos]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{cfg.env.id} @ step {ckpt.step:,} ({ckpt.path}, {weights} weights): "
               f"mean {result['mean']:.2f} ± {result['std']:.2f} "
               f"(min {result['min']:.1f}, max {result['max']:.1f}) over {result['episodes']} episodes")
+        if videos:
+            print(f"videos: {str(videos[0]).replace('-episode-0.mp4', '-episode-*.mp4')} ({len(videos)} files)")
     return 0
 
 

@@ -51,6 +51,7 @@ class EnvSpec:
     clip_rewards: bool = False
     sticky_actions: float | None = None
     noop_max: int = 30
+    render_mode: str | None = None  # "rgb_array" to record videos; None: no rendering (training)
 
     def for_evaluation(self) -> "EnvSpec":
         """The same env without the training-only reward clipping and life-loss episode ends."""
@@ -80,6 +81,10 @@ def clip_reward(reward: float) -> float:
     return float(np.clip(reward, -1.0, 1.0))
 
 
+def _render(spec: EnvSpec) -> dict[str, Any]:
+    return {} if spec.render_mode is None else {"render_mode": spec.render_mode}
+
+
 def _time_limit(env: gym.Env, max_episode_steps: int | None) -> gym.Env:
     return env if max_episode_steps is None else gym.wrappers.TimeLimit(env, max_episode_steps)
 
@@ -89,7 +94,7 @@ def _atari(spec: EnvSpec) -> gym.Env:
         import ale_py
 
         gym.register_envs(ale_py)
-    kwargs: dict[str, Any] = {"frameskip": 1}  # AtariPreprocessing skips frames (and max-pools the last two)
+    kwargs: dict[str, Any] = {"frameskip": 1, **_render(spec)}  # AtariPreprocessing skips frames (and max-pools)
     if spec.sticky_actions is not None:
         kwargs["repeat_action_probability"] = spec.sticky_actions
     env = gym.make(spec.id, **kwargs)
@@ -104,7 +109,7 @@ def _minatar(spec: EnvSpec) -> gym.Env:
         from minatar import gym as minatar_gym
 
         minatar_gym.register_envs()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = _render(spec)
     if spec.sticky_actions is not None:
         kwargs["sticky_action_prob"] = spec.sticky_actions
     env = _time_limit(gym.make(spec.id, **kwargs), spec.max_episode_steps)
@@ -115,7 +120,7 @@ def _minatar(spec: EnvSpec) -> gym.Env:
 
 def _plain(spec: EnvSpec) -> gym.Env:
     kwargs = {} if spec.max_episode_steps is None else {"max_episode_steps": spec.max_episode_steps}
-    return gym.make(spec.id, **kwargs)
+    return gym.make(spec.id, **kwargs, **_render(spec))
 
 
 def build_env(spec: EnvSpec) -> gym.Env:

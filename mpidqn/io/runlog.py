@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
@@ -260,9 +260,10 @@ class _Table:
         self.blocks.append(block)
         self.pending += len(block)
 
-    def write(self) -> None:
+    def write(self) -> np.ndarray | None:
+        """Write the buffered rows; return them (None when there were none)."""
         if not self.pending:
-            return
+            return None
         if self.rows:
             self.blocks.append(np.array(self.rows, dtype=self.dtype))
         data = self.blocks[0] if len(self.blocks) == 1 else np.concatenate(self.blocks)
@@ -273,6 +274,7 @@ class _Table:
         self.rows.clear()
         self.blocks.clear()
         self.pending = 0
+        return data
 
 
 class RunLog:
@@ -282,6 +284,11 @@ class RunLog:
     restored, when resuming), call the row methods as the run goes, :meth:`maybe_flush` once per
     loop iteration, and :meth:`close` (or use ``with``) at the end. Row methods only buffer; a
     row reaches the file at the next flush.
+
+    ``mirror`` (e.g. :class:`mpidqn.io.tensorboard.TensorBoardMirror`) gets every block of rows as it
+    is written (``mirror.write(table, rows)``, then ``mirror.flush()``), its ``start_unix`` set to the
+    log's creation time, and, when its ``wants_history`` is true, the rows a resumed log kept; it is
+    closed with the log.
     """
 
     def __init__(
@@ -292,6 +299,7 @@ class RunLog:
         flush_interval_s: float = 10.0,
         scalar_names: Sequence[str] = SCALAR_NAMES,
         timing_names: Sequence[str] = DEFAULT_TIMING_NAMES,
+        mirror: Any | None = None,
     ) -> None:
         if not flush_interval_s >= 0:
             raise ValueError(f"flush_interval_s must be >= 0, got {flush_interval_s}")
@@ -311,8 +319,13 @@ class RunLog:
             timing_names += [n for n in old.timing_names if n not in timing_names]
         self.scalar_names = tuple(scalar_names)
         self.timing_names = tuple(timing_names)
-        self._build(old, resume_step, encoded, json_keys)
+        kept = self._build(old, resume_step, encoded, json_keys)
         self._file = h5py.File(self.path, "r+", libver="latest", locking=_LOCKING)
+        self._mirror = mirror
+        if mirror is not None:
+            mirror.start_unix = float(self._file.attrs["created_unix"])
+            if mirror.wants_history:
+                mirror.write_tables(kept)
         self._tables = {name: _Table(self._file[name]) for name in TABLES}
         self._file.swmr_mode = True
         self._scalar_index = {name: i for i, name in enumerate(self.scalar_names)}
@@ -345,8 +358,9 @@ class RunLog:
         self.moved_aside.append((aside, why))
 
     def _build(self, old: LogData | None, resume_step: int | None,
-               encoded: dict[str, object], json_keys: list[str]) -> None:
-        """Write the complete file (schema, attributes, kept rows) to a temp file, then rename it."""
+               encoded: dict[str, object], json_keys: list[str]) -> dict[str, np.ndarray]:
+        """Write the complete file (schema, attributes, kept rows) to a temp file, then rename it;
+        return the rows kept from ``old``."""
         dtypes = table_dtypes(self.scalar_names, self.timing_names)
         kept = _truncate(old, resume_step, dtypes) if old is not None else {}
         self._segment = 0 if old is None else len(kept["resumes"]) + 1
@@ -368,6 +382,7 @@ class RunLog:
                 f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNKS[name],),
                                  dtype=dtype, compression="gzip", compression_opts=1)
         os.replace(tmp, self.path)
+        return kept
 
     @staticmethod
     def _merged_attrs(old: LogData | None, encoded: dict[str, object],
@@ -460,8 +475,12 @@ class RunLog:
         """Write every buffered row; readers see them after their next ``refresh()``."""
         if self._file is None:
             raise ValueError(f"RunLog {self.path} is closed")
-        for table in self._tables.values():
-            table.write()
+        for name, table in self._tables.items():
+            rows = table.write()
+            if rows is not None and self._mirror is not None:
+                self._mirror.write(name, rows)
+        if self._mirror is not None:
+            self._mirror.flush()
         self._last_flush = time.monotonic()
 
     def maybe_flush(self) -> None:
@@ -478,6 +497,8 @@ class RunLog:
         finally:
             self._file.close()
             self._file = None
+            if self._mirror is not None:
+                self._mirror.close()
 
     def __enter__(self) -> RunLog:
         return self

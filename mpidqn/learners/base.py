@@ -82,6 +82,17 @@ def equal_bounds(rows: int, num_updates: int) -> np.ndarray:
     return np.arange(num_updates + 1, dtype=np.int64) * n
 
 
+def replica_metrics(sums: np.ndarray, comm: Any, nonfinite_skipped: float) -> dict[str, float]:
+    """The logged metrics of the global batch from this replica's ``[loss sum, updates with a finite loss,
+    Q(s, a) sum, rows of those updates]``, summed over the data-parallel replicas ``comm`` (a collective):
+    the mean loss of an update and the mean Q(s, a) of a row, what one process holding every replica's
+    rows would log. Q is averaged over rows, not over updates, so a replica that drew no row of an
+    update (global sampling) does not pull it towards 0 (issue #35). NaN where nothing ran."""
+    loss, updates, q, rows = C.allreduce_array(np.asarray(sums, np.float64), comm, phase="metrics allreduce")
+    return {"loss": loss / updates if updates else float("nan"), "q_mean": q / rows if rows else float("nan"),
+            "nonfinite_skipped": float(nonfinite_skipped)}
+
+
 @dataclass(frozen=True)
 class GreedyPolicy:
     """How a learner acts greedily. ``collective=False``: ``act(obs) -> actions``, local to this rank.

@@ -21,7 +21,7 @@ from torch import nn
 
 from mpidqn.algo.dqn import (action_gap_penalty, target_regularization, target_regularization_grad, td_loss,
                              td_loss_grad, td_targets)
-from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds
+from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds, replica_metrics
 from mpidqn.learners.mlp_kernel import MLPKernel
 from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import make_reducer
@@ -120,8 +120,9 @@ class Learner(LearnerBase):
                                                                  keep=False))
             if use_kernel else (self.online, self.target))
         self._loss_sum = torch.zeros((), device=self.device)
-        self._q_sum = torch.zeros((), device=self.device)
+        self._q_sum = torch.zeros((), device=self.device)  # Q(s, a) summed over the rows
         self._metric_count = torch.zeros((), dtype=torch.int64, device=self.device)  # updates with a finite loss
+        self._q_count = torch.zeros((), dtype=torch.int64, device=self.device)  # their rows
         # Per update, folded into the sums every _FOLD updates (one op, not one each); a non-finite loss
         # is left out at the fold, on the device, so no update reads its loss back for the metrics.
         self._losses: list[torch.Tensor] = []  # the loss of each update
@@ -246,8 +247,11 @@ class Learner(LearnerBase):
         q = self._q_rows
         if q:
             same = all(len(rows) == len(q[0]) for rows in q)
-            means = torch.stack(q).mean(dim=1) if same else torch.stack([rows.mean() for rows in q])
-            self._q_sum += torch.where(torch.isfinite(torch.stack(self._q_losses)), means, 0.0).sum()
+            sums = torch.stack(q).sum(dim=1) if same else torch.stack([rows.sum() for rows in q])
+            finite = torch.isfinite(torch.stack(self._q_losses))
+            self._q_sum += torch.where(finite, sums, 0.0).sum()
+            rows = torch.tensor([len(r) for r in q], device=finite.device)
+            self._q_count += torch.where(finite, rows, 0).sum()
             q.clear()
             self._q_losses.clear()
 
@@ -255,15 +259,11 @@ class Learner(LearnerBase):
         return data.td.cpu().numpy()
 
     def pop_metrics(self) -> dict[str, float]:
-        """Mean loss and mean Q(s, a) of this replica since the last call (NaN when no update ran)."""
+        """Mean loss and mean Q(s, a) of the global batch since the last call, over the replicas (a
+        collective: see replica_metrics; NaN when no update ran)."""
         self._fold_metrics()
-        n = int(self._metric_count)
-        out = {
-            "loss": float(self._loss_sum) / n if n else float("nan"),
-            "q_mean": float(self._q_sum) / n if n else float("nan"),
-            "nonfinite_skipped": float(self.nonfinite_skipped),
-        }
-        self._loss_sum.zero_()
-        self._q_sum.zero_()
-        self._metric_count.zero_()
-        return out
+        sums = torch.stack([self._loss_sum.double(), self._metric_count.double(), self._q_sum.double(),
+                            self._q_count.double()]).cpu().numpy()
+        for t in (self._loss_sum, self._q_sum, self._metric_count, self._q_count):
+            t.zero_()
+        return replica_metrics(sums, self.comm, self.nonfinite_skipped)

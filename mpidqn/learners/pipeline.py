@@ -42,7 +42,7 @@ from mpidqn.distributed.pipeline import (
     pipelined_forward,
     split_sizes,
 )
-from mpidqn.learners.base import GreedyPolicy, LearnerBase, RoundPlan, equal_bounds
+from mpidqn.learners.base import GreedyPolicy, LearnerBase, RoundPlan, equal_bounds, replica_metrics
 from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import PipelineStageReducer
 
@@ -103,7 +103,8 @@ class PipelineLearner(LearnerBase):
         self._total_parameters = int(sum(p.numel() for layer in layers for p in layer.parameters()))
         self.reducer = PipelineStageReducer(self.flat_grad, dp_comm, pp_comm)
         self._collective_seconds = 0.0  # batch gathers; the reducer and the stage link count their own
-        self._metrics = torch.zeros(3, dtype=torch.float64)  # loss sum, q sum, count (last stage)
+        # loss sum, updates with a finite loss, Q(s, a) sum over rows, their rows (last stage)
+        self._metrics = torch.zeros(4, dtype=torch.float64)
 
     # ------------------------------------------------------------------ description
     @property
@@ -268,7 +269,8 @@ class PipelineLearner(LearnerBase):
             value = float(loss.detach())
             if math.isfinite(value):
                 self._metrics[0] += value
-                self._metrics[1] += float(q_taken.detach().sum()) / max(total, 1)
+                self._metrics[2] += float(q_taken.detach().sum())
+                self._metrics[3] += n
             else:
                 self._local_nonfinite = True
             return loss
@@ -277,7 +279,7 @@ class PipelineLearner(LearnerBase):
         self.flat_grad.zero_()
         gpipe_backward(self.online, self.link, x, self._sizes(total), self.shapes[self.stage], loss_of)
         if not self._local_nonfinite:  # a non-finite loss is carried to every rank by the reducer
-            self._metrics[2] += 1
+            self._metrics[1] += 1
 
     def _prepare_round(self, batch: Any, num_updates: int, plan: RoundPlan | None) -> tuple[GroupBatch, np.ndarray]:
         gb = self.gather_batch(batch, num_updates, plan)
@@ -310,14 +312,16 @@ class PipelineLearner(LearnerBase):
         self.step()
 
     def pop_metrics(self) -> dict[str, float]:
-        """Mean loss and Q(s, a) since the last call, computed on the last stage, known by the group."""
+        """Mean loss and Q(s, a) of the global batch since the last call (replica_metrics over the last
+        stages), computed on the last stage, known by the group."""
         m = self._metrics.numpy().copy()
-        if self.stages > 1:
-            watchdog.wait(self.pp_comm.Ibcast(m, root=self.stages - 1), "pipeline metrics")
         self._metrics.zero_()
-        n = m[2]
-        return {"loss": m[0] / n if n else float("nan"), "q_mean": m[1] / n if n else float("nan"),
-                "nonfinite_skipped": float(self.nonfinite_skipped)}
+        out = replica_metrics(m, self.comm, self.nonfinite_skipped)  # every stage reduces over its replicas
+        if self.stages > 1:
+            m = np.array([out["loss"], out["q_mean"]])
+            watchdog.wait(self.pp_comm.Ibcast(m, root=self.stages - 1), "pipeline metrics")
+            out["loss"], out["q_mean"] = float(m[0]), float(m[1])
+        return out
 
     def _nonfinite_where(self) -> str:
         flags = self._nonfinite_flags()

@@ -11,7 +11,8 @@ the shard keeps
   ``FrameStackObservation(padding_type="reset")``. No frame of an earlier episode can leak in.
 - a transition table (a ring like ``TransitionRing``) of ``obs_idx`` and ``next_idx`` (the absolute
   indices of the newest frames of obs and next_obs), actions, n-step returns, discounts, and
-  ``need`` (the oldest frame the row's stacks read);
+  ``need`` (the oldest frame the row's stacks read; after ``extend``, the oldest any later moved row reads,
+  so rows leave oldest first before a frame they read is overwritten);
 - ``NStepAccumulator`` of :mod:`mpidqn.replay.shard`, fed with frame indices instead of observations, so the
   n-step semantics are those of ``ReplayShard`` exactly; ``UniformSampler`` draws the rows.
 
@@ -26,7 +27,8 @@ short episodes), those rows are dropped first: ``len()`` may then stay a little 
 Checkpoints: ``state_dict`` holds the frame ring and the table (``ring/...`` with the attributes
 ``capacity``/``pos``/``size`` that ``replay_lengths`` reads, ``frames/...``, ``nstep/...``). An elastic
 resume moves rows between shards as :class:`FrameRows`, which carry only the frames their stacks read
-(no materialised stacks); ``frame_rows_from_spans`` builds them from the parts of a saved shard that
+(no materialised stacks); ``interleave_frame_rows`` merges the rows of several old shards by age, with
+their frames in the order the rows first read them; ``frame_rows_from_spans`` builds them from the parts of a saved shard that
 hold those rows and their frames, so a loader need not read the whole shard. ``transitions()``
 materialises the stacked rows (2 k frames per row: 56 KB per Atari row, 56 GB for 1M rows: for tests
 and small shards only); ``extend`` accepts such materialised rows too and deduplicates their frames
@@ -39,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from mpidqn.replay.priority import Priorities, ShardMass
+from mpidqn.replay.priority import Priorities
 from mpidqn.replay.shard import (
     FIELDS,
     Batch,
     NStepAccumulator,
+    SlotSampling,
     Transitions,
     UniformSampler,
 )
@@ -105,25 +108,78 @@ class FrameRows:
             None if any(p.priority is None for p in parts) else cat([p.priority for p in parts]))
 
 
+def _sub_pool(prev: np.ndarray, obs: np.ndarray, nxt: np.ndarray, k: int,
+              modulo: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The frames the stacks ending at ``obs`` and ``nxt`` read, as a pool of their own.
+
+    Returns the frames' indices (ascending, into ``prev``'s numbering), their ``prev`` pointers as pool
+    indices (itself where the predecessor is outside the pool: never followed within ``k``), and
+    ``obs``/``nxt`` as pool indices. ``modulo``: as for :func:`chase`.
+    """
+    needed = np.unique(np.concatenate([chase(prev, obs, k, modulo).ravel(), chase(prev, nxt, k, modulo).ravel()]))
+    prev_abs = prev[needed % modulo] if modulo is not None else prev[needed]
+    where = np.searchsorted(needed, prev_abs).clip(max=max(len(needed) - 1, 0))
+    local = np.where(needed[where] == prev_abs, where, np.arange(len(needed)))
+    return needed, local, np.searchsorted(needed, obs), np.searchsorted(needed, nxt)
+
+
 def frame_rows_from_state(state: dict[str, Any], rows: np.ndarray) -> FrameRows:
     """The oldest-first ``rows`` of a saved frame shard (``state_dict`` as a nested tree) as FrameRows."""
     ring, fr = state["ring"], state["frames"]
     cap, pos, size = int(ring["capacity"]), int(ring["pos"]), int(ring["size"])
     fcap, k = int(fr["capacity"]), int(fr["stack"])
     slots = ((pos - size) % cap + np.asarray(rows, np.int64)) % cap
-    obs_abs = np.asarray(ring["obs_idx"])[slots]
-    next_abs = np.asarray(ring["next_idx"])[slots]
-    prev_all = np.asarray(fr["prev"])
-    needed = np.unique(np.concatenate([chase(prev_all, obs_abs, k, fcap).ravel(),
-                                       chase(prev_all, next_abs, k, fcap).ravel()]))
-    prev_abs = prev_all[needed % fcap]
-    where = np.searchsorted(needed, prev_abs).clip(max=max(len(needed) - 1, 0))
-    local = np.arange(len(needed))
-    prev = np.where(needed[where] == prev_abs, where, local)  # pointers beyond any stack: unused
+    needed, prev, obs_idx, next_idx = _sub_pool(np.asarray(fr["prev"]), np.asarray(ring["obs_idx"])[slots],
+                                                np.asarray(ring["next_idx"])[slots], k, fcap)
     frames = np.asarray(fr["frames"])[needed % fcap]
-    return FrameRows(frames, prev, np.searchsorted(needed, obs_abs), np.searchsorted(needed, next_abs),
-                     np.asarray(ring["actions"])[slots], np.asarray(ring["rewards"])[slots],
-                     np.asarray(ring["discounts"])[slots])
+    return FrameRows(frames, prev, obs_idx, next_idx, np.asarray(ring["actions"])[slots],
+                     np.asarray(ring["rewards"])[slots], np.asarray(ring["discounts"])[slots])
+
+
+def interleave_frame_rows(parts: list[FrameRows], source: np.ndarray, stack: int) -> FrameRows:
+    """Rows of several pools in one order, their frames laid out in the order the rows first read them.
+
+    Row ``i`` of the result is the next row not yet taken of ``parts[source[i]]`` (each part's rows keep
+    their order; an elastic resume gives its old shards' rows interleaved by age). A frame's place in
+    the new pool is the first row whose stacks read it, so the oldest frame a row reads rises with the
+    row's place (up to a few rows) as in a shard filled by ``add``: a ring that overwrites its oldest
+    frames then loses the oldest rows of every part alike, never the rows of one part whatever their
+    age (issue #35). Frames no row reads are left out; each frame is copied once.
+    """
+    if not parts:
+        raise ValueError("no parts to interleave")
+    source = np.asarray(source, np.int64)
+    counts = np.bincount(source, minlength=len(parts))[:len(parts)]
+    if len(source) and (source.min() < 0 or any(int(c) != len(p) for c, p in zip(counts, parts))):
+        raise ValueError(f"source takes {counts.tolist()} rows of parts of {[len(p) for p in parts]} rows")
+    sizes = np.array([len(p.frames) for p in parts], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    cat = np.concatenate
+    prev_all = cat([p.prev + o for p, o in zip(parts, offsets)])
+    order = np.empty(len(source), np.int64)  # result row -> row of the parts, one after the other
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for i in range(len(parts)):
+        order[source == i] = firsts[i] + np.arange(counts[i])
+    obs = cat([p.obs_idx + o for p, o in zip(parts, offsets)])[order]
+    nxt = cat([p.next_idx + o for p, o in zip(parts, offsets)])[order]
+    first_use = np.full(len(prev_all), len(order), np.int64)
+    for newest in (obs, nxt):
+        np.minimum.at(first_use, chase(prev_all, newest, stack).ravel(), np.repeat(np.arange(len(order)), stack))
+    layout = np.argsort(first_use, kind="stable")  # by first reader; a part's frames keep their age order
+    layout = layout[first_use[layout] < len(order)]
+    back = np.full(len(prev_all), -1, np.int64)
+    back[layout] = np.arange(len(layout))
+    prev = back[prev_all[layout]]
+    prev = np.where(prev >= 0, prev, np.arange(len(layout)))  # a predecessor no stack reads: never followed
+    frames = np.empty((len(layout), *parts[0].frames.shape[1:]), parts[0].frames.dtype)
+    owner = np.searchsorted(offsets, layout, side="right") - 1
+    for i, part in enumerate(parts):
+        mine = np.flatnonzero(owner == i)
+        frames[mine] = part.frames[layout[mine] - offsets[i]]
+    field = lambda name: cat([getattr(p, name) for p in parts])[order]  # noqa: E731
+    priority = None if any(p.priority is None for p in parts) else field("priority")
+    return FrameRows(frames, prev, back[obs], back[nxt], field("actions"), field("rewards"), field("discounts"),
+                     priority)
 
 
 def frame_rows_from_spans(cols: dict[str, np.ndarray], spans: list[tuple[int, np.ndarray, np.ndarray]],
@@ -263,7 +319,7 @@ class FrameRing:
         self.written = int(d["frames/written"])
 
 
-class FrameReplayShard:
+class FrameReplayShard(SlotSampling):
     """This rank's replay shard for image observations; the interface of ``ReplayShard``."""
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, num_envs: int,
@@ -343,7 +399,7 @@ class FrameReplayShard:
 
     def drop_pending(self) -> None:
         """Forget pending n-step steps and start new frame chains (envs restarted, see ReplayShard)."""
-        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
+        super().drop_pending()
         self._fresh[:] = True
 
     def _write_rows(self, obs_idx: np.ndarray, next_idx: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
@@ -382,41 +438,6 @@ class FrameReplayShard:
             return idx
         return (self.pos - self.size + idx) % self.capacity
 
-    def sample(self, batch_size: int, rng: np.random.Generator, out: Batch | None = None) -> Batch:
-        """Uniform batch with replacement (one ``rng.integers`` draw, as ``ReplayShard.sample``)."""
-        slots = self._slots(self._sampler.indices(self.size, batch_size, rng))
-        return self._gather(slots, out)
-
-    def sample_many(self, num_batches: int, batch_size: int, rng: np.random.Generator,
-                    out: Batch | None = None) -> Batch:
-        """``num_batches`` minibatches at once (see ``ReplayShard.sample_many``)."""
-        if num_batches < 1:
-            raise ValueError(f"num_batches={num_batches} must be >= 1")
-        return self.sample(num_batches * batch_size, rng, out)
-
-    def sample_slots(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        """``count`` physical slots by priority or uniformly (see ``ReplayShard.sample_slots``)."""
-        if count == 0:
-            return np.zeros(0, np.int64)
-        if self.priorities is not None:
-            return self.priorities.sample(count, rng)
-        return self._slots(self._sampler.indices(self.size, count, rng))
-
-    def gather(self, slots: np.ndarray, out: Batch | None = None) -> Batch:
-        return self._gather(slots, out)
-
-    def mass(self) -> ShardMass:
-        if self.priorities is not None:
-            return self.priorities.shard_mass(self.size)
-        return ShardMass(float(self.size), 1.0 if self.size else np.inf, self.size)
-
-    def slot_masses(self, slots: np.ndarray) -> np.ndarray:
-        return np.ones(len(slots)) if self.priorities is None else self.priorities.masses(slots)
-
-    def update_priorities(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
-        if self.priorities is not None:
-            self.priorities.update(slots, td_abs)
-
     def empty_batch(self, batch_size: int) -> Batch:
         b = batch_size
         return Batch(np.empty((b, *self.obs_shape), np.uint8), np.empty(b, np.int64), np.empty(b, np.float32),
@@ -451,18 +472,30 @@ class FrameReplayShard:
 
     def extend(self, rows: Transitions | FrameRows) -> int:
         """Append rows oldest first (FrameRows, or materialised transitions whose frames are
-        deduplicated again); beyond capacity the newest are kept. Bypasses the n-step accumulator."""
+        deduplicated again); beyond capacity the newest are kept. Bypasses the n-step accumulator.
+
+        A row's ``need`` becomes the oldest frame that it or any later row of ``rows`` reads, so the rows
+        leave oldest first (``_evict``) before a frame any of them reads is overwritten, whatever the
+        pool's order (issue #35: the pools of an elastic resume). Where the pool exceeds the frame ring,
+        the oldest rows whose frames do not fit are left out. Returns the rows given."""
         if not isinstance(rows, FrameRows):
             priority = rows.get("priority")
             rows = frame_rows_from_transitions(rows, self.stack, self.frame_shape)
             rows.priority = None if priority is None else np.asarray(priority, np.float64)
         if len(rows) == 0:
             return 0
-        base = self._frames.written
-        need = base + chase(rows.prev, rows.obs_idx, self.stack)[:, 0]
-        self._frames.write(rows.frames, base + rows.prev)
-        self._write_rows(base + rows.obs_idx, base + rows.next_idx, rows.actions, rows.rewards,
-                         rows.discounts, need, rows.priority)
+        reads = np.minimum(chase(rows.prev, rows.obs_idx, self.stack).min(axis=1),
+                           chase(rows.prev, rows.next_idx, self.stack).min(axis=1))
+        need = np.minimum.accumulate(reads[::-1])[::-1]
+        lo = max(0, len(rows.frames) - self._frames.capacity)  # frames below lo would be overwritten at once
+        keep = need >= lo
+        base = self._frames.written - lo  # pool frame i gets the absolute index base + i
+        prev = np.where(rows.prev >= lo, rows.prev, np.arange(len(rows.prev)))[lo:]  # below lo: never followed
+        self._frames.write(rows.frames[lo:], base + prev)
+        kept = rows.take(np.flatnonzero(keep))
+        if len(kept):
+            self._write_rows(base + kept.obs_idx, base + kept.next_idx, kept.actions, kept.rewards,
+                             kept.discounts, base + need[keep], kept.priority)
         self._compact()
         return len(rows)
 

@@ -353,7 +353,83 @@ def partition_transitions(per_rank: list[Transitions], new_world: int,
             for ranks, rows in plan]
 
 
-class ReplayShard:
+class SlotSampling:
+    """What both shard kinds (``ReplayShard``, ``FrameReplayShard``) do the same way on top of their
+    storage: draw slots uniformly or by priority, tell their mass to a global draw, take priorities back,
+    forget pending n-step steps.
+
+    A shard provides ``__len__``, ``priorities`` (:class:`Priorities`, None for uniform replay),
+    ``_sampler`` (:class:`UniformSampler`), ``_nstep`` (:class:`NStepAccumulator`), ``_gather(slots, out)``
+    and, where its stored rows do not start at slot 0, ``_slots`` (sampler offsets -> physical slots).
+    """
+
+    priorities: Priorities | None
+    _sampler: UniformSampler
+    _nstep: NStepAccumulator
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _gather(self, slots: np.ndarray, out: Batch | None) -> Batch:
+        raise NotImplementedError
+
+    def _slots(self, idx: np.ndarray) -> np.ndarray:
+        """Sampler offsets ``[0, len)`` -> physical slots (the identity: rows fill the slots from 0)."""
+        return idx
+
+    def sample(self, batch_size: int, rng: np.random.Generator, out: Batch | None = None) -> Batch:
+        """Uniform batch with replacement: one ``rng.integers`` draw, then ``np.take``.
+
+        ``out``: a Batch of preallocated arrays (e.g. from ``empty_batch``) to fill and return,
+        avoiding allocation. Without it the arrays are fresh.
+        """
+        return self._gather(self._slots(self._sampler.indices(len(self), batch_size, rng)), out)
+
+    def sample_many(self, num_batches: int, batch_size: int, rng: np.random.Generator,
+                    out: Batch | None = None) -> Batch:
+        """``num_batches`` minibatches at once, leading dim ``num_batches * batch_size``.
+
+        One index draw; rows are i.i.d. uniform with replacement, so the slices
+        ``[i*batch_size:(i+1)*batch_size]`` have the same distribution as ``num_batches``
+        separate ``sample`` calls (not the same numbers for the same rng state).
+        """
+        if num_batches < 1:
+            raise ValueError(f"num_batches={num_batches} must be >= 1")
+        return self.sample(num_batches * batch_size, rng, out)
+
+    def sample_slots(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` physical slots drawn with replacement: by priority, or uniformly (``count`` may be 0)."""
+        if count == 0:
+            return np.zeros(0, np.int64)
+        if self.priorities is not None:
+            return self.priorities.sample(count, rng)
+        return self._slots(self._sampler.indices(len(self), count, rng))
+
+    def gather(self, slots: np.ndarray, out: Batch | None = None) -> Batch:
+        """The transitions at ``slots`` (from ``sample_slots``)."""
+        return self._gather(slots, out)
+
+    def mass(self) -> ShardMass:
+        """What a global draw needs to know of this shard (its size, for uniform replay)."""
+        if self.priorities is not None:
+            return self.priorities.shard_mass(len(self))
+        return ShardMass(float(len(self)), 1.0 if len(self) else np.inf, len(self))
+
+    def slot_masses(self, slots: np.ndarray) -> np.ndarray:
+        """``p ** alpha`` of ``slots`` (1 for uniform replay)."""
+        return np.ones(len(slots)) if self.priorities is None else self.priorities.masses(slots)
+
+    def update_priorities(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
+        """New priorities ``|delta| + eps`` for the drawn ``slots`` (prioritized replay only)."""
+        if self.priorities is not None:
+            self.priorities.update(slots, td_abs)
+
+    def drop_pending(self) -> None:
+        """Forget the pending n-step steps (their episodes will not continue, e.g. envs restarted)."""
+        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self._nstep.num_envs, np.int64)})
+
+
+class ReplayShard(SlotSampling):
     """This rank's replay shard: n-step accumulator -> ring storage -> uniform or prioritized sampler.
 
     ``priority``: ``(alpha, eps)`` for prioritized replay (:class:`Priorities`), None for uniform.
@@ -392,15 +468,8 @@ class ReplayShard:
     def __len__(self) -> int:
         return len(self._ring)
 
-    def add(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        next_obs: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-    ) -> int:
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
+            terminated: np.ndarray, truncated: np.ndarray) -> int:
         """Add one vector-env step (see ``NStepAccumulator.push``); return transitions written."""
         rows = self._nstep.push(obs, actions, rewards, next_obs, terminated, truncated)
         return self._write(rows)
@@ -414,58 +483,6 @@ class ReplayShard:
             slots = (pos + np.arange(kept)) % self.capacity
             self.priorities.written(slots, None if priority is None else np.asarray(priority)[k - kept:])
         return k
-
-    def sample(self, batch_size: int, rng: np.random.Generator,
-               out: Batch | None = None) -> Batch:
-        """Uniform batch with replacement: one ``rng.integers`` draw, then ``np.take``.
-
-        ``out``: a Batch of preallocated arrays (e.g. from ``empty_batch``) to fill and return,
-        avoiding allocation. Without it the arrays are fresh.
-        """
-        idx = self._sampler.indices(len(self._ring), batch_size, rng)
-        return self._gather(idx, out)
-
-    def sample_many(self, num_batches: int, batch_size: int, rng: np.random.Generator,
-                    out: Batch | None = None) -> Batch:
-        """``num_batches`` minibatches at once, leading dim ``num_batches * batch_size``.
-
-        One index draw; rows are i.i.d. uniform with replacement, so the slices
-        ``[i*batch_size:(i+1)*batch_size]`` have the same distribution as ``num_batches``
-        separate ``sample`` calls (not the same numbers for the same rng state).
-        """
-        if num_batches < 1:
-            raise ValueError(f"num_batches={num_batches} must be >= 1")
-        return self.sample(num_batches * batch_size, rng, out)
-
-    # ------------------------------------------------------------------ sampling by slot
-    def sample_slots(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        """``count`` slots drawn with replacement: by priority, or uniformly (``count`` may be 0)."""
-        if count == 0:
-            return np.zeros(0, np.int64)
-        if self.priorities is not None:
-            return self.priorities.sample(count, rng)
-        return self._sampler.indices(len(self._ring), count, rng)
-
-    def gather(self, slots: np.ndarray, out: Batch | None = None) -> Batch:
-        """The transitions at ``slots`` (from ``sample_slots``)."""
-        return self._gather(slots, out)
-
-    def mass(self) -> ShardMass:
-        """What a global draw needs to know of this shard (its size, for uniform replay)."""
-        if self.priorities is not None:
-            return self.priorities.shard_mass(len(self))
-        return ShardMass(float(len(self)), 1.0 if len(self) else np.inf, len(self))
-
-    def slot_masses(self, slots: np.ndarray) -> np.ndarray:
-        """``p ** alpha`` of ``slots`` (1 for uniform replay)."""
-        if self.priorities is None:
-            return np.ones(len(slots))
-        return self.priorities.masses(slots)
-
-    def update_priorities(self, slots: np.ndarray, td_abs: np.ndarray) -> None:
-        """New priorities ``|delta| + eps`` for the drawn ``slots`` (prioritized replay only)."""
-        if self.priorities is not None:
-            self.priorities.update(slots, td_abs)
 
     def empty_batch(self, batch_size: int) -> Batch:
         """Preallocated arrays of the right shapes and dtypes, for ``sample(..., out=)``."""
@@ -482,10 +499,6 @@ class ReplayShard:
         for k, dst in zip(FIELDS, out):
             np.take(arrays[k], idx, axis=0, out=dst, mode="clip")
         return out
-
-    def drop_pending(self) -> None:
-        """Forget the pending n-step steps (their episodes will not continue, e.g. envs restarted)."""
-        self._nstep.load_state_dict({**self._nstep.state_dict(), "nstep/count": np.zeros(self.num_envs, np.int64)})
 
     def transitions(self) -> Transitions:
         """Stored transitions, oldest first (copies); with priorities, their ``priority`` too."""

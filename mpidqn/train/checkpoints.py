@@ -327,21 +327,27 @@ def _frame_spans(frames: h5py.Group, windows: list[list[int]]) -> list[tuple[int
 def read_replay_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray] | FrameRows | None:
     """The replay rows an elastic resume assigns to one new rank (see replay.partition_plan), in the
     plan's order: a dict of the ring's columns (all of them, also columns this version does not know),
-    or FrameRows for frame shards; None if the plan is empty. Each old rank file is opened in turn and
+    or FrameRows for frame shards, their frames laid out in the order the rows first read them
+    (``interleave_frame_rows``); None if the plan is empty. Each old rank file is opened in turn and
     only the hyperslabs holding the new rank's rows are read (``read_shard_rows``)."""
     old_ranks, rows = plan
     parts: list[Any] = []
-    order: list[np.ndarray] = []
-    for old in np.unique(old_ranks):
+    source = np.empty(len(old_ranks), np.int64)
+    stack = 1
+    for i, old in enumerate(np.unique(old_ranks)):
         mine = np.flatnonzero(old_ranks == old)
         with h5py.File(ckpt.file(f"rank_{int(old):05d}.h5"), "r") as h:
             parts.append(read_shard_rows(h["replay"], rows[mine]))
-        order.append(mine)
+            if "frames" in h["replay"]:
+                stack = int(h["replay/frames"].attrs["stack"])
+        source[mine] = i
     if not parts:
         return None
-    where = np.argsort(np.concatenate(order), kind="stable")
     if not isinstance(parts[0], dict):
-        return type(parts[0]).concat(parts).take(where)
+        from mpidqn.replay.frames import interleave_frame_rows
+
+        return interleave_frame_rows(parts, source, stack)
+    where = np.argsort(np.argsort(source, kind="stable"), kind="stable")  # plan order of the parts' rows
     keys = [k for k in parts[0] if all(k in p for p in parts)]  # columns every old shard saved
     return {k: np.concatenate([p[k] for p in parts])[where] for k in keys}
 

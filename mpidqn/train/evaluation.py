@@ -40,11 +40,15 @@ def evaluate_policy(
     comm: Any = MPI.COMM_SELF,
     max_episode_steps: int | None = None,
     step: int = 0,
+    wrap_env: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``episodes`` greedy episodes; episode i runs on rank i % size. Same result on every rank."""
+    """Run ``episodes`` greedy episodes; episode i runs on rank i % size. Same result on every rank.
+
+    ``wrap_env`` wraps this rank's env (e.g. a video recorder; see mpidqn.envs.video)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     seeds = episode_seeds(seed, episodes)
     env = make_env(env_id, max_episode_steps)
+    env = wrap_env(env) if wrap_env is not None else env
     try:
         mine = [(i, *run_episode(policy, env, seeds[i])) for i in range(rank, episodes, size)]
     finally:

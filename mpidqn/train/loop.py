@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpidqn.algo.dqn import per_rank_epsilon, update_rounds
+from mpidqn.algo.dqn import per_rank_epsilon, resumed_updates_start, update_rounds
 from mpidqn.algo.large_batch import warmup_factor
 from mpidqn.algo.schedules import Schedules
-from mpidqn.config import Config, batch_plan, priority_params, samples_per_rank
+from mpidqn.config import Config, batch_plan, priority_params, rows_per_rank
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
@@ -120,7 +120,8 @@ class Trainer:
         self.plan = batch_plan(cfg.train, self.world)  # the batch scale K and what it rescales
         lr = cfg.train.lr * self.plan.lr_factor
         self.base_lr = lr
-        self.batch_per_rank = samples_per_rank(cfg.train, self.world)
+        rows = rows_per_rank(cfg.train, self.world)
+        self.batch_per_rank = rows[self.rank]
         self.schedules = Schedules.from_config(cfg.train)
         # every env has emitted a transition (n-step ones after n steps) before the first sample
         self.min_fill = self.world * cfg.env.num_envs * cfg.train.n_step
@@ -134,7 +135,7 @@ class Trainer:
             cfg.train.n_step, cfg.train.gamma, self.env_spec.frame_stack,
             priority=(prio["priority_alpha"], prio["priority_eps"]) if cfg.train.prioritized else None,
         )
-        self.sampler = RoundSampler(cfg.train, topo, self.replay, self.batch_per_rank, shared_seed(cfg.seed))
+        self.sampler = RoundSampler(cfg.train, topo, self.replay, rows, shared_seed(cfg.seed))
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
         self.counters = Counters()
@@ -396,11 +397,13 @@ class Trainer:
         self.schedules = before.resumed(ckpt.step, self.cfg.train)
 
     def _resume_warmup(self, ckpt: Any) -> None:
-        """A checkpoint without (enough) replay: collect until the replay holds learning_starts again."""
+        """A checkpoint without (enough) replay: collect until the replay holds learning_starts again (see
+        resumed_updates_start; slack: the pending n-step rows and 1 % of the buffer for frame evictions)."""
+        t = self.cfg.train
         restored = sum(replay_lengths(ckpt) or [])
-        missing = self.cfg.train.learning_starts - restored
-        if missing > 0 or restored == 0:
-            self.updates_start = max(self.updates_start, ckpt.step + max(missing, self.min_fill))
+        slack = self.min_fill + t.buffer_size // 100
+        start = resumed_updates_start(ckpt.step, restored, t.learning_starts, t.buffer_size, slack, self.min_fill)
+        self.updates_start = max(self.updates_start, start)
 
     def _load_counters(self, state: dict[str, Any]) -> None:
         c = state["counters"]

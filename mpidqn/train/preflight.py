@@ -33,7 +33,7 @@ def check_layout(cfg: Any, topo: Any) -> None:
     if t.buffer_size < topo.world:
         raise UserError(f"train.buffer_size={t.buffer_size} is smaller than the world size {topo.world} "
                         "(every rank needs a replay shard)")
-    per_rank = samples_per_rank(t, topo.world)  # ConfigError when the global batch does not divide
+    per_rank = samples_per_rank(t, topo.world)  # the most of any rank; ConfigError below one row a rank
     shard = ReplayShard.shard_capacity(t.buffer_size, topo.world, topo.world - 1)  # the smallest shard
     if per_rank > shard:
         raise UserError(f"train.batch_size={t.batch_size} ({per_rank} per rank) is larger than a rank's replay "

@@ -208,10 +208,12 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     reporter = SilentReporter()
     if root:
         from mpidqn.io.runlog import SCALAR_NAMES, RunLog
+        from mpidqn.io.tensorboard import open_mirror
         from mpidqn.train.loop import TIMING_NAMES
 
-        runlog = RunLog(run_dir / "log.h5", meta, resume_step=_checkpoint_step(ckpt_path),
-                        scalar_names=SCALAR_NAMES, timing_names=TIMING_NAMES)
+        resume_step = _checkpoint_step(ckpt_path)
+        runlog = RunLog(run_dir / "log.h5", meta, resume_step=resume_step, scalar_names=SCALAR_NAMES,
+                        timing_names=TIMING_NAMES, mirror=open_mirror(cfg.log.tensorboard, run_dir, resume_step))
         reporter = ConsoleReporter(cfg.log.progress, runlog=runlog)
         step = ckpt.step if ckpt is not None else 0
         for aside, why in runlog.moved_aside:

@@ -2,7 +2,9 @@
 as one buffer holding every shard would (``train.replay_sampling``), uniformly or by priority.
 
 * ``local`` + uniform (the fast path): every rank draws ``batch / world`` rows of its own shard per
-  update, all updates of a round in one draw; the loss of an update is the mean over its rows.
+  update, all updates of a round in one draw; the loss of an update is the mean over its rows. Where
+  the world does not divide the batch, the first ``batch % world`` ranks draw one row more and a plan
+  weights every row by ``dp / global batch`` (as in global sampling).
 * ``global``: per exchange, every rank publishes its shard's mass (size; or sum and minimum of
   ``p ** alpha``, and the running maximum priority) in ONE small Allgather; all ranks draw the same
   split of the global batch over the shards from a shared stream (:func:`~mpidqn.replay.priority.split_batch`);
@@ -41,12 +43,16 @@ def resolved_mode(train: Any) -> str:
 class RoundSampler:
     """Draws a round's batches, runs the learner on them and writes priorities back."""
 
-    def __init__(self, train: Any, topo: Any, replay: Any, batch_per_rank: int, seed: np.random.SeedSequence) -> None:
+    def __init__(self, train: Any, topo: Any, replay: Any, rows: int | tuple[int, ...],
+                 seed: np.random.SeedSequence) -> None:
+        """``rows``: rows of every world rank per update in local sampling (one number: the same for all);
+        their sum is the global batch."""
         self.mode = resolved_mode(train)
         self.prioritized = bool(train.prioritized)
         self.topo, self.replay = topo, replay
-        self.batch_per_rank = batch_per_rank
-        self.global_batch = batch_per_rank * topo.world
+        self.rows = np.broadcast_to(np.asarray(rows, np.int64), (topo.world,))
+        self.batch_per_rank = int(self.rows[topo.rank])
+        self.global_batch = int(self.rows.sum())
         self.scale = topo.dp / self.global_batch  # loss weight of a row: its share of the dp-averaged mean
         s = topo.pipeline_stages
         self.members = np.arange(topo.group * s, (topo.group + 1) * s)  # world ranks of my pipeline group
@@ -55,8 +61,9 @@ class RoundSampler:
 
     @property
     def plain(self) -> bool:
-        """Local uniform sampling: the trainer's fast path (no plan, no collective)."""
-        return self.mode == "local" and not self.prioritized
+        """Local uniform sampling with equal rows on every rank: the trainer's fast path (no plan, no
+        collective). Unequal rows need the plan's row weights."""
+        return self.mode == "local" and not self.prioritized and bool((self.rows == self.rows[0]).all())
 
     # ------------------------------------------------------------------ masses
     def masses(self) -> list[ShardMass]:
@@ -94,7 +101,7 @@ class RoundSampler:
             group = counts[:, self.members]
         else:
             mine = np.full(updates, self.batch_per_rank, dtype=np.int64)
-            group = np.full((updates, len(self.members)), self.batch_per_rank, dtype=np.int64)
+            group = np.tile(self.rows[self.members], (updates, 1))
         slots = self.replay.sample_slots(int(mine.sum()), rng)
         batch = self.replay.gather(slots)
         weights = np.full(len(slots), self.scale, dtype=np.float32)

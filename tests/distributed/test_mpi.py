@@ -77,3 +77,10 @@ def test_priority_settings_without_prioritized_replay_are_refused(tmp_path):
         "mpidqn: error: train.priority_alpha: is set but train.prioritized is false "
         "(set train.prioritized=true, or remove it)"], p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_global_batch_the_world_does_not_divide_gives_the_one_process_gradient():
+    """64 rows over 3 ranks (22, 21, 21): every update's reduced gradient is one process's on those rows."""
+    p = mpirun(3, [str(MPI_SCRIPTS / "uneven_batch.py")], timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("OK") == 3

@@ -83,6 +83,64 @@ def test_tiny_minatar_run_resumes_elastically(tmp_path):
             "env.max_episode_steps=30", "log.interval_steps=100", "checkpoint.interval_steps=200"]
     p = mpidqn(2, [*head, *args, "train.total_steps=200"], timeout=300)  # includes torch.compile
     assert p.returncode == 0, p.stdout + p.stderr
+    _check_moved_frame_rows(run_dir)
     p = mpidqn(1, [*head, "--resume", *args, "train.total_steps=300"], timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "elastic" in p.stdout + p.stderr
+
+
+def _check_moved_frame_rows(run_dir) -> None:
+    """Issue #35, through the trainer's own elastic load (2 -> 1 rank, frame replay): the first sampled
+    batch holds rows of the old shards, and while a table length of new steps arrives every moved row
+    still stored gathers the stacks it held right after the load (a moved row is known by its frame
+    index, older than every frame written after the load)."""
+    from collections import Counter
+
+    from mpi4py import MPI
+
+    from mpidqn.config import config_from_yaml_text
+    from mpidqn.distributed.topology import Topology
+    from mpidqn.io.h5tree import flatten
+    from mpidqn.replay.frames import FrameReplayShard
+    from mpidqn.replay.shard import FIELDS, ReplayShard
+    from mpidqn.train.checkpoints import find_latest, read_rank
+    from mpidqn.train.loop import Trainer
+    from mpidqn.train.reporting import SilentReporter
+
+    cfg = config_from_yaml_text((run_dir / "config.yaml").read_text())
+    ckpt = find_latest(run_dir / "checkpoints")
+    trainer = Trainer(cfg, Topology.build(MPI.COMM_SELF), SilentReporter())
+    try:
+        assert trainer.load_checkpoint(ckpt) == "elastic"
+        replay, t = trainer.replay, cfg.train
+        assert isinstance(replay, FrameReplayShard)
+
+        def keys(rows: dict) -> Counter:
+            return Counter(b"".join(np.asarray(rows[k][i]).tobytes() for k in FIELDS) for i in range(len(rows["actions"])))
+
+        old = Counter()
+        for r in range(ckpt.world):
+            shard = FrameReplayShard(ReplayShard.shard_capacity(t.buffer_size, ckpt.world, r), trainer.obs_shape,
+                                     np.uint8, cfg.env.num_envs, t.n_step, t.gamma, cfg.env.frame_stack)
+            shard.load_state_dict(flatten(read_rank(ckpt, r, ("replay",))["replay"]))
+            old += keys(shard.transitions())
+        batch = replay.sample(64, np.random.default_rng(0))
+        assert set(keys(dict(zip(FIELDS, batch)))) <= set(old)
+        moved = replay.transitions()
+        assert keys(moved) == old  # every stored row moved, once
+        written = int(replay.state_dict()["frames/written"])
+        held = {int(i): (moved["obs"][j], moved["next_obs"][j])
+                for j, i in enumerate(replay.state_dict()["ring/obs_idx"][replay.oldest_first()])}
+        left = []
+        for step in range(replay.capacity + 20):
+            trainer.env_step()
+            if step % 25 == 0 or step >= replay.capacity:
+                now = replay.transitions()
+                idx = replay.state_dict()["ring/obs_idx"][replay.oldest_first()]
+                for j in np.flatnonzero(idx < written):
+                    obs, nxt = held[int(idx[j])]
+                    assert np.array_equal(now["obs"][j], obs) and np.array_equal(now["next_obs"][j], nxt), step
+                left.append(int((idx < written).sum()))
+        assert left[0] > 0 and left[-1] == 0 and len(set(left)) > 5, left
+    finally:
+        trainer.envs.close()

@@ -12,7 +12,7 @@ import torch
 from mpi4py import MPI
 
 from conftest import mpidqn, run
-from mpidqn.cli.tools import load_policy
+from mpidqn.train.policy import load_network
 from mpidqn.io.runlog import read_log
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import mlp_layers
@@ -119,7 +119,7 @@ def test_runs_evaluate_the_average_and_evaluate_serves_it(tmp_path, tiny, n, ext
     model = read_model(ckpt)
     assert set(model["ema"]) == set(model["online"])  # every stage's share of the average was saved
     for online_flag, part in ((False, "ema"), (True, "online")):
-        _, net, _ = load_policy(ckpt, online=online_flag)
+        _, net, _ = load_network(ckpt, online=online_flag)
         served = dict(net.state_dict())
         assert all(torch.equal(served[k], v) for k, v in model[part].items()), part
     assert any(not torch.equal(model["ema"][k], model["online"][k]) for k in model["ema"])

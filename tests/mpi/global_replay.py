@@ -8,7 +8,7 @@ RoundSampler (global mode) this checks, against ONE process holding the union of
    the single-process gradient of the same global batch with the same weights, also when a rank drew
    no row at all, and the |TD errors| each rank gets back are those of its own rows;
 3. a round of several uniform updates with uneven per-update counts ends in the parameters of a single
-   process doing the same updates on the same global batches;
+   process doing the same updates on the same global batches, and logs its loss and mean Q(s, a);
 4. the global sampling frequencies match p^alpha / sum over ALL shards (chi-square, fixed seeds).
 """
 from __future__ import annotations
@@ -156,6 +156,11 @@ ref.update_many(type(batch)(*rows), U, RoundPlan(all_counts.sum(axis=1, keepdims
 ref_params = dict(zip(ref.param_names, ref.params))
 for name, p in zip(learner.param_names, learner.params):
     assert torch.allclose(p, ref_params[name], rtol=1e-4, atol=1e-6), (rank, name, (p - ref_params[name]).abs().max())
+# the logged loss and Q(s, a) are the single buffer's, although a rank drew no row of some update (issue #35)
+assert (all_counts == 0).any(), all_counts
+got, want = learner.pop_metrics(), ref.pop_metrics()
+assert np.isclose(got["q_mean"], want["q_mean"], rtol=1e-5, atol=1e-7), (rank, got, want)
+assert np.isclose(got["loss"], want["loss"], rtol=1e-5, atol=1e-7), (rank, got, want)
 
 # ---------------------------------------------------------------- 4: frequencies over all shards
 shard = make_shard(prioritized=True)

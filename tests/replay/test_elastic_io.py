@@ -11,10 +11,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_frame_replay import FRAME, fill
+from test_frame_replay import FRAME, fill, make_envs
 
 from mpidqn.io.h5tree import read_tree, unflatten, write_tree
-from mpidqn.replay.frames import FrameReplayShard, FrameRows, frame_rows_from_state
+from mpidqn.replay.frames import FrameReplayShard, FrameRows, frame_rows_from_state, interleave_frame_rows
 from mpidqn.replay.shard import FIELDS, ReplayShard, partition_plan
 from mpidqn.train.checkpoints import (
     Checkpoint,
@@ -45,7 +45,8 @@ def _whole_read_rows(ckpt: Checkpoint, plan: tuple[np.ndarray, np.ndarray]) -> d
         return None
     where = np.argsort(np.concatenate(order), kind="stable")
     if not isinstance(parts[0], dict):
-        return FrameRows.concat(parts).take(where)
+        source = np.repeat(np.arange(len(parts)), [len(m) for m in order])[where]
+        return interleave_frame_rows(parts, source, STACK)
     return {k: np.concatenate([p[k] for p in parts])[where] for k in parts[0]}
 
 
@@ -283,3 +284,79 @@ def test_priorities_travel_with_their_rows_to_the_new_shards(tmp_path, kind):
                        for t in ts for i in range(len(t["actions"])))
     assert rows(moved) == rows([s.transitions() for s in old])
     assert len({p for t in moved for p in t["priority"]}) > 10  # real, distinct priorities moved
+
+
+TAG = 1e6  # rewards of the moved rows become TAG + their index in the plan: new rows' rewards stay far below
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (3, 2), (1, 3)])
+def test_moved_frame_rows_keep_their_stacks_while_a_table_length_of_new_rows_arrives(tmp_path, old_world, new_world):
+    """Issue #35: after an elastic resume of frame shards (frame rings wrapped), every moved row that is
+    still stored gathers exactly the stacks it held right after ``extend``, step after step of ``add``
+    until new rows filled the whole table; the moved rows that leave are the oldest of all old shards
+    alike (a suffix of the plan, interleaved by age), so the rows kept per old rank stay in proportion."""
+    num_envs, capacity = 2, 150
+    shards = [_frame_shard(r, capacity, 260 + 5 * r, num_envs) for r in range(old_world)]
+    assert all(s._frames.written > s.frame_capacity for s in shards)
+    ckpt = _save(tmp_path, shards)
+    olds = [s.transitions() for s in shards]
+    lengths = replay_lengths(ckpt)
+    for s, (ranks, rows) in enumerate(partition_plan(lengths, new_world)):
+        new = _frame_shard(0, ReplayShard.shard_capacity(capacity * old_world, new_world, s), 0, num_envs)
+        moved = read_replay_rows(ckpt, (ranks, rows))
+        moved.rewards = (TAG + np.arange(len(moved))).astype(np.float32)
+        new.extend(moved)
+        want_obs = np.stack([olds[r]["obs"][i] for r, i in zip(ranks, rows)])
+        want_next = np.stack([olds[r]["next_obs"][i] for r, i in zip(ranks, rows)])
+        kept = _check_moved_rows(new, want_obs, want_next)
+        assert len(kept) >= 0.95 * len(rows), (len(kept), len(rows))  # the frame ring holds nearly all
+        envs = make_envs(num_envs, STACK)
+        obs, _ = envs.reset(seed=100 + s)
+        rng = np.random.default_rng(s)
+        left = []
+        for _ in range(new.capacity // num_envs + N_STEP + 1):  # a whole table length of new rows
+            actions = rng.integers(3, size=num_envs)
+            nxt, r, term, trunc, info = envs.step(actions)
+            true_next = nxt.copy()
+            for e in np.flatnonzero(term | trunc):
+                true_next[e] = info["final_obs"][e]
+            new.add(obs, actions, r, true_next, term, trunc)
+            obs = nxt
+            kept = _check_moved_rows(new, want_obs, want_next)
+            left.append(len(kept))
+            if len(kept) >= 30:
+                assert np.array_equal(kept, np.arange(len(rows) - len(kept), len(rows)))  # the newest moved rows
+                share = np.bincount(ranks[kept], minlength=old_world) / len(kept)
+                assert np.allclose(share, np.asarray(lengths) / sum(lengths), atol=0.05), share
+        assert left[-1] == 0 and len(set(left)) > 10  # they left a few at a time, and all are gone
+
+
+def _check_moved_rows(shard: FrameReplayShard, want_obs: np.ndarray, want_next: np.ndarray) -> np.ndarray:
+    """Plan indices of the moved rows still stored (sorted), after checking that each gathers its stacks."""
+    t = shard.transitions()
+    moved = t["rewards"] >= TAG
+    idx = (t["rewards"][moved] - TAG).astype(np.int64)
+    np.testing.assert_array_equal(t["obs"][moved], want_obs[idx])
+    np.testing.assert_array_equal(t["next_obs"][moved], want_next[idx])
+    return np.sort(idx)
+
+
+def test_a_pool_larger_than_the_frame_ring_keeps_the_newest_rows_of_every_old_shard(tmp_path):
+    """Issue #35, second symptom: where the moved frames exceed the new frame ring, the rows left out are
+    the oldest of all old shards alike, not the rows of old rank 0 whatever their age."""
+    shards = [_frame_shard(r, 100, 120) for r in range(8)]
+    ckpt = _save(tmp_path, shards)
+    olds = [s.transitions() for s in shards]
+    lengths = replay_lengths(ckpt)
+    ranks, rows = partition_plan(lengths, 1)[0]
+    moved = read_replay_rows(ckpt, (ranks, rows))
+    moved.rewards = (TAG + np.arange(len(moved))).astype(np.float32)
+    new = FrameReplayShard(800, (STACK, *FRAME), np.uint8, 2, N_STEP, 0.9, STACK,
+                           frame_capacity=len(moved.frames) * 3 // 4)
+    new.extend(moved)
+    kept = _check_moved_rows(new, np.stack([olds[r]["obs"][i] for r, i in zip(ranks, rows)]),
+                             np.stack([olds[r]["next_obs"][i] for r, i in zip(ranks, rows)]))
+    assert 0.5 * len(rows) < len(kept) < len(rows)
+    assert np.array_equal(kept, np.arange(len(rows) - len(kept), len(rows)))
+    share = np.bincount(ranks[kept], minlength=8) / len(kept)
+    assert np.allclose(share, np.asarray(lengths) / sum(lengths), atol=0.02), share

@@ -206,6 +206,23 @@ def test_elastic_resume_keeps_every_transition_once(tmp_path, tiny, old, new, ex
         assert (info["step"], info["world_size"], info["replay_transitions"]) == (1600, 2, 1600)
 
 
+@pytest.mark.parametrize("old, new, extra", [(2, 3, ["train.prioritized=true"]), (3, 2, [])])
+def test_an_elastic_resume_onto_a_world_that_does_not_divide_the_batch_completes(tmp_path, tiny, old, new, extra):
+    """Issue #35: the default global batch of 64 at 3 ranks (a requeue's allocation) is split 22, 21, 21
+    instead of refused, before and after an elastic resume."""
+    run_dir = tmp_path / "r"
+    args = ["--run-dir", str(run_dir), *tiny, *extra, "train.batch_size=64"]
+    p = mpidqn(old, args, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = inspect_json(run_dir)["updates"]
+    more = mpidqn(new, [*args, "train.total_steps=1600"], timeout=240)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "resumed (elastic)" in more.stdout
+    info = inspect_json(run_dir)
+    assert (info["world_size"], info["updates"]) == (new, first + 4 * 4)  # the rounds at 1300 .. 1600
+    assert 1600 <= info["step"] < 1600 + new  # 3 ranks step 3 at a time
+
+
 def test_kill_9_during_checkpoint_write_leaves_previous_loadable(tmp_path, tiny):
     run_dir = tmp_path / "r"
     args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=800"]

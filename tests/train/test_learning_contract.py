@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun
+from conftest import MPI_SCRIPTS, ROOT, inspect_json, mpidqn, mpirun
 from mpidqn.train.checkpoints import find_latest
-from mpidqn.config import ConfigError, batch_plan, load_config, samples_per_rank
+from mpidqn.config import ConfigError, batch_plan, load_config, rows_per_rank, samples_per_rank
 from mpidqn.train.reporting import SilentReporter
-from mpidqn.algo.dqn import LinearSchedule, update_rounds
+from mpidqn.algo.dqn import LinearSchedule, resumed_updates_start, update_rounds
 from mpidqn.io.runlog import read_log
 from mpidqn.algo.schedules import Schedules
 from mpidqn.distributed.topology import Topology
@@ -45,14 +45,15 @@ def test_update_rounds_counts_every_crossed_multiple():
     assert update_rounds(98, 100, 1, 100) == 1 and update_rounds(97, 99, 1, 100) == 0
 
 
-def test_global_batch_is_split_over_the_world_and_a_remainder_is_refused():
+def test_global_batch_is_split_over_the_world_with_the_remainder_on_the_first_ranks():
     cfg = load_config(None, ["train.batch_size=64"])
     assert [samples_per_rank(cfg.train, w) for w in (1, 2, 4, 8)] == [64, 32, 16, 8]
-    with pytest.raises(ConfigError, match=r"train.batch_size: the global batch 64 \(batch_scale 1 x batch_size 64\) "
-                                          r"is not divisible by the world size 3"):
-        samples_per_rank(cfg.train, 3)
+    assert rows_per_rank(cfg.train, 3) == (22, 21, 21) and rows_per_rank(cfg.train, 7) == (10, 9, 9, 9, 9, 9, 9)
+    assert sum(rows_per_rank(cfg.train, 64)) == 64
+    with pytest.raises(ConfigError, match=r"train.batch_size: the global batch 64 \(batch_scale 1 x batch_size 64\) is smaller than the world size 65"):
+        samples_per_rank(cfg.train, 65)
     per_rank = load_config(None, ["train.batch_size=64", "train.batch_scope=per_rank"])
-    assert samples_per_rank(per_rank.train, 3) == 64
+    assert samples_per_rank(per_rank.train, 3) == 64 and rows_per_rank(per_rank.train, 3) == (64, 64, 64)
 
 
 @pytest.mark.parametrize("scope, scaling, world, factor", [
@@ -92,13 +93,14 @@ def test_priority_beta_anneals_to_one_and_continues_on_an_extended_resume():
     assert r.beta(1000) == pytest.approx(0.75) and r.beta(2500) == pytest.approx(0.875) and r.beta(4000) == 1.0
 
 
-def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_written(tmp_path):
+def test_a_global_batch_smaller_than_the_world_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "r"
-    p = mpidqn(3, ["--run-dir", str(run_dir), "train.batch_size=64"], timeout=120)
+    p = mpidqn(3, ["--run-dir", str(run_dir), "train.batch_size=2"], timeout=120)
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if "error" in line]
-    assert lines == ["mpidqn: error: train.batch_size: the global batch 64 (batch_scale 1 x batch_size 64) is not "
-                     "divisible by the world size 3; use a multiple of 3"], p.stderr
+    assert lines == ["mpidqn: error: train.batch_size: the global batch 2 (batch_scale 1 x batch_size 2) is smaller "
+                     "than the world size 3: every rank samples a share of it; use at least 3 rows or "
+                     "train.batch_scope=per_rank"], p.stderr
     assert not run_dir.exists()
 
 
@@ -184,6 +186,43 @@ def test_light_resume_refills_the_replay_before_updating(tmp_path):
     before = sum(update_rounds(k - 1, k, 100, 200) for k in range(1, s + 1))
     after = sum(update_rounds(k - 1, k, 100, s + 200) for k in range(s + 1, 1201))
     assert stopped["updates"] == 4 * before and inspect_json(run_dir)["updates"] == 4 * (before + after)
+
+
+def test_a_resume_past_learning_starts_with_its_replay_goes_on_updating_at_once():
+    """Issue #35: stored transitions are not env steps. learning_starts above the buffer (the issue's
+    10k/20k at step 100k) or equal to it with a frame replay a little under capacity: no pause."""
+    assert resumed_updates_start(100_000, 10_000, 20_000, 10_000, slack=108, min_fill=8) == 0
+    assert resumed_updates_start(150_000, 99_000, 100_000, 100_000, slack=1_008, min_fill=8) == 0
+    # before learning_starts, a replay short by its pending n-step rows waits no longer than the schedule
+    assert resumed_updates_start(900, 900 - 24, 1_000, 5_000, slack=32, min_fill=32) <= 1_000
+    # a replay that lost more than the slack refills; an empty one collects min(learning_starts, buffer)
+    assert resumed_updates_start(900, 500, 1_000, 5_000, slack=32, min_fill=32) == 900 + 468
+    assert resumed_updates_start(900, 0, 1_000, 5_000, slack=32, min_fill=32) == 1_900
+    assert resumed_updates_start(90_000, 0, 20_000, 10_000, slack=32, min_fill=32) == 100_000
+
+
+MINATAR = ["train.total_steps=800", "train.learning_starts=300", "train.buffer_size=300",
+           "train.compile_optimizer=false", "env.max_episode_steps=30", "eval.interval_steps=0", "eval.episodes=1",
+           "log.interval_steps=400", "log.progress=none", "checkpoint.interval_steps=400"]
+
+
+@pytest.mark.parametrize("config, overrides", [
+    (None, [*TINY_RESUME, "train.buffer_size=300", "train.learning_starts=400"]),  # learning_starts > buffer
+    (ROOT / "configs" / "minatar-breakout.yaml", MINATAR),  # learning_starts == buffer, frames under capacity
+])
+def test_a_requeue_does_the_updates_of_an_uninterrupted_run(tmp_path, config, overrides):
+    """Issue #35: a run stopped past learning_starts (exit 75) and resumed does exactly the updates of a
+    run that was never stopped."""
+    t = load_config(config, overrides).train
+    args = ["--run-dir", str(tmp_path / "r"), *(["--config", str(config)] if config else []), *overrides]
+    p = mpidqn(1, args, env={"MPIDQN_FAULT": "stop:0:500"}, timeout=300)
+    assert p.returncode == 75, p.stderr[-3000:]
+    stopped = inspect_json(tmp_path / "r")
+    assert stopped["step"] > t.learning_starts and 0 < stopped["replay_transitions"] < t.learning_starts, stopped
+    p = mpidqn(1, args, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rounds = sum(update_rounds(k - 1, k, t.train_freq, t.learning_starts) for k in range(1, t.total_steps + 1))
+    assert inspect_json(tmp_path / "r")["updates"] == t.gradient_steps * rounds
 
 
 def test_extending_total_steps_on_resume_keeps_epsilon_and_lr_continuous(tmp_path):
