@@ -11,8 +11,9 @@ On a shared machine one run per world size is at the mercy of whatever else ran 
 (the phase shares are over all repeats) with the range of the throughputs.
 
 Weak scaling (the default): each world size W trains `--steps-per-rank * W` global env steps (one env per rank, each rank
-sampling the config's batch_size: `train.batch_scope=per_rank`), with updates every `train_freq * W`
-global steps so every rank does the same work (env steps, updates, rows per update) at every W.
+sampling the config's batch_size: `train.batch_scope=per_rank`, the large-batch mode at K = W, whose
+updates per env step fall by W), so every rank does the same work (env steps, updates, rows per update)
+at every W.
 Prints global env-steps/s (from the run log: env steps over the training wall time), weak-scaling
 efficiency = throughput(W) / (W * throughput(1)), and where the time went: the share of the wall
 time in each phase of the loop (the run log's per-rank timers, averaged over the ranks). `comm` is
@@ -66,7 +67,7 @@ def run_world(args: argparse.Namespace, base, w: int, run_dir: Path) -> tuple[fl
         steps = args.steps_per_rank * w
         cmd += ["train.batch_scope=per_rank", f"train.total_steps={steps}",
                 f"train.learning_starts={base.train.learning_starts * w}",
-                f"train.train_freq={base.train.train_freq * w}", f"log.interval_steps={base.log.interval_steps * w}"]
+                f"log.interval_steps={base.log.interval_steps * w}"]
     cmd += args.overrides
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:

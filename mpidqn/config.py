@@ -13,13 +13,12 @@ Step counting (the same whatever the world size):
     crosses several multiples does several rounds. Updates per global env step are therefore
     ``gradient_steps / train_freq`` whatever the world size and ``env.num_envs``.
   * The global batch of an update is the transitions its gradient averages over, summed over all
-    ranks. ``train.batch_scope: global`` (default): it is ``train.batch_size``, and every rank samples
-    ``batch_size / world`` from its shard (a remainder goes one row each to the first ranks, and every
-    row weighs its share of the global batch), so N ranks do exactly the updates of 1 rank on the same
-    global batch. ``per_rank``: every rank samples ``batch_size``, the global
-    batch is ``world * batch_size`` (data parallel and pipelines alike).
-  * ``train.lr`` is used as given unless ``train.lr_scaling`` scales it with k = global batch /
-    ``batch_size`` (1 in global scope, world in per_rank scope): ``linear`` lr * k, ``sqrt`` lr * sqrt(k).
+    ranks: ``K * train.batch_size``, split over the ranks as evenly as integers allow (the first
+    ``global % world`` ranks sample one row more, and every row weighs its share of the global batch). K = 1 (default) makes N ranks do exactly the
+    updates of 1 rank on the same global batch. K > 1 is the large-batch mode (``train.batch_scale``, or
+    ``train.batch_scope: per_rank`` for K = world): updates per env step fall by K while the replay ratio
+    (transitions sampled per env step) stays the config's, and the settings counted in updates (target
+    refresh, tau, ema_decay) and the learning rate follow the rules of :mod:`mpidqn.algo.large_batch`.
 """
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mpidqn.algo.large_batch import BatchPlan
 from mpidqn.errors import ConfigError
 
 
@@ -118,12 +118,21 @@ class TrainConfig:
     buffer_size: int = 100_000
     """Global replay capacity in transitions; each rank holds a shard of about buffer_size / world."""
     batch_size: int = 64
-    """Transitions per update: the global batch over all ranks (batch_scope global) or per rank."""
+    """Transitions per update at batch scale 1: the global batch is ``batch_scale * batch_size``, split over
+    the ranks."""
+    batch_scale: int = 1
+    """K >= 1, the large-batch mode: every update averages over K * batch_size transitions and every round
+    does gradient_steps / K updates (or, when K does not divide gradient_steps, gradient_steps updates every
+    train_freq * K / gcd steps), so the replay ratio is that of K = 1 and updates per env step fall by K.
+    The run's wall time is mostly its updates, so this is how ranks buy time: at K ranks each samples
+    batch_size rows for 1/K of the updates. Kept per env step: the hard target refresh (every
+    target_update_interval / K updates), tau (1 - (1 - tau) ** K), ema_decay (ema_decay ** K); the lr
+    follows ``lr_scaling`` and ``lr_warmup_steps``. K is part of the algorithm, not of the layout: the same
+    K learns the same at any world size (docs/parallelism.md, "Large batches")."""
     batch_scope: Literal["global", "per_rank"] = "global"
-    """global: ``batch_size`` is the global batch and each rank samples batch_size / world of it (the
-    remainder one row each on the first ranks), so the
-    learning per env step does not depend on the world size. per_rank: each rank samples batch_size and
-    the global batch grows with the world (world * batch_size)."""
+    """global: the batch scale is ``batch_scale``, whatever the world size. per_rank: every rank samples
+    ``batch_size`` rows per update and the batch scale follows the world (K = world, ``batch_scale`` must
+    stay 1): the large-batch mode sized to the job, which changes the algorithm with the world size."""
     train_freq: int = 256
     """Global environment steps between rounds of updates: every multiple of it gets its round, also when
     one iteration of all ranks crosses several."""
@@ -137,8 +146,14 @@ class TrainConfig:
     steps is the late failure there, and longer returns carry that end back faster (docs/results.md)."""
     lr: float = 2.3e-3
     """Learning rate (of whichever ``optimizer`` is chosen)."""
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-    """How lr scales with k = global batch / batch_size (k = 1 in batch_scope global, world in per_rank)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
+    """How lr scales with the batch scale K (``batch_scale``, or the world with batch_scope per_rank):
+    none, linear (lr * K) or sqrt (lr * sqrt(K)); the factor is 1 at K = 1. linear: on CartPole's tuning
+    seeds at K = 8 it reached 475 as soon as K = 1 did, sqrt later and none on fewer seeds
+    (docs/scaling.md); not yet measured with RMSprop (the MinAtar and Atari configs)."""
+    lr_warmup_steps: int = 0
+    """Global env steps, from learning_starts on, over which the lr rises linearly from 0 to its value
+    (0 = no warm-up); a large-batch run's first, large steps start small."""
     lr_final_fraction: float = 0.05
     """Learning rate decays linearly to lr * lr_final_fraction at the end of training (1 = constant). A
     resume that changes total_steps continues the decay from the current value to the new end."""
@@ -497,29 +512,34 @@ def field_docs(cls: type) -> dict[str, str]:
 # ----------------------------------------------------------------------------- validation
 
 
+def batch_scale(train: TrainConfig, world: int) -> int:
+    """K of the large-batch mode for this world size: ``batch_scale``, or the world with per_rank scope."""
+    return world if train.batch_scope == "per_rank" else train.batch_scale
+
+
+def batch_plan(train: TrainConfig, world: int) -> BatchPlan:
+    """Rows, rounds and rescaled update-counted settings of this run (see :mod:`mpidqn.algo.large_batch`)."""
+    return BatchPlan.build(train.batch_size, batch_scale(train, world), train.train_freq, train.gradient_steps,
+                           train.target_update_interval, train.tau, train.ema_decay, train.lr_scaling)
+
+
 def samples_per_rank(train: TrainConfig, world: int, rank: int = 0) -> int:
-    """Transitions rank ``rank`` samples per update (see ``train.batch_scope``). Global scope: the global
-    batch is split as evenly as integers allow, ``batch_size // world`` rows and one more on the first
-    ``batch_size % world`` ranks (issue #35: any world size, e.g. a requeue onto 3 ranks); the loss
-    weights each row by its share of the global batch, so the gradient is the global batch's. Raises
-    ConfigError when the global batch is smaller than the world."""
-    if train.batch_scope == "per_rank":
-        return train.batch_size
-    _require(train.batch_size >= world, "train.batch_size",
-             f"{train.batch_size} is smaller than the world size {world} (train.batch_scope=global: every "
-             f"rank samples a share of it); use at least {world} or train.batch_scope=per_rank")
-    return train.batch_size // world + int(rank < train.batch_size % world)
+    """Transitions rank ``rank`` samples per update: the global batch (``batch_plan``) split as evenly as
+    integers allow, ``global // world`` rows and one more on the first ``global % world`` ranks (any world
+    size runs, e.g. a requeue onto 3 ranks); the loss weights each row by its share of the global batch,
+    so the gradient is the global batch's. Raises ConfigError when the global batch is smaller than the
+    world."""
+    global_batch = batch_plan(train, world).global_batch
+    _require(global_batch >= world, "train.batch_size",
+             f"the global batch {global_batch} (batch_scale {batch_scale(train, world)} x batch_size "
+             f"{train.batch_size}) is smaller than the world size {world}: every rank samples a share of it; "
+             f"use at least {world} rows or train.batch_scope=per_rank")
+    return global_batch // world + int(rank < global_batch % world)
 
 
 def rows_per_rank(train: TrainConfig, world: int) -> tuple[int, ...]:
     """``samples_per_rank`` of every rank of the world, in rank order."""
     return tuple(samples_per_rank(train, world, r) for r in range(world))
-
-
-def lr_batch_factor(train: TrainConfig, world: int) -> float:
-    """The learning-rate multiplier of ``train.lr_scaling`` for this world size."""
-    k = world if train.batch_scope == "per_rank" else 1
-    return {"none": 1.0, "linear": float(k), "sqrt": math.sqrt(k)}[train.lr_scaling]
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -578,6 +598,14 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(t.batch_size <= t.buffer_size, "train.batch_size",
              f"{t.batch_size} is larger than train.buffer_size={t.buffer_size}")
+    _require(t.batch_scale >= 1, "train.batch_scale", f"must be >= 1, got {t.batch_scale}")
+    _require(t.batch_scope == "global" or t.batch_scale == 1, "train.batch_scale",
+             f"is {t.batch_scale} but train.batch_scope=per_rank sets the batch scale to the world size; "
+             "use one of them")
+    _require(t.batch_scale * t.batch_size <= t.buffer_size, "train.batch_scale",
+             f"a global batch of {t.batch_scale} x {t.batch_size} = {t.batch_scale * t.batch_size} transitions is "
+             f"larger than train.buffer_size={t.buffer_size}")
+    _require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {t.lr_warmup_steps}")
     _require(t.train_freq >= 1, "train.train_freq", f"must be >= 1, got {t.train_freq}")
     _require(t.gradient_steps >= 1, "train.gradient_steps", f"must be >= 1, got {t.gradient_steps}")
     _require(0.0 <= t.gamma <= 1.0, "train.gamma", f"must be in [0, 1], got {t.gamma}")

@@ -11,10 +11,11 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from mpidqn.analysis.curves import CONFIDENCE, iqm_band, smooth
 from mpidqn.analysis.runs import Run
-from mpidqn.analysis.tables import host_groups, time_breakdown
+from mpidqn.analysis.tables import host_groups, phase_timeline, time_breakdown
 
 _X_LABELS = {"step": "env steps (all ranks)", "wall_time": "wall time (s)"}
 
@@ -163,6 +164,32 @@ def time_breakdown_plot(run: Run, path: Path) -> Path | None:
         hosts.set_xlabel("host")
     fig.suptitle(f"time per phase and rank\n{run.name}", fontsize="medium")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1), title="phase")
+    return _save(fig, path)
+
+
+def phase_timeline_plot(run: Run, path: Path, max_ranks: int = 16) -> Path | None:
+    """Where each rank's time went, interval by interval: one panel per rank (the first ``max_ranks``),
+    the share of each report interval in each phase, stacked, against env steps. A rank that waits for
+    the others in lockstep shows it as ``comm`` (inside the Allreduce) or ``idle``; one that is slow
+    in a phase shows that phase growing where the others' comm grows."""
+    timeline = phase_timeline(run)
+    if not len(timeline) or timeline["step"].nunique() < 2:
+        return None
+    ranks = sorted(timeline["rank"].unique())[:max_ranks]
+    phases = [c for c in timeline.columns if c not in ("rank", "step")]
+    fig = Figure(layout="constrained", figsize=(8.5, 1.0 + 1.3 * len(ranks)))
+    axes = fig.subplots(len(ranks), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, rank in zip(axes, ranks):
+        mine = timeline[timeline["rank"] == rank].groupby("step")[phases].sum()
+        share = mine.div(mine.sum(axis=1).replace(0.0, np.nan), axis=0).fillna(0.0)
+        ax.stackplot(share.index, share.T.to_numpy(), labels=phases, step="pre")
+        ax.set(ylim=(0, 1), ylabel=f"rank {rank}")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[-1].set_xlabel(_X_LABELS["step"])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="outside right upper", title="phase")
+    shown = "" if len(ranks) == timeline["rank"].nunique() else f" (first {len(ranks)} ranks)"
+    fig.suptitle(f"share of each report interval per phase and rank{shown}\n{run.name}", fontsize="medium")
     return _save(fig, path)
 
 

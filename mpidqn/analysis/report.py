@@ -19,6 +19,7 @@ from mpidqn.analysis.tables import (
     scaling_problem,
     summary,
     tidy,
+    time_to_score,
 )
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 
@@ -34,6 +35,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="a run directory (holds log.h5) or a sweep directory (holds sweep.yaml)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="where to write (default: DIR/report for one run or sweep, ./report for several)")
+    parser.add_argument("--target", type=float, metavar="RETURN",
+                        help="also the time to score: per setting (world size included), the median env steps and "
+                        "seconds to the first evaluation >= RETURN and their fraction of the fastest 1-rank "
+                        "setting's (time_to_score.csv)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="instead: write each run's log as TensorBoard events (RUN_DIR/tensorboard/, or "
                              "OUT/<run dir name>/ with --out); needs only the tensorboard extra")
@@ -66,12 +71,21 @@ def main(argv: Sequence[str]) -> int:
         print("configs ranked by the IQM of the final evaluation over seeds:")
         print(format_table(ranked(configs)))
         print()
+    scores = None
+    if args.target is not None:
+        scores = time_to_score(group_by_settings(runs), args.target)
+        print(f"time to the first evaluation >= {args.target:g}")
+        print(format_table(scores))
+        print()
     try:
         out.mkdir(parents=True, exist_ok=True)
         written, notes = write_report(runs, table, out)
         if sweep:
             ranked(configs).to_csv(out / "ranked.csv", index=False)
             written.insert(2, out / "ranked.csv")
+        if scores is not None:
+            scores.to_csv(out / "time_to_score.csv", index=False)
+            written.append(out / "time_to_score.csv")
     except OSError as err:
         print(f"{PROG}: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILURE
@@ -150,6 +164,8 @@ def write_report(runs: Sequence[Run], table: pd.DataFrame, out: Path) -> tuple[l
     for run in runs:
         keep(plots.time_breakdown_plot(run, out / f"time_breakdown_{_file_safe(run.name)}.png"),
              f"time breakdown of {run.name}")
+        keep(plots.phase_timeline_plot(run, out / f"timeline_{_file_safe(run.name)}.png"),
+             f"phase timeline of {run.name}")
     problem = scaling_problem(runs)
     if problem is None and table["env_steps_per_s"].notna().all():
         table.pipe(plots.scaling_table).to_csv(out / "scaling.csv")

@@ -87,6 +87,40 @@ def aggregate(groups: dict[str, list[Run]], table: pd.DataFrame) -> pd.DataFrame
     return pd.DataFrame(rows, columns=AGGREGATE_COLUMNS)
 
 
+TIME_TO_SCORE_COLUMNS = ["setting", "world_size", "runs", "reached", "median_steps_to_target",
+                         "median_seconds_to_target", "fraction_of_best_1_rank"]
+
+
+def time_to_target(run: Run, target: float) -> tuple[float, float]:
+    """(env steps, wall seconds of the run) at its first evaluation whose mean is >= ``target``; NaNs
+    when none reached it. The seconds are the run's own clock (resumed segments add up), evaluations
+    included: what a user waits for."""
+    ev = run.evaluations
+    hit = ev[ev["mean"] >= target] if len(ev) else ev
+    if not len(hit):
+        return np.nan, np.nan
+    return float(hit["step"].iloc[0]), float(hit["wall_time"].iloc[0])
+
+
+def time_to_score(groups: dict[str, list[Run]], target: float) -> pd.DataFrame:
+    """Per group of seeds: how many reached ``target``, the median env steps and seconds to it over those
+    that did, and that median as a fraction of the fastest 1-rank group's: the share of the 1-rank time a
+    job of this setting needs (NaN when no 1-rank group reached the target)."""
+    rows = []
+    for label, runs in groups.items():
+        hits = [time_to_target(r, target) for r in runs]
+        hits = [h for h in hits if h[0] == h[0]]
+        worlds = sorted({r.world_size for r in runs}, key=str)
+        rows.append({"setting": label, "world_size": worlds[0] if len(worlds) == 1 else "mixed", "runs": len(runs),
+                     "reached": len(hits), "median_steps_to_target": np.median([h[0] for h in hits]) if hits else np.nan,
+                     "median_seconds_to_target": np.median([h[1] for h in hits]) if hits else np.nan})
+    table = pd.DataFrame(rows, columns=TIME_TO_SCORE_COLUMNS[:-1])
+    one_rank = table[(table["world_size"] == 1) & (table["reached"] > 0)]["median_seconds_to_target"]
+    best = one_rank.min() if len(one_rank) else np.nan
+    table["fraction_of_best_1_rank"] = table["median_seconds_to_target"] / best
+    return table
+
+
 def _largest(run: Run, column: str) -> float:
     values = [frame[column].max() for frame in (run.scalars, run.episodes, run.evaluations, run.timings)
               if len(frame)]
@@ -105,6 +139,20 @@ def time_breakdown(run: Run) -> pd.DataFrame:
     phases = [c for c in t.columns if c not in ("segment", "step", "wall_time", "rank")]
     last = t.sort_values("step", kind="stable").groupby(["segment", "rank"]).tail(1)
     return last.groupby("rank")[phases].sum(min_count=1).dropna(axis=1, how="all").fillna(0.0)
+
+
+def phase_timeline(run: Run) -> pd.DataFrame:
+    """Seconds per phase of every rank in every report interval: one row per (rank, step), the step at
+    the interval's end. The timings are cumulative per process, so an interval is the difference to the
+    rank's previous row in the same segment (the first row of a segment counts from its start)."""
+    t = run.timings
+    if not len(t):
+        return pd.DataFrame()
+    phases = [c for c in t.columns if c not in ("segment", "step", "wall_time", "rank")]
+    t = t.sort_values(["segment", "rank", "step"], kind="stable")
+    per = t.groupby(["segment", "rank"])[phases].diff().fillna(t[phases])
+    out = pd.concat([t[["rank", "step"]], per.clip(lower=0.0)], axis=1)
+    return out.dropna(axis=1, how="all").reset_index(drop=True)
 
 
 def host_groups(ranks: Sequence[int], rank_hosts: object) -> list[tuple[str, list[int]]]:

@@ -76,7 +76,7 @@ FORMAT_VERSION = 1
 # The scalar columns a training run writes (rank 0's reporter, one row per log.interval_steps).
 SCALAR_NAMES: tuple[str, ...] = (
     "loss", "q_mean", "epsilon", "learning_rate", "episode_return", "env_steps_per_s",
-    "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped",
+    "updates_per_s", "comm_share", "replay_size", "updates", "episodes", "nonfinite_skipped", "samples",
 )
 DEFAULT_TIMING_NAMES: tuple[str, ...] = ("env", "sample", "learn", "comm", "checkpoint", "eval", "idle")
 

@@ -19,14 +19,15 @@ def layout_error(cfg: Any, e: ValueError) -> UserError:
 
 
 def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int, lr: float,
-                  say: Callable[[str], None] = lambda s: None) -> QLearner:
+                  say: Callable[[str], None] = lambda s: None, plan: Any = None) -> QLearner:
     """The learner of this rank. Call it with the same torch seed on every rank.
 
     Pipeline: every rank builds the full layer list (so the pipelined model equals the unpartitioned
-    one built with the same seed) and keeps only its stage. Errors in the layout are UserErrors raised
+    one built with the same seed) and keeps only its stage. ``plan``: the run's large-batch plan
+    (target refresh, tau and ema_decay rescaled to its batch scale). Errors in the layout are UserErrors raised
     identically on every rank (the partition is a pure function of the config).
     """
-    hyper = Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr)
+    hyper = Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr, plan)
     net = cfg.network
     try:
         layers = q_network_layers(obs_shape, n_actions, net)

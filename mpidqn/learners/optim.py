@@ -36,7 +36,10 @@ class Hyper:
     nonfinite: str = "skip"  # "skip" the update (and count it) or "stop" on a NaN/Inf loss or gradient
 
     @classmethod
-    def from_config(cls, train: Any, sync_check_interval: int, lr: float) -> "Hyper":
+    def from_config(cls, train: Any, sync_check_interval: int, lr: float, plan: Any = None) -> "Hyper":
+        """The learner's settings; ``plan`` (a large_batch.BatchPlan) supplies the update-counted ones
+        rescaled to its batch scale (the config's own without it)."""
+        plan = plan or train
         return cls(
             lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps, rmsprop_alpha=train.rmsprop_alpha,
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
@@ -44,8 +47,8 @@ class Hyper:
             max_grad_norm=train.max_grad_norm, loss=train.loss,
             double_dqn=train.double_dqn, advantage_learning=train.advantage_learning,
             target_regularization=train.target_regularization,
-            target_update_interval=train.target_update_interval,
-            tau=train.tau, ema_decay=train.ema_decay, sync_check_interval=sync_check_interval,
+            target_update_interval=plan.target_update_interval,
+            tau=plan.tau, ema_decay=plan.ema_decay, sync_check_interval=sync_check_interval,
             nonfinite=train.nonfinite,
         )
 

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from mpidqn.algo.dqn import per_rank_epsilon, resumed_updates_start, update_rounds
+from mpidqn.algo.large_batch import warmup_factor
 from mpidqn.algo.schedules import Schedules
-from mpidqn.config import Config, lr_batch_factor, priority_params, rows_per_rank
+from mpidqn.config import Config, batch_plan, priority_params, rows_per_rank
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
@@ -55,6 +56,7 @@ class Counters:
     env_steps: int = 0
     iterations: int = 0
     episodes: int = 0
+    samples: int = 0  # transitions sampled by all updates (the replay ratio is samples / env_steps)
 
 
 @dataclass
@@ -117,7 +119,8 @@ class Trainer:
         self.obs_shape = self.envs.single_observation_space.shape
         self.n_actions = int(self.envs.single_action_space.n)
         torch.manual_seed(cfg.seed)  # rank 0's initial parameters are broadcast to all replicas
-        lr = cfg.train.lr * lr_batch_factor(cfg.train, self.world)
+        self.plan = batch_plan(cfg.train, self.world)  # the batch scale K and what it rescales
+        lr = cfg.train.lr * self.plan.lr_factor
         self.base_lr = lr
         rows = rows_per_rank(cfg.train, self.world)
         self.batch_per_rank = rows[self.rank]
@@ -125,7 +128,8 @@ class Trainer:
         # every env has emitted a transition (n-step ones after n steps) before the first sample
         self.min_fill = self.world * cfg.env.num_envs * cfg.train.n_step
         self.updates_start = max(cfg.train.learning_starts, self.min_fill)
-        self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message)
+        self.learner = build_learner(cfg, topo, self.obs_shape, self.n_actions, lr, say=reporter.message,
+                                     plan=self.plan)
         prio = priority_params(cfg.train)
         self.replay = make_replay_shard(  # the env's obs dtype: uint8 images stay uint8
             cfg.train.replay_storage, ReplayShard.shard_capacity(cfg.train.buffer_size, self.world, self.rank),
@@ -188,11 +192,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ learning
     def learning_rate(self) -> float:
-        """The optimizer's learning rate at the current step: base lr x the lr schedule's factor."""
-        return self.base_lr * self.schedules.lr_factor(self.counters.env_steps)
+        """The optimizer's learning rate at the current step: base lr x the lr schedule's factor x the
+        warm-up's."""
+        step = self.counters.env_steps
+        warmup = warmup_factor(step, self.cfg.train.learning_starts, self.cfg.train.lr_warmup_steps)
+        return self.base_lr * self.schedules.lr_factor(step) * warmup
 
     def learn(self, num_updates: int) -> None:
         self.learner.set_lr(self.learning_rate())
+        self.counters.samples += num_updates * self.plan.global_batch
         comm_before = self.learner.comm_seconds
         if self.sampler.plain:
             with self.timer("replay"):
@@ -230,9 +238,9 @@ class Trainer:
             self.reporter.tick(cur)
             self.watchdog.step = cur
             faults.point("step", self.rank, cur, learner=self.learner)
-            rounds = update_rounds(prev, cur, cfg.train.train_freq, self.updates_start)
+            rounds = update_rounds(prev, cur, self.plan.train_freq, self.updates_start)
             if rounds:
-                self.learn(rounds * cfg.train.gradient_steps)
+                self.learn(rounds * self.plan.gradient_steps)
             improved = False
             if crossed(prev, cur, cfg.eval.interval_steps) and cur < cfg.train.total_steps:
                 improved = self.evaluate()
@@ -289,7 +297,7 @@ class Trainer:
             if self.topo.is_root:
                 self.reporter.progress(Progress(
                     step=self.counters.env_steps, updates=self.learner.updates, episodes=self.counters.episodes,
-                    recent_returns=tuple(self.recent_returns), epsilon=self.epsilon(),
+                    samples=self.counters.samples, recent_returns=tuple(self.recent_returns), epsilon=self.epsilon(),
                     learning_rate=self.learning_rate(), replay_size=len(self.replay), metrics=metrics,
                     new_episodes=gathered, timing_names=self.timing_names, timings=np.stack(timings), wall=wall))
 
@@ -322,7 +330,7 @@ class Trainer:
         """Everything besides the model that this rank needs to continue exactly."""
         state: dict[str, Any] = {
             "counters": {"env_steps": self.counters.env_steps, "iterations": self.counters.iterations,
-                         "episodes": self.counters.episodes},
+                         "episodes": self.counters.episodes, "samples": self.counters.samples},
             "rng": {"explore": Json(self.explore_rng.bit_generator.state),
                     "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state(),
                     "shared": Json(self.sampler.shared_rng.bit_generator.state)},
@@ -416,7 +424,9 @@ class Trainer:
 
     def _load_counters(self, state: dict[str, Any]) -> None:
         c = state["counters"]
-        self.counters = Counters(int(c["env_steps"]), int(c["iterations"]), int(c["episodes"]))
+        # checkpoints written before samples were counted: every update so far at this run's global batch
+        samples = int(c["samples"]) if "samples" in c else self.learner.updates * self.plan.global_batch
+        self.counters = Counters(int(c["env_steps"]), int(c["iterations"]), int(c["episodes"]), samples)
         self.recent_returns.extend(np.asarray(state["stats"]["recent_returns"]).tolist())
         if "best" in state["stats"]:
             step, score = state["stats"]["best"]

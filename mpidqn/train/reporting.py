@@ -78,6 +78,7 @@ class Progress:
     timing_names: Sequence[str]
     timings: np.ndarray  # (ranks, len(timing_names)) cumulative seconds per phase
     wall: float  # seconds since the loop started
+    samples: int = 0  # transitions sampled by all updates so far (the replay ratio's numerator)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -178,7 +179,7 @@ class ConsoleReporter(SilentReporter):
     def _log_rows(self, p: Progress, stats: dict) -> None:
         log = self.runlog
         log.scalars(p.step, **stats, learning_rate=p.learning_rate, replay_size=float(p.replay_size),
-                    updates=float(p.updates), episodes=float(p.episodes))
+                    updates=float(p.updates), episodes=float(p.episodes), samples=float(p.samples))
         rows = [r for r in p.new_episodes if len(r)]
         if rows:
             ranks = np.concatenate([np.full(len(r), rank) for rank, r in enumerate(p.new_episodes) if len(r)])

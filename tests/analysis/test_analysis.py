@@ -9,7 +9,8 @@ import pytest
 
 from mpidqn.analysis import load_run, report_main, summary, tidy
 from mpidqn.analysis.curves import iqm_band
-from mpidqn.analysis.tables import aggregate, group_by_settings, scaling_problem, time_breakdown
+from mpidqn.analysis.tables import (aggregate, group_by_settings, phase_timeline, scaling_problem, time_breakdown,
+                                   time_to_score, time_to_target)
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK
 from mpidqn.io.runlog import RunLog, read_log
 
@@ -117,6 +118,35 @@ def test_time_breakdown_sums_resumed_segments(tmp_path: Path) -> None:
                                           2: {"env": 5.0, "comm": 1.0}}
 
 
+def test_phase_timeline_gives_each_interval_per_rank_across_a_resume(tmp_path: Path) -> None:
+    path = tmp_path / "log.h5"
+    with RunLog(path, {"world_size": 2}, timing_names=["env", "comm"]) as log:
+        log.timings(10, ["env", "comm"], [[1.0, 1.0], [1.0, 2.0]])
+        log.timings(20, ["env", "comm"], [[2.0, 1.5], [4.0, 2.0]])
+    with RunLog(path, {"world_size": 1}, resume_step=20, timing_names=["env", "comm"]) as log:
+        log.timings(30, ["env", "comm"], [[0.5, 0.25]])  # a new process: its counters start at 0
+    rows = phase_timeline(load_run(tmp_path)).sort_values(["step", "rank"])
+    assert rows[["rank", "step", "env", "comm"]].values.tolist() == [
+        [0, 10, 1.0, 1.0], [1, 10, 1.0, 2.0], [0, 20, 1.0, 0.5], [1, 20, 3.0, 0.0], [0, 30, 0.5, 0.25]]
+
+
+def test_time_to_score_per_world_size_against_the_best_1_rank_setting(runs: list[Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = [load_run(r) for r in runs]  # evaluation means about step / 10: 90 is first passed at step 1000
+    first = [time_to_target(run, 90.0) for run in loaded]
+    assert [step for step, _ in first] == [1000.0] * 4
+    assert all(wall == float(run.evaluations["wall_time"].iloc[2]) for (_, wall), run in zip(first, loaded))
+    assert np.isnan(time_to_target(loaded[0], 1e9)).all()  # never reached
+    table = time_to_score(group_by_settings(loaded), 90.0).set_index("world_size")
+    assert table.loc[1, "reached"] == table.loc[2, "reached"] == 2 and table.loc[1, "fraction_of_best_1_rank"] == 1.0
+    medians = {w: float(np.median([wall for (_, wall), r in zip(first, loaded) if r.world_size == w])) for w in (1, 2)}
+    assert table.loc[2, "fraction_of_best_1_rank"] == pytest.approx(medians[2] / medians[1])
+    out = tmp_path / "out"
+    assert report_main([*map(str, runs), "--out", str(out), "--target", "90"]) == EXIT_OK
+    assert "time to the first evaluation >= 90" in capsys.readouterr().out
+    assert list(pd.read_csv(out / "time_to_score.csv")["reached"]) == [2, 2]
+
+
 def read_back(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.read_csv(out / "summary.csv"), pd.read_csv(out / "tidy.csv")
 
@@ -132,7 +162,7 @@ def test_report_over_seeds_and_world_sizes(runs: list[Path], tmp_path: Path,
     assert report_main([*map(str, runs), "--out", str(out)]) == EXIT_OK
     printed = capsys.readouterr()
     assert printed.err == ""
-    for name in PLOTS + [f"time_breakdown_{r.name}.png" for r in runs]:
+    for name in PLOTS + [f"{kind}_{r.name}.png" for r in runs for kind in ("time_breakdown", "timeline")]:
         assert_png(out / name)
         assert f"wrote {out / name}" in printed.out
     table, frame = read_back(out)

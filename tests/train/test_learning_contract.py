@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from conftest import MPI_SCRIPTS, ROOT, inspect_json, mpidqn, mpirun
 from mpidqn.train.checkpoints import find_latest
-from mpidqn.config import ConfigError, load_config, lr_batch_factor, rows_per_rank, samples_per_rank
+from mpidqn.config import ConfigError, batch_plan, load_config, rows_per_rank, samples_per_rank
 from mpidqn.train.reporting import SilentReporter
 from mpidqn.algo.dqn import LinearSchedule, resumed_updates_start, update_rounds
 from mpidqn.io.runlog import read_log
@@ -50,7 +50,7 @@ def test_global_batch_is_split_over_the_world_with_the_remainder_on_the_first_ra
     assert [samples_per_rank(cfg.train, w) for w in (1, 2, 4, 8)] == [64, 32, 16, 8]
     assert rows_per_rank(cfg.train, 3) == (22, 21, 21) and rows_per_rank(cfg.train, 7) == (10, 9, 9, 9, 9, 9, 9)
     assert sum(rows_per_rank(cfg.train, 64)) == 64
-    with pytest.raises(ConfigError, match=r"train.batch_size: 64 is smaller than the world size 65"):
+    with pytest.raises(ConfigError, match=r"train.batch_size: the global batch 64 \(batch_scale 1 x batch_size 64\) is smaller than the world size 65"):
         samples_per_rank(cfg.train, 65)
     per_rank = load_config(None, ["train.batch_size=64", "train.batch_scope=per_rank"])
     assert samples_per_rank(per_rank.train, 3) == 64 and rows_per_rank(per_rank.train, 3) == (64, 64, 64)
@@ -62,7 +62,7 @@ def test_global_batch_is_split_over_the_world_with_the_remainder_on_the_first_ra
 ])
 def test_lr_scaling_follows_the_global_batch(scope, scaling, world, factor):
     cfg = load_config(None, [f"train.batch_scope={scope}", f"train.lr_scaling={scaling}"])
-    assert lr_batch_factor(cfg.train, world) == factor
+    assert batch_plan(cfg.train, world).lr_factor == factor
 
 
 def test_linear_schedule_extension_is_continuous():
@@ -98,8 +98,9 @@ def test_a_global_batch_smaller_than_the_world_is_refused_before_anything_is_wri
     p = mpidqn(3, ["--run-dir", str(run_dir), "train.batch_size=2"], timeout=120)
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if "error" in line]
-    assert lines == ["mpidqn: error: train.batch_size: 2 is smaller than the world size 3 (train.batch_scope="
-                     "global: every rank samples a share of it); use at least 3 or train.batch_scope=per_rank"], p.stderr
+    assert lines == ["mpidqn: error: train.batch_size: the global batch 2 (batch_scale 1 x batch_size 2) is smaller "
+                     "than the world size 3: every rank samples a share of it; use at least 3 rows or "
+                     "train.batch_scope=per_rank"], p.stderr
     assert not run_dir.exists()
 
 

@@ -1,0 +1,78 @@
+"""Time to score against world size, measured as a user would: the run's own clock at its first greedy
+evaluation >= --target, median over the same seeds, every side alternating.
+
+    python benchmarks/time_to_score.py --seeds 100-104 --target 475 \
+        --side 1-rank 1 --side K2-2-ranks 2 train.batch_scope=per_rank \
+        [--config configs/cartpole.yaml] [--out runs/time_to_score] [KEY=VALUE ...]
+
+A side is ``NAME RANKS [KEY=VALUE ...]``: a world size and its overrides on top of the shared ones. For
+each seed every side runs once, one run at a time, sides in turn (so a slow spell of a shared machine hits
+them alike). Each run stops at its first evaluation >= --target (``eval.stop_at``), so it costs the time
+to the score. The table gives, per side, the median env steps and wall seconds to the score, how many
+seeds got there, and that median as a fraction of the best median of any 1-rank side: the share of the
+1-rank time a job at that world size needs. Writes results.csv and results.md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learning import run_mpidqn, seeds_arg  # noqa: E402  (a sibling script)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cartpole.yaml")
+    p.add_argument("--seeds", type=seeds_arg, default=seeds_arg("100-104"))
+    p.add_argument("--target", type=float, default=475.0)
+    p.add_argument("--side", nargs="+", action="append", required=True, metavar="NAME RANKS [KEY=VALUE]")
+    p.add_argument("--out", type=Path, default=Path("runs/time_to_score"))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args()
+    sides = {s[0]: (int(s[1]), s[2:]) for s in args.side}
+    shared = [*args.overrides, f"eval.stop_at={args.target}", "checkpoint.replay=false"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    for seed in args.seeds:
+        for name, (ranks, extra) in sides.items():
+            r = run_mpidqn(args.config, ranks, seed, args.out / f"{name}-s{seed}", [*shared, *extra], args.target)
+            r["seed"] = seed
+            results[name].append(r)
+            got = f"{r['target_step']:,} steps / {r['target_wall']:.1f} s" if "target_wall" in r else "not reached"
+            print(f"{name} ({ranks} ranks) seed {seed}: {got}" + (f"  error: {r['error']}" if "error" in r else ""),
+                  flush=True)
+    medians = {}
+    for name, rs in results.items():
+        hits = [r for r in rs if "target_wall" in r]
+        medians[name] = (float(np.median([r["target_step"] for r in hits])) if hits else np.nan,
+                         float(np.median([r["target_wall"] for r in hits])) if hits else np.nan, len(hits))
+    one_rank = [medians[n][1] for n, (ranks, _) in sides.items() if ranks == 1 and medians[n][2]]
+    best = min(one_rank) if one_rank else np.nan
+    with open(args.out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["side", "ranks", "seed", "target_step", "target_wall_s", "final"])
+        for name, rs in results.items():
+            for r in rs:
+                w.writerow([name, sides[name][0], r["seed"], r.get("target_step", ""),
+                            round(r["target_wall"], 2) if "target_wall" in r else "", r["final"]])
+    lines = [f"time to the first evaluation >= {args.target:g}; seeds {', '.join(map(str, args.seeds))}", "",
+             "| side | ranks | overrides | per seed (env steps / s) | median steps | median s | reached | "
+             "fraction of the best 1-rank time |", "|---|---|---|---|---|---|---|---|"]
+    for name, (ranks, extra) in sides.items():
+        steps, wall, n = medians[name]
+        cells = ", ".join(f"{r['target_step'] / 1000:g}k / {r['target_wall']:.0f}" if "target_wall" in r else "-"
+                          for r in results[name])
+        lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {cells} | {steps:,.0f} | {wall:.1f} | "
+                     f"{n}/{len(args.seeds)} | {wall / best:.2f} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
