@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import torch
 
+from mpidqn.algo.categorical import categorical_from_config
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.vector import make_env
 from mpidqn.nn.registry import build_network
@@ -47,9 +48,12 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     cfg, net, weights = load_policy(ckpt, online=args.online)
     torch.set_num_threads(1)
 
+    cat = categorical_from_config(cfg.network)  # C51: act on the expected values; noisy layers: mean weights
+
     @torch.no_grad()
     def policy(obs: np.ndarray) -> np.ndarray:
-        return net(torch.from_numpy(np.asarray(obs, dtype=np.float32))).argmax(dim=1).numpy()
+        out = net(torch.from_numpy(np.asarray(obs, dtype=np.float32)))
+        return (out if cat is None else cat.q_values(out)).argmax(dim=1).numpy()
 
     seed = cfg.seed if args.seed is None else args.seed
     result = evaluate_policy(policy, spec_from_config(cfg.env, evaluation=True), args.episodes, seed, max_episode_steps=cfg.env.max_episode_steps,

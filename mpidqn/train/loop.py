@@ -18,6 +18,7 @@ from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.vector import (
+    acting_noise_seed,
     env_reset_seeds,
     make_vector_env,
     pickle_envs,
@@ -133,6 +134,10 @@ class Trainer:
         self.sampler = RoundSampler(cfg.train, topo, self.replay, self.batch_per_rank, shared_seed(cfg.seed))
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        # noisy nets: this rank's acting noise (the learner draws from it, the checkpoint keeps it)
+        self.noise_rng = np.random.default_rng(acting_noise_seed(cfg.seed, self.rank)) if cfg.network.noisy else None
+        if self.noise_rng is not None:
+            self.learner.use_acting_noise(self.noise_rng)
         self.counters = Counters()
         self.episodes = EpisodeTracker(cfg.env.num_envs)
         self.recent_returns: deque[float] = deque(maxlen=100)  # last 100 episodes of all ranks
@@ -320,7 +325,8 @@ class Trainer:
                          "episodes": self.counters.episodes},
             "rng": {"explore": Json(self.explore_rng.bit_generator.state),
                     "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state(),
-                    "shared": Json(self.sampler.shared_rng.bit_generator.state)},
+                    "shared": Json(self.sampler.shared_rng.bit_generator.state),
+                    **({"noise": Json(self.noise_rng.bit_generator.state)} if self.noise_rng is not None else {})},
             "envs": {"pickle": pickle_envs(self.envs), "obs": np.asarray(self.obs)},
             "episodes": self.episodes.state_dict(),
             "schedules": self.schedules.state_dict(),
@@ -343,6 +349,8 @@ class Trainer:
             self.replay_rng.bit_generator.state = state["rng"]["replay"]
             if "shared" in state["rng"]:
                 self.sampler.shared_rng.bit_generator.state = state["rng"]["shared"]
+            if self.noise_rng is not None and "noise" in state["rng"]:
+                self.noise_rng.bit_generator.state = state["rng"]["noise"]
             torch.set_rng_state(state["rng"]["torch"])
             if len(state["envs"]["pickle"]):
                 self.envs.close()
@@ -368,6 +376,9 @@ class Trainer:
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
         self.sampler.shared_rng = np.random.default_rng(shared_seed(self.cfg.seed, self.counters.env_steps))
+        if self.noise_rng is not None:  # in place: the learner holds this generator
+            fresh = np.random.default_rng(acting_noise_seed(self.cfg.seed, self.rank, self.counters.env_steps))
+            self.noise_rng.bit_generator.state = fresh.bit_generator.state
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
         lengths = replay_lengths(ckpt)
         if lengths:
