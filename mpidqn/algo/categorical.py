@@ -63,7 +63,7 @@ class Categorical:
     num_atoms: int
     v_min: float
     v_max: float
-    _supports: dict = field(default_factory=dict, compare=False, repr=False)  # by device
+    _supports: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # by device
 
     def __post_init__(self) -> None:
         if self.num_atoms < 2:

@@ -9,8 +9,9 @@ pipeline stage), the flat gradient buffer the parameters' ``.grad`` are views of
 for a stage of parameter-free layers), the gradient reducer (see :mod:`mpidqn.learners.reducers`),
 and the parts of an update that do not depend on the layout: the rounds of updates between target
 updates, skip-or-stop on a non-finite loss or gradient, clipping, the optimizer and target steps, the
-moving average of the parameters that evaluations use (``train.ema_decay``), the replica check, and
-the model state.
+moving average of the parameters that evaluations use (``train.ema_decay``), the noise of noisy layers
+(``network.noisy``: drawn per update from streams every replica shares, per acting step from the rank's
+own stream, off in evaluations), the replica check, and the model state.
 """
 from __future__ import annotations
 

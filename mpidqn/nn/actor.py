@@ -74,11 +74,15 @@ class NumpyActor:
             atoms = m.num_atoms
 
             def dueling(x: np.ndarray) -> np.ndarray:
+                a = advantage(x)
+                return value(x) + a - a.mean(axis=1, keepdims=True)
+
+            def dueling_atoms(x: np.ndarray) -> np.ndarray:  # C51: the streams combine per atom
                 a = advantage(x).reshape(len(x), -1, atoms)
                 q = value(x).reshape(len(x), 1, atoms) + a - a.mean(axis=1, keepdims=True)
                 return q.reshape(len(x), -1)
 
-            return dueling
+            return dueling if atoms == 1 else dueling_atoms
         return _ACTIVATIONS[type(m)]
 
     def greedy(self, obs: np.ndarray) -> np.ndarray:
