@@ -89,6 +89,25 @@ class NetworkConfig:
     layer_norm: bool = False
     """MLP only: LayerNorm after every hidden Linear, before the activation (as in PQN, Gallici et al.
     2024): it bounds the features the TD targets bootstrap from and steadies late training."""
+    distributional: bool = False
+    """C51 (Bellemare et al. 2017): the head outputs a distribution over ``num_atoms`` returns evenly
+    spaced on [v_min, v_max] per action, learnt by cross-entropy to the projected n-step target (train.loss
+    is then unused); actions maximise its expected value; prioritized replay uses the per-row
+    cross-entropy as priority. docs/rainbow.md."""
+    num_atoms: int = 51
+    """C51 atoms per action (Dopamine's num_atoms). Only with distributional true."""
+    v_min: float = -10.0
+    """Lowest return of the C51 support (Dopamine's vmin = -vmax). Only with distributional true."""
+    v_max: float = 10.0
+    """Highest return of the C51 support (Dopamine's vmax). Only with distributional true."""
+    noisy: bool = False
+    """Noisy nets (Fortunato et al. 2018): every Linear layer (the FC layers of a CNN) becomes a
+    factorised Gaussian noisy layer. New noise per update from streams shared by all data-parallel
+    replicas, acting noise from each rank's own stream, evaluation on the mean weights. Epsilon-greedy is
+    off (train.exploration eps_start and eps_end 0) unless they are set explicitly. docs/rainbow.md."""
+    noisy_sigma0: float = 0.5
+    """sigma_0 of the factorised noise: the sigmas start at sigma_0 / sqrt(fan-in) (Fortunato et al.'s
+    0.5). Only with noisy true."""
 
 
 @dataclass
@@ -464,10 +483,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """A validated Config from nested plain data (sections as dicts; missing keys keep their defaults)."""
+    """A validated Config from nested plain data (sections as dicts; missing keys keep their defaults;
+    with network.noisy, epsilon defaults to 0)."""
+    _noisy_exploration_defaults(data)
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+def _noisy_exploration_defaults(data: dict[str, Any]) -> None:
+    """With network.noisy the noise explores: epsilon defaults to 0 (Dopamine's Rainbow with noisy nets),
+    unless eps_start or eps_end were set in the file or an override (those are kept as given)."""
+    net, train = data.get("network"), data.get("train", {})
+    if not isinstance(net, dict) or net.get("noisy") is not True or not isinstance(train, dict):
+        return
+    x = data.setdefault("train", {}).setdefault("exploration", {})
+    if isinstance(x, dict):
+        x.setdefault("eps_start", 0.0)
+        x.setdefault("eps_end", 0.0)
 
 
 def config_from_yaml_text(text: str) -> Config:
@@ -569,6 +602,21 @@ def _validate_priority(t: TrainConfig) -> None:
              f"must be > 0, got {p['priority_eps']}")
 
 
+def _validate_rainbow(cfg: Config) -> None:
+    """C51 and noisy-net settings (network.distributional, network.noisy)."""
+    n, t = cfg.network, cfg.train
+    _require(n.num_atoms >= 2, "network.num_atoms", f"must be >= 2, got {n.num_atoms}")
+    _require(math.isfinite(n.v_min) and math.isfinite(n.v_max) and n.v_min < n.v_max, "network.v_min",
+             f"must be finite and below network.v_max, got v_min={n.v_min} v_max={n.v_max}")
+    _require(n.noisy_sigma0 > 0 and math.isfinite(n.noisy_sigma0), "network.noisy_sigma0",
+             f"must be > 0, got {n.noisy_sigma0}")
+    if n.distributional:
+        _require(t.advantage_learning == 0.0, "train.advantage_learning",
+                 "does not apply to network.distributional (C51 learns distributions, not scalar targets); set it 0")
+        _require(t.target_regularization == 0.0, "train.target_regularization",
+                 "does not apply to network.distributional (C51 learns distributions, not scalar targets); set it 0")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values, naming the key. World-size dependent checks live in Topology."""
     t, x = cfg.train, cfg.train.exploration
@@ -591,6 +639,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.parallel.bucket_mb > 0, "parallel.bucket_mb", f"must be > 0, got {cfg.parallel.bucket_mb}")
     _require(len(cfg.network.hidden) >= 1, "network.hidden", "needs at least one hidden layer")
     _require(all(w >= 1 for w in cfg.network.hidden), "network.hidden", f"widths must be >= 1, got {cfg.network.hidden}")
+    _validate_rainbow(cfg)
     _require(t.total_steps >= 1, "train.total_steps", f"must be >= 1, got {t.total_steps}")
     _require(0 <= t.learning_starts <= t.total_steps, "train.learning_starts",
              f"must be in [0, train.total_steps={t.total_steps}], got {t.learning_starts}")

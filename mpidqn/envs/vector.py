@@ -159,6 +159,15 @@ def shared_seed(root_seed: int, epoch: int = 0) -> np.random.SeedSequence:
     return np.random.SeedSequence(_entropy(root_seed, epoch), spawn_key=(SHARED_STREAM_KEY,))
 
 
+ACTING_NOISE_KEY = 2**32 - 2  # spawn key of the ranks' acting-noise streams (noisy nets)
+
+
+def acting_noise_seed(root_seed: int, rank: int, epoch: int = 0) -> np.random.SeedSequence:
+    """The seed of this rank's acting-noise stream (network.noisy); ``epoch`` as in :func:`spawn_seeds`.
+    Apart from the rank streams of :func:`spawn_seeds`, so a run without noisy nets draws as before."""
+    return np.random.SeedSequence(_entropy(root_seed, epoch), spawn_key=(ACTING_NOISE_KEY, rank))
+
+
 def spawn_seeds(root_seed: int, world: int, rank: int, epoch: int = 0) -> dict[str, np.random.SeedSequence]:
     """Independent seed sequences for this rank, all derived from one root seed.
 

@@ -9,8 +9,9 @@ pipeline stage), the flat gradient buffer the parameters' ``.grad`` are views of
 for a stage of parameter-free layers), the gradient reducer (see :mod:`mpidqn.learners.reducers`),
 and the parts of an update that do not depend on the layout: the rounds of updates between target
 updates, skip-or-stop on a non-finite loss or gradient, clipping, the optimizer and target steps, the
-moving average of the parameters that evaluations use (``train.ema_decay``), the replica check, and
-the model state.
+moving average of the parameters that evaluations use (``train.ema_decay``), the noise of noisy layers
+(``network.noisy``: drawn per update from streams every replica shares, per acting step from the rank's
+own stream, off in evaluations), the replica check, and the model state.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from mpidqn.learners.optim import (
     set_optimizer_lr,
 )
 from mpidqn.learners.reducers import GradientReducer
+from mpidqn.nn.noisy import learning_streams, noisy_modules, set_noise
 
 # Model-state keys of the optimizer state (Adam or RMSprop) and its hyper-parameters. Model files
 # written before RMSprop existed call them "adam" and "adam_hparams"; those are still read.
@@ -189,6 +191,7 @@ class LearnerBase(ABC):
             self.online.to(dev)
             self.target.to(dev)
         self.flat_grad = bind_flat_grad(self.params, dev)
+        self._init_noise(hyper.noise_seed)
         # A stage of parameter-free layers has nothing to optimise (torch refuses an empty optimizer).
         self.optimizer = make_optimizer(self.params, hyper) if self.params else None
         self._lr = float(hyper.lr)
@@ -204,6 +207,31 @@ class LearnerBase(ABC):
         self._loads = 0
         # the moving average of this rank's parameters (train.ema_decay > 0), None until the first update
         self.ema: list[torch.Tensor] | None = None
+
+    def _init_noise(self, seed: int) -> None:
+        """Noisy layers (network.noisy): one learning-noise stream per layer of each net, named
+        ``online.<layer>`` / ``target.<layer>`` by global layer name; the acting stream (``act_noise``,
+        this rank's own) is handed in by :meth:`use_acting_noise`."""
+        self._noisy = noisy_modules(self.online, "online.") + noisy_modules(self.target, "target.")
+        self.noise_streams = learning_streams(seed, [n for n, _ in self._noisy])
+        self.act_noise: np.random.Generator | None = None
+        self._acting_noise = True  # False inside evaluation_weights: the mean weights act
+
+    def use_acting_noise(self, rng: np.random.Generator) -> None:
+        """Act with noise drawn from ``rng`` (this rank's stream; the caller keeps and checkpoints it)."""
+        self.act_noise = rng
+
+    def _resample_learning_noise(self) -> None:
+        """New noise for every noisy layer of both nets, from the streams every replica shares."""
+        for name, m in self._noisy:
+            m.resample(self.noise_streams[name])
+
+    def _resample_acting_noise(self) -> None:
+        """New noise for the online net's noisy layers from this rank's acting stream (none while evaluating)."""
+        if self.act_noise is not None and self._acting_noise:
+            for name, m in self._noisy:
+                if name.startswith("online."):
+                    m.resample(self.act_noise)
 
     # ------------------------------------------------------------------ interface
     @property
@@ -251,11 +279,14 @@ class LearnerBase(ABC):
         self._resolve()  # the previous round's skips (a device learner): the schedule below counts them
         data, b = self._prepare_round(batch, num_updates, plan)
         h = self.hyper
-        batch_targets = not h.double_dqn and h.tau >= 1.0
+        # noisy layers draw new noise per update, so each update's targets need their own pass
+        batch_targets = not h.double_dqn and h.tau >= 1.0 and not self._noisy
         i = 0
         while i < num_updates:
             span = (h.target_update_interval - self._scheduled % h.target_update_interval) if batch_targets else 1
             span = min(span, num_updates - i)
+            if self._noisy:
+                self._resample_learning_noise()
             targets = self._round_targets(data, slice(int(b[i]), int(b[i + span])))
             for j in range(span):
                 lo, hi = int(b[i + j]), int(b[i + j + 1])
@@ -379,6 +410,21 @@ class LearnerBase(ABC):
 
     @contextmanager
     def evaluation_weights(self):
+        """Evaluate with the mean weights of noisy layers (noise off, the acting stream untouched) and
+        the moving average of the parameters where one is kept; both come back as they were."""
+        online = [m for name, m in self._noisy if name.startswith("online.")]
+        before = set_noise(online, False)
+        self._acting_noise = False
+        try:
+            with self._average_weights():
+                yield
+        finally:
+            self._acting_noise = True
+            for m, on in zip(online, before):
+                m.noise_on = on
+
+    @contextmanager
+    def _average_weights(self):
         """Swap the moving average into the online parameters for the duration (a no-op without one or
         before the first update), so every greedy path (torch, the numpy actor, a pipeline stage) acts
         with it; the online parameters come back exactly, also on an exception."""
@@ -452,6 +498,8 @@ class LearnerBase(ABC):
         if self.optimizer is not None:
             opt = {self.param_names[i]: dict(st) for i, st in self.optimizer.state_dict()["state"].items()}
         extra = {} if self.ema is None else {"ema": dict(zip(self.param_names, self.ema))}
+        if self.noise_streams:  # exact resume draws the same noise (global layer names: any layout)
+            extra["noise"] = {n: Json(g.bit_generator.state) for n, g in self.noise_streams.items()}
         return to_cpu({
             **extra,
             "online": dict(self.online.state_dict()),
@@ -478,6 +526,10 @@ class LearnerBase(ABC):
         self.ema = None
         if self.hyper.ema_decay > 0.0 and all(n in ema for n in self.param_names) and self.param_names:
             self.ema = [ema[n].to(p.device, p.dtype).clone() for n, p in zip(self.param_names, self.params)]
+        noise = state.get("noise") or {}
+        for name, stream in self.noise_streams.items():
+            if name in noise:  # absent: a checkpoint of a run without noisy layers keeps the fresh streams
+                stream.bit_generator.state = noise[name].value if isinstance(noise[name], Json) else noise[name]
         self._lr = float(hparams.get("lr", self._lr))
         self._loads += 1
         self._pending.clear()  # flags of updates before the load

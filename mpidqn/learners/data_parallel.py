@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpidqn.algo.categorical import categorical_loss
 from mpidqn.algo.dqn import (action_gap_penalty, target_regularization, target_regularization_grad, td_loss,
                              td_loss_grad, td_targets)
 from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds, replica_metrics
@@ -128,7 +129,10 @@ class Learner(LearnerBase):
         self._losses: list[torch.Tensor] = []  # the loss of each update
         self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update with rows
         self._q_losses: list[torch.Tensor] = []  # the loss of each _q_rows entry's update
-        self._actor = NumpyActor(layers) if layers and NumpyActor.supports(layers) else None
+        cat = hyper.categorical  # C51: the network's output is flat logits, Q its expected value
+        self._actor = (NumpyActor(layers, None if cat is None else cat.support().numpy())
+                       if layers and NumpyActor.supports(layers) else None)
+        self._q_values = (lambda out: out) if cat is None else cat.q_values
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -136,10 +140,11 @@ class Learner(LearnerBase):
         if self._actor is not None and len(obs) <= 64:  # small batches: numpy beats torch's overhead
             self._actor.refresh(self.weights_version)
             return self._actor.greedy(obs)
+        self._resample_acting_noise()
         x = torch.from_numpy(np.asarray(obs, dtype=np.float32))
         if self.device is not None:
-            return self.online(x.to(self.device)).argmax(dim=1).cpu().numpy()
-        return self.online(x).argmax(dim=1).numpy()
+            return self._q_values(self.online(x.to(self.device))).argmax(dim=1).cpu().numpy()
+        return self._q_values(self.online(x)).argmax(dim=1).numpy()
 
     @property
     def weights_version(self) -> tuple[int, int]:
@@ -152,6 +157,8 @@ class Learner(LearnerBase):
         ``advantage_learning``."""
         with torch.no_grad():
             next_online = self._online_q(next_obs) if self.hyper.double_dqn else None
+            if self.hyper.categorical is not None:  # projected target distributions (rows, atoms)
+                return self.hyper.categorical.targets(rewards, discounts, self._target_q(next_obs), next_online)
             y = td_targets(rewards, discounts, self._target_q(next_obs), next_online)
             if self.hyper.advantage_learning > 0:
                 y -= action_gap_penalty(self._target_q(obs), actions, self.hyper.advantage_learning)
@@ -175,21 +182,28 @@ class Learner(LearnerBase):
                 q = kernel.forward(obs)
             else:  # a rank with no rows of a global batch stays eager (no compilation for 0 rows)
                 q = (self._forward if len(obs) else self.online)(obs)
-            q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
-            loss = td_loss(q_taken, targets, self.hyper.loss, weights)
+            cat = self.hyper.categorical
+            if cat is None:
+                q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+                loss = td_loss(q_taken, targets, self.hyper.loss, weights)
+            else:  # C51: cross-entropy to the projected targets; priorities are its per-row values
+                loss, row_loss = categorical_loss(cat.taken(q, actions), targets, weights)
+                q_taken = cat.q_values(q.detach()).gather(1, actions.unsqueeze(1)).squeeze(1)
             kappa = self.hyper.target_regularization
             if kappa > 0:
                 with torch.no_grad():
                     q_target_s = self._target_q(obs)
                 loss = loss + target_regularization(q, q_target_s, kappa, weights)
             if td_out is not None:
-                td_out.copy_((targets - q_taken.detach()).abs())
+                td_out.copy_((targets - q_taken.detach()).abs() if cat is None else row_loss.detach())
             if not self._device_skip:
                 self._local_nonfinite = not math.isfinite(loss.detach().item())
             self.reducer.start(self._local_nonfinite)
             if kernel is None:
                 self.flat_grad.zero_()
                 loss.backward()
+            elif len(q_taken) and cat is not None:
+                kernel.backward(cat.grad_out(q, actions, targets, weights))
             elif len(q_taken):
                 grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
                     q_taken, targets, self.hyper.loss, weights).unsqueeze(1))

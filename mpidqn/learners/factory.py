@@ -1,10 +1,12 @@
 """Build the learner for the parallel layout: data parallel (S = 1) or pipeline (S > 1)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
 
+from mpidqn.algo.categorical import categorical_from_config
 from mpidqn.errors import UserError
 from mpidqn.learners.base import QLearner
 from mpidqn.learners.device import make_dp_learner
@@ -27,7 +29,8 @@ def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int,
     (target refresh, tau and ema_decay rescaled to its batch scale). Errors in the layout are UserErrors raised
     identically on every rank (the partition is a pure function of the config).
     """
-    hyper = Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr, plan)
+    hyper = dataclasses.replace(Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr, plan),
+                                categorical=categorical_from_config(cfg.network), noise_seed=int(cfg.seed))
     net = cfg.network
     try:
         layers = q_network_layers(obs_shape, n_actions, net)

@@ -34,6 +34,8 @@ class Hyper:
     ema_decay: float = 0.0  # > 0: keep an average of the online parameters for evaluation (see LearnerBase)
     sync_check_interval: int = 500
     nonfinite: str = "skip"  # "skip" the update (and count it) or "stop" on a NaN/Inf loss or gradient
+    categorical: Any = None  # C51 (network.distributional): an algo.categorical.Categorical, None: scalar Q
+    noise_seed: int = 0  # root of the per-layer learning-noise streams of noisy layers (the run's seed)
 
     @classmethod
     def from_config(cls, train: Any, sync_check_interval: int, lr: float, plan: Any = None) -> "Hyper":

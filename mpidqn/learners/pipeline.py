@@ -31,6 +31,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpidqn.algo.categorical import categorical_loss
 from mpidqn.algo.dqn import action_gap_penalty, target_regularization, td_loss, td_targets
 from mpidqn.distributed import watchdog
 from mpidqn.distributed.pipeline import (
@@ -153,15 +154,21 @@ class PipelineLearner(LearnerBase):
             x = _as_float(torch.from_numpy(buf))
         else:
             watchdog.wait(self.pp_comm.Igatherv(obs, None, root=0), "pipeline gather")
+        self._resample_acting_noise()  # each stage's layers from its own rank's stream
         q = pipelined_forward([self.online], self.link, x, [total], self.shapes[self.stage])
         mine = np.empty(len(obs), dtype=np.int64)
-        best = q[0].argmax(dim=1).numpy().astype(np.int64) if q is not None else None
+        best = self._q_values(q[0]).argmax(dim=1).numpy().astype(np.int64) if q is not None else None
         watchdog.wait(self.pp_comm.Iscatterv(None if best is None else [best, (counts, displs), MPI.INT64_T], mine,
                                              root=self.stages - 1), "pipeline scatter")
         return mine, total
 
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
         return self.group_greedy(obs)[0]
+
+    def _q_values(self, out: torch.Tensor) -> torch.Tensor:
+        """Q-values of the last stage's output (the expected values of C51's distributions)."""
+        cat = self.hyper.categorical
+        return out if cat is None else cat.q_values(out)
 
     # ------------------------------------------------------------------ learning
     def _gather(self, arr: np.ndarray, root: int, num_updates: int) -> torch.Tensor | None:
@@ -237,6 +244,8 @@ class PipelineLearner(LearnerBase):
                                     self._sizes(n), in_shape)
         if q is None:
             return None
+        if self.hyper.categorical is not None:  # projected target distributions (rows, atoms)
+            return self.hyper.categorical.targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
         y = td_targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
         if alpha > 0:
             y -= action_gap_penalty(q_s[0], gb.actions[rows], alpha)
@@ -255,6 +264,8 @@ class PipelineLearner(LearnerBase):
             q_target_s = pipelined_forward([self.target], self.link, x, self._sizes(total), self.shapes[self.stage])
 
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
+            if self.hyper.categorical is not None:
+                return categorical_loss_of(offset, n, q)
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
             if weights is None:
                 loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
@@ -266,6 +277,19 @@ class PipelineLearner(LearnerBase):
                                else target_regularization(q, qt, kappa, weights[offset : offset + n]))
             if td is not None:
                 td[offset : offset + n] = (targets[offset : offset + n] - q_taken.detach()).abs()
+            return account(loss, q_taken)
+
+        def categorical_loss_of(offset: int, n: int, out: torch.Tensor) -> torch.Tensor:
+            cat, a, y = self.hyper.categorical, actions[offset : offset + n], targets[offset : offset + n]
+            w = None if weights is None else weights[offset : offset + n]
+            loss, row_loss = categorical_loss(cat.taken(out, a), y, w)
+            if w is None:
+                loss = loss * (n / total)
+            if td is not None:  # prioritized replay: the per-row cross-entropy
+                td[offset : offset + n] = row_loss.detach()
+            return account(loss, cat.q_values(out.detach()).gather(1, a.unsqueeze(1)).squeeze(1))
+
+        def account(loss: torch.Tensor, q_taken: torch.Tensor) -> torch.Tensor:
             value = float(loss.detach())
             if math.isfinite(value):
                 self._metrics[0] += value

@@ -221,16 +221,18 @@ def resolve(target: str | Path, best: bool = False) -> Checkpoint:
 
 def read_model(ckpt: Checkpoint) -> dict[str, Any]:
     """Merge the stage files into one model state: online, target, ema (the moving average of the
-    parameters, empty without one), optimizer (Adam or RMSprop, by global name), optimizer_hparams,
+    parameters, empty without one), noise (the learning-noise streams of noisy layers, empty without),
+    optimizer (Adam or RMSprop, by global name), optimizer_hparams,
     updates. Files of older versions call the optimizer entries "adam" and "adam_hparams" (whichever
     optimizer it was); they are read under the new names."""
-    merged: dict[str, Any] = {"online": {}, "target": {}, "ema": {}, "optimizer": {}}
+    merged: dict[str, Any] = {"online": {}, "target": {}, "ema": {}, "optimizer": {}, "noise": {}}
     for f in ckpt.model_files():
         with h5py.File(f, "r") as h:
             tree = read_tree(h["model"])
         merged["online"].update(tree.get("online", {}))
         merged["target"].update(tree.get("target", {}))
         merged["ema"].update(tree.get("ema", {}))
+        merged["noise"].update(tree.get("noise", {}))  # noisy layers' learning-noise streams by layer
         merged["optimizer"].update(tree.get("optimizer", tree.get("adam", {})))
         merged["optimizer_hparams"] = tree["optimizer_hparams"] if "optimizer_hparams" in tree else tree["adam_hparams"]
         merged["updates"] = tree["updates"]

@@ -19,6 +19,7 @@ from mpidqn.distributed import watchdog
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.snapshot import refusal_line, restore_envs, seal_envs
 from mpidqn.envs.vector import (
+    acting_noise_seed,
     env_reset_seeds,
     make_vector_env,
     shared_seed,
@@ -140,6 +141,10 @@ class Trainer:
         self.sampler = RoundSampler(cfg.train, topo, self.replay, rows, shared_seed(cfg.seed))
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
+        # noisy nets: this rank's acting noise (the learner draws from it, the checkpoint keeps it)
+        self.noise_rng = np.random.default_rng(acting_noise_seed(cfg.seed, self.rank)) if cfg.network.noisy else None
+        if self.noise_rng is not None:
+            self.learner.use_acting_noise(self.noise_rng)
         self.counters = Counters()
         self.episodes = EpisodeTracker(cfg.env.num_envs)
         self.recent_returns: deque[float] = deque(maxlen=100)  # last 100 episodes of all ranks
@@ -333,7 +338,8 @@ class Trainer:
                          "episodes": self.counters.episodes, "samples": self.counters.samples},
             "rng": {"explore": Json(self.explore_rng.bit_generator.state),
                     "replay": Json(self.replay_rng.bit_generator.state), "torch": torch.get_rng_state(),
-                    "shared": Json(self.sampler.shared_rng.bit_generator.state)},
+                    "shared": Json(self.sampler.shared_rng.bit_generator.state),
+                    **({"noise": Json(self.noise_rng.bit_generator.state)} if self.noise_rng is not None else {})},
             "envs": seal_envs(self.envs, self.obs, self.trust.key),
             "episodes": self.episodes.state_dict(),
             "schedules": self.schedules.state_dict(),
@@ -356,6 +362,8 @@ class Trainer:
             self.replay_rng.bit_generator.state = state["rng"]["replay"]
             if "shared" in state["rng"]:
                 self.sampler.shared_rng.bit_generator.state = state["rng"]["shared"]
+            if self.noise_rng is not None and "noise" in state["rng"]:
+                self.noise_rng.bit_generator.state = state["rng"]["noise"]
             torch.set_rng_state(state["rng"]["torch"])
             self.episodes.load_state_dict(state["episodes"])
             restored = self._resume_envs(state.get("envs", {}), ckpt)
@@ -371,6 +379,9 @@ class Trainer:
         self.explore_rng = np.random.default_rng(self.seeds["explore"])
         self.replay_rng = np.random.default_rng(self.seeds["replay"])
         self.sampler.shared_rng = np.random.default_rng(shared_seed(self.cfg.seed, self.counters.env_steps))
+        if self.noise_rng is not None:  # in place: the learner holds this generator
+            fresh = np.random.default_rng(acting_noise_seed(self.cfg.seed, self.rank, self.counters.env_steps))
+            self.noise_rng.bit_generator.state = fresh.bit_generator.state
         self.obs, _ = self.envs.reset(seed=env_reset_seeds(self.seeds["env"], self.cfg.env.num_envs))
         lengths = replay_lengths(ckpt)
         if lengths:

@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from mpidqn.algo.categorical import categorical_from_config
 from mpidqn.envs.presets import EnvSpec, spec_from_config
 from mpidqn.envs.vector import make_env
 from mpidqn.nn.registry import build_network
@@ -75,9 +76,12 @@ class Policy:
 
     @torch.no_grad()
     def q_values(self, obs: Any) -> np.ndarray:
-        """Q-values, shape (n_actions,) for one observation or (N, n_actions) for a batch."""
+        """Q-values, shape (n_actions,) for one observation or (N, n_actions) for a batch (with
+        ``network.distributional``: the expected values; noisy layers act on their mean weights)."""
         batch, single = self._batch(obs)
-        q = self.net(torch.from_numpy(np.asarray(batch, dtype=np.float32))).numpy()
+        out = self.net(torch.from_numpy(np.asarray(batch, dtype=np.float32)))
+        cat = categorical_from_config(self.config.network)  # C51: the expected value of each action's atoms
+        q = (out if cat is None else cat.q_values(out)).numpy()
         return q[0] if single else q
 
     def predict(self, obs: Any) -> Any:

@@ -143,3 +143,29 @@ def test_cartpole_pipeline_yaml_is_the_default_on_a_pipeline():
     cfg, default = load_config(ROOT / "configs" / "cartpole-pipeline.yaml"), load_config()
     assert cfg.parallel.pipeline_stages == 2
     assert dataclasses.replace(cfg, parallel=default.parallel) == default
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["network.distributional=true", "network.num_atoms=1"], "network.num_atoms"),
+    (["network.distributional=true", "network.v_min=5", "network.v_max=5"], "network.v_min"),
+    (["network.noisy=true", "network.noisy_sigma0=0"], "network.noisy_sigma0"),
+    (["network.distributional=true", "train.advantage_learning=0.5"], "train.advantage_learning"),
+    (["network.distributional=true", "train.target_regularization=0.1"], "train.target_regularization"),
+])
+def test_rainbow_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(None, overrides)
+
+
+def test_noisy_nets_turn_epsilon_off_unless_it_is_set(tmp_path):
+    assert (load_config().train.exploration.eps_start, load_config().train.exploration.eps_end) == (1.0, 0.04)
+    x = load_config(None, ["network.noisy=true"]).train.exploration
+    assert (x.eps_start, x.eps_end) == (0.0, 0.0)
+    x = load_config(None, ["network.noisy=true", "train.exploration.eps_end=0.01"]).train.exploration
+    assert (x.eps_start, x.eps_end) == (0.0, 0.01)
+    f = tmp_path / "c.yaml"
+    f.write_text("network: {noisy: true}\ntrain: {exploration: {eps_start: 0.5}}\n")
+    x = load_config(f).train.exploration
+    assert (x.eps_start, x.eps_end) == (0.5, 0.0)
+    # the resolved values are written out, so a run's config.yaml reads back the same
+    assert config_from_yaml_text(to_yaml(load_config(None, ["network.noisy=true"]))).train.exploration.eps_start == 0.0

@@ -18,11 +18,13 @@ from conftest import MPI_SCRIPTS, inspect_json, mpidqn, mpirun, program_lines, r
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("world, stages, optimizer, alpha, kappa", [
-    (2, 2, "adam", 0, 0), (3, 3, "adam", 0, 0), (4, 2, "adam", 0, 0), (2, 2, "rmsprop", 0, 0), (3, 3, "adam", 0.9, 0.3)])
-def test_pipelined_gradients_equal_the_unpartitioned_model(world, stages, optimizer, alpha, kappa):
-    p = mpirun(world, [str(MPI_SCRIPTS / "pipeline_grads.py"), str(stages), "3", optimizer, str(alpha), str(kappa)],
-               timeout=60)
+@pytest.mark.parametrize("world, stages, optimizer, alpha, kappa, head", [
+    (2, 2, "adam", 0, 0, "q"), (3, 3, "adam", 0, 0, "q"), (4, 2, "adam", 0, 0, "q"), (2, 2, "rmsprop", 0, 0, "q"),
+    (3, 3, "adam", 0.9, 0.3, "q"), (2, 2, "adam", 0, 0, "rainbow")])
+def test_pipelined_gradients_equal_the_unpartitioned_model(world, stages, optimizer, alpha, kappa, head):
+    """"rainbow": C51 in the last stage, noisy layers in both (docs/rainbow.md)."""
+    p = mpirun(world, [str(MPI_SCRIPTS / "pipeline_grads.py"), str(stages), "3", optimizer, str(alpha), str(kappa),
+                       head], timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("OK") == world
 

@@ -28,6 +28,9 @@ assert trainer.counters.env_steps == ckpt.step
 model = read_model(ckpt)
 for name, p in trainer.learner.online.state_dict().items():
     assert torch.equal(p, model["online"][name]), name
+for name, stream in trainer.learner.noise_streams.items():  # noisy layers: the learning noise carries over
+    assert stream.bit_generator.state == model["noise"][name], name
+assert set(trainer.learner.noise_streams) <= set(model["noise"])
 mine = trainer.replay.transitions()
 assert len(trainer.replay) <= trainer.replay.capacity
 prioritized = "priority" in mine  # every row carries its priority

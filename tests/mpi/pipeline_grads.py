@@ -2,7 +2,8 @@
 averaged, globally clipped gradient and takes the same optimizer steps as ONE unpartitioned learner on
 the union of all W minibatches (double DQN and dueling on). Also checks greedy actions against it.
 Optional arguments: micro-batches (default 3), the optimizer, adam (default) or rmsprop,
-train.advantage_learning's alpha and train.target_regularization's kappa (defaults 0)."""
+train.advantage_learning's alpha and train.target_regularization's kappa (defaults 0), and "rainbow":
+C51 atoms in the last stage and noisy layers in every stage (the same noise as the unpartitioned model)."""
 from __future__ import annotations
 
 import sys
@@ -11,8 +12,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpidqn.algo.categorical import Categorical
 from mpidqn.learners.data_parallel import Hyper, Learner
-from mpidqn.nn.mlp import mlp_layers
+from mpidqn.nn.mlp import linear_factory, mlp_layers
 from mpidqn.learners.pipeline import PipelineLearner
 from mpidqn.replay.shard import Batch
 from mpidqn.distributed.topology import Topology
@@ -22,17 +24,20 @@ MICRO = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 OPTIMIZER = sys.argv[3] if len(sys.argv) > 3 else "adam"
 ALPHA = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 KAPPA = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+RAINBOW = len(sys.argv) > 6 and sys.argv[6] == "rainbow"
+ATOMS = 11 if RAINBOW else 1
 topo = Topology.build(MPI.COMM_WORLD, S)
 rank, world = topo.rank, topo.world
 torch.set_num_threads(1)
 B, OBS, ACT, HIDDEN, SEED = 8, 5, 3, [16, 12, 16], 7
 hyper = Hyper(lr=1e-2, optimizer=OPTIMIZER, double_dqn=True, max_grad_norm=0.5, target_update_interval=2,
-              sync_check_interval=1, advantage_learning=ALPHA, target_regularization=KAPPA)
+              sync_check_interval=1, advantage_learning=ALPHA, target_regularization=KAPPA,
+              categorical=Categorical(ATOMS, -3.0, 3.0) if RAINBOW else None, noise_seed=3)
 
 
 def layers():
     torch.manual_seed(SEED)
-    return mlp_layers(OBS, ACT, HIDDEN, dueling=True)
+    return mlp_layers(OBS, ACT, HIDDEN, dueling=True, num_atoms=ATOMS, linear=linear_factory(RAINBOW))
 
 
 pipe = PipelineLearner(layers(), (OBS,), hyper, topo.pp_comm, topo.dp_comm, micro_batches=MICRO)

@@ -143,11 +143,14 @@ def test_model_files_of_older_versions_with_adam_keys_still_load(tmp_path):
 
 @pytest.mark.parametrize("n,extra", [(1, []), (1, ["train.compile_network=true"]), (2, []), (2, ["train.prioritized=true"]),
                                      (2, ["train.prioritized=true", "parallel.pipeline_stages=2",
-                                          "train.ema_decay=0.9"])])
+                                          "train.ema_decay=0.9"]),
+                                     (2, ["train.prioritized=true", "network.distributional=true",
+                                          "network.noisy=true", "network.dueling=true"])])
 def test_exact_resume_is_bit_identical(tmp_path, tiny, n, extra):
     """Also with a compiled network (recompiled by the resumed process), prioritized replay (global
-    sampling: priorities, sum-trees, running maximum, shared stream), and a pipeline's stages with the
-    moving average of their parameters."""
+    sampling: priorities, sum-trees, running maximum, shared stream), a pipeline's stages with the
+    moving average of their parameters, and Rainbow's C51 and noisy layers (learning and acting noise
+    streams)."""
     args = [*tiny, "train.total_steps=2400", "checkpoint.interval_steps=0", *extra]
     a, b = tmp_path / "a", tmp_path / "b"
     assert mpidqn(n, ["--run-dir", str(a), *args], timeout=180).returncode == 0
@@ -164,6 +167,7 @@ def test_exact_resume_is_bit_identical(tmp_path, tiny, n, extra):
     for part in ("online", "target", "ema"):
         for name in ma[part]:
             assert torch.equal(ma[part][name], mb[part][name]), (part, name)
+    assert bool(ma["noise"]) == ("network.noisy=true" in extra) and ma["noise"] == mb["noise"]
     for name in ma["optimizer"]:
         for k in ma["optimizer"][name]:
             assert torch.equal(ma["optimizer"][name][k], mb["optimizer"][name][k]), (name, k)
@@ -188,9 +192,12 @@ def test_checkpoint_without_replay_resumes_elastically_and_refills_before_updati
     assert info["updates"] == 44 + 3 * 4
 
 
-@pytest.mark.parametrize("old, new, extra", [(4, 2, []), (2, 4, []), (3, 1, []), (3, 2, ["train.prioritized=true"])])
+@pytest.mark.parametrize("old, new, extra", [(4, 2, []), (2, 4, []), (3, 1, []), (3, 2, ["train.prioritized=true"]),
+                                            (2, 1, ["train.prioritized=true", "network.distributional=true",
+                                                    "network.noisy=true", "parallel.pipeline_stages=2"])])
 def test_elastic_resume_keeps_every_transition_once(tmp_path, tiny, old, new, extra):
-    """Prioritized: every transition keeps its priority, and the run's maximum priority carries over."""
+    """Prioritized: every transition keeps its priority, and the run's maximum priority carries over.
+    Rainbow (C51 and noisy layers, written by a 2-stage pipeline): the noise streams carry over too."""
     run_dir = tmp_path / "r"
     args = [*tiny, *extra, "train.total_steps=1200", "train.buffer_size=5000"]
     assert mpidqn(old, ["--run-dir", str(run_dir), *args], timeout=240).returncode == 0
