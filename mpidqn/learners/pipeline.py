@@ -294,7 +294,7 @@ class PipelineLearner(LearnerBase):
             if math.isfinite(value):
                 self._metrics[0] += value
                 self._metrics[2] += float(q_taken.detach().sum())
-                self._metrics[3] += n
+                self._metrics[3] += q_taken.numel()  # the micro-batch's rows
             else:
                 self._local_nonfinite = True
             return loss

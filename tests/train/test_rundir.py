@@ -163,7 +163,8 @@ def test_resume_with_the_saved_config_and_only_resumable_overrides(finished):
     (["train.buffer_size=40", "train.batch_size=32", "train.batch_scope=per_rank"],
      "train.batch_size=32 (32 per rank) is larger than a rank's replay shard (20 transitions: train.buffer_size=40 "
      "over 2 ranks)"),
-    (["train.batch_size=1"], "train.batch_size: 1 is smaller than the world size 2"),
+    (["train.batch_size=1"], "train.batch_size: the global batch 1 (batch_scale 1 x batch_size 1) is smaller than the "
+                             "world size 2"),
 ])
 def test_layout_and_batch_errors_are_refused_before_the_run_dir_exists(tmp_path, tiny, overrides, expected):
     run_dir = tmp_path / "r"

@@ -102,7 +102,8 @@ def test_report_of_a_sweep_ranks_its_configs(packed, tmp_path: Path, capsys: pyt
 
 @pytest.mark.parametrize("grid, problem", [
     ("train.lr=1e-3,-1", "run train.lr--1_seed0: train.lr"),
-    ("train.batch_size=12,7", "run train.batch_size-7_seed0: train.batch_size: 7 is not divisible by the world size 2"),
+    ("train.batch_size=12,1", "run train.batch_size-1_seed0: train.batch_size: the global batch 1 (batch_scale 1 x "
+                              "batch_size 1) is smaller than the world size 2"),
 ])
 def test_a_bad_grid_point_is_refused_before_anything_is_written(tmp_path: Path, grid: str, problem: str) -> None:
     out = tmp_path / "s"
