@@ -20,6 +20,7 @@ A truncated episode (time limit) still bootstraps from its true final observatio
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -353,7 +354,7 @@ def partition_transitions(per_rank: list[Transitions], new_world: int,
             for ranks, rows in plan]
 
 
-class SlotSampling:
+class SlotSampling(ABC):
     """What both shard kinds (``ReplayShard``, ``FrameReplayShard``) do the same way on top of their
     storage: draw slots uniformly or by priority, tell their mass to a global draw, take priorities back,
     forget pending n-step steps.
@@ -367,11 +368,11 @@ class SlotSampling:
     _sampler: UniformSampler
     _nstep: NStepAccumulator
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def _gather(self, slots: np.ndarray, out: Batch | None) -> Batch:
-        raise NotImplementedError
+    @abstractmethod
+    def _gather(self, slots: np.ndarray, out: Batch | None) -> Batch: ...
 
     def _slots(self, idx: np.ndarray) -> np.ndarray:
         """Sampler offsets ``[0, len)`` -> physical slots (the identity: rows fill the slots from 0)."""

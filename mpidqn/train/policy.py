@@ -44,6 +44,7 @@ class Policy:
     step: int  # global env steps of the checkpoint
     checkpoint: Path
     weights: str  # "moving average" or "online"
+    categorical: Any = None  # network.distributional: the atoms' Categorical (Q is their expected value)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, online: bool = False) -> Policy:
@@ -54,7 +55,8 @@ class Policy:
         model = read_model(ckpt)
         average = bool(model["ema"]) and not online
         net.load_state_dict({**model["online"], **model["ema"]} if average else model["online"])
-        return cls(net.eval(), cfg, shape, n_actions, ckpt.step, ckpt.path, "moving average" if average else "online")
+        return cls(net.eval(), cfg, shape, n_actions, ckpt.step, ckpt.path, "moving average" if average else "online",
+                   categorical_from_config(cfg.network))
 
     @property
     def env_spec(self) -> EnvSpec:
@@ -80,8 +82,7 @@ class Policy:
         ``network.distributional``: the expected values; noisy layers act on their mean weights)."""
         batch, single = self._batch(obs)
         out = self.net(torch.from_numpy(np.asarray(batch, dtype=np.float32)))
-        cat = categorical_from_config(self.config.network)  # C51: the expected value of each action's atoms
-        q = (out if cat is None else cat.q_values(out)).numpy()
+        q = (out if self.categorical is None else self.categorical.q_values(out)).numpy()
         return q[0] if single else q
 
     def predict(self, obs: Any) -> Any:
