@@ -26,7 +26,7 @@ from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds, replica_m
 from mpidqn.learners.mlp_kernel import MLPKernel
 from mpidqn.learners.optim import Hyper
 from mpidqn.learners.reducers import make_reducer
-from mpidqn.nn.actor import NumpyActor
+from mpidqn.nn.actor import NUMPY_ROWS, NumpyActor
 
 __all__ = ["Hyper", "Learner"]  # Hyper: the learner's constructor argument, importable beside it
 
@@ -137,10 +137,11 @@ class Learner(LearnerBase):
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
-        if self._actor is not None and len(obs) <= 64:  # small batches: numpy beats torch's overhead
+        # one acting-noise draw per call on either path (the numpy actor reads the layers' buffers)
+        self._resample_acting_noise()
+        if self._actor is not None and len(obs) <= NUMPY_ROWS:  # small batches: numpy beats torch's overhead
             self._actor.refresh(self.weights_version)
             return self._actor.greedy(obs)
-        self._resample_acting_noise()
         x = torch.from_numpy(np.asarray(obs, dtype=np.float32))
         if self.device is not None:
             return self._q_values(self.online(x.to(self.device))).argmax(dim=1).cpu().numpy()

@@ -3,8 +3,11 @@
 Choosing actions for a handful of observations is dominated by torch's per-operator overhead
 (~100 us for a [256, 256] MLP at batch 1, against ~25 us for the same matmuls in numpy). The
 mirror is refreshed lazily: only when the learner's update counter moved since the last copy.
-Networks with layers it does not know (CNNs, GELU, noisy layers) return None and act through torch.
+Networks with layers it does not know (CNNs, GELU) return None and act through torch.
 A C51 network (``support`` given) acts on the expected value of each action's distribution.
+Noisy layers (network.noisy) read their noise at call time from the layer itself (``noise_on`` and the
+``eps_in``/``eps_out`` buffers the learner resamples in place), so a new draw needs no refresh; with the
+noise on they compute the factorised form without forming the noisy weight matrix (issue #33).
 """
 from __future__ import annotations
 
@@ -14,15 +17,19 @@ import numpy as np
 from torch import nn
 
 from mpidqn.nn.mlp import DuelingHead
+from mpidqn.nn.noisy import NoisyLinear
 
 _ACTIVATIONS: dict[type, Callable[[np.ndarray], np.ndarray]] = {
     nn.ReLU: lambda x: np.maximum(x, 0.0, out=x),
     nn.Tanh: lambda x: np.tanh(x, out=x),
 }
+_DENSE = (nn.Linear, NoisyLinear)
+NUMPY_ROWS = 64  # batches up to this many observations act faster in numpy than through torch
 
 
 class NumpyActor:
-    """Greedy actions of an MLP ([Flatten], Linear, [LayerNorm], activation, ..., Linear | DuelingHead)."""
+    """Greedy actions of an MLP ([Flatten], Linear, [LayerNorm], activation, ..., Linear | DuelingHead);
+    every Linear may be a NoisyLinear."""
 
     def __init__(self, layers: Sequence[nn.Module], support: np.ndarray | None = None) -> None:
         self.layers = list(layers)
@@ -33,10 +40,10 @@ class NumpyActor:
     @classmethod
     def supports(cls, layers: Sequence[nn.Module]) -> bool:
         body, head = list(layers)[:-1], list(layers)[-1]
-        known = (nn.Flatten, nn.Linear, nn.LayerNorm, *_ACTIVATIONS)
-        plain_head = isinstance(head, nn.Linear) or (
-            isinstance(head, DuelingHead) and all(isinstance(m, nn.Linear) for m in head.children()))
-        return all(isinstance(m, known) for m in body) and plain_head
+        known = (nn.Flatten, *_DENSE, nn.LayerNorm, *_ACTIVATIONS)
+        dense_head = isinstance(head, _DENSE) or (
+            isinstance(head, DuelingHead) and all(isinstance(m, _DENSE) for m in head.children()))
+        return all(isinstance(m, known) for m in body) and dense_head
 
     def refresh(self, version: object) -> None:
         """Copy the weights if the network changed since the last copy (``version`` changes with it)."""
@@ -52,6 +59,25 @@ class NumpyActor:
         return lambda x: x @ w + b
 
     @staticmethod
+    def _noisy_linear(m: NoisyLinear) -> Callable[[np.ndarray], np.ndarray]:
+        """``x W^T + b`` of the layer's current noise: ``x mu^T + ((x * eps_in) sigma^T) * eps_out + b_mu +
+        b_sigma * eps_out`` (the noisy weight factorises), or the means while ``m.noise_on`` is False. The
+        eps views share the buffers' storage, which ``NoisyLinear.resample`` overwrites in place."""
+        w_mu, w_sigma = (t.detach().numpy().T.copy() for t in (m.weight_mu, m.weight_sigma))
+        b_mu, b_sigma = (t.detach().numpy().copy() for t in (m.bias_mu, m.bias_sigma))
+        eps_in, eps_out = m.eps_in.numpy(), m.eps_out.numpy()
+
+        def noisy_linear(x: np.ndarray) -> np.ndarray:
+            if not m.noise_on:
+                return x @ w_mu + b_mu
+            return x @ w_mu + ((x * eps_in) @ w_sigma) * eps_out + (b_mu + b_sigma * eps_out)
+
+        return noisy_linear
+
+    def _dense(self, m: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+        return self._noisy_linear(m) if isinstance(m, NoisyLinear) else self._linear(m)
+
+    @staticmethod
     def _layer_norm(m: nn.LayerNorm) -> Callable[[np.ndarray], np.ndarray]:
         w = m.weight.detach().numpy().copy()
         b = m.bias.detach().numpy().copy()
@@ -65,12 +91,12 @@ class NumpyActor:
         return layer_norm
 
     def _op(self, m: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-        if isinstance(m, nn.Linear):
-            return self._linear(m)
+        if isinstance(m, _DENSE):
+            return self._dense(m)
         if isinstance(m, nn.LayerNorm):
             return self._layer_norm(m)
         if isinstance(m, DuelingHead):
-            value, advantage = self._linear(m.value), self._linear(m.advantage)
+            value, advantage = self._dense(m.value), self._dense(m.advantage)
             atoms = m.num_atoms
 
             def dueling(x: np.ndarray) -> np.ndarray:
@@ -85,13 +111,15 @@ class NumpyActor:
             return dueling if atoms == 1 else dueling_atoms
         return _ACTIVATIONS[type(m)]
 
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
+    def q_values(self, obs: np.ndarray) -> np.ndarray:
+        """(rows, actions) Q-values of a batch of observations (C51: the expected values)."""
         x = np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
         for op in self.ops:
             x = op(x)
-        if self.support is not None:
-            x = expected_values(x, self.support)
-        return x.argmax(axis=1)
+        return x if self.support is None else expected_values(x, self.support)
+
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        return self.q_values(obs).argmax(axis=1)
 
 
 def expected_values(logits: np.ndarray, support: np.ndarray) -> np.ndarray:

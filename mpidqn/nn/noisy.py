@@ -41,12 +41,21 @@ class NoisyLinear(nn.Module):
         return np.sign(x) * np.sqrt(np.abs(x))
 
     def resample(self, rng: np.random.Generator) -> None:
-        """Draw new noise (in_features + out_features standard normals from ``rng``) and turn it on."""
+        """Draw new noise (in_features + out_features standard normals from ``rng``) and turn it on.
+
+        The buffers are overwritten in place (the numpy actor reads them through views of their storage);
+        on the CPU through numpy, and ``noise_on`` is set only when it changes: both skip torch overheads
+        that cost more than the draw itself once per acting step (issue #33)."""
         eps = self._f(rng.standard_normal(self.in_features + self.out_features)).astype(np.float32)
-        with torch.no_grad():
-            self.eps_in.copy_(torch.from_numpy(eps[: self.in_features]))
-            self.eps_out.copy_(torch.from_numpy(eps[self.in_features:]))
-        self.noise_on = True
+        if self.eps_in.device.type == "cpu":
+            self.eps_in.numpy()[:] = eps[: self.in_features]
+            self.eps_out.numpy()[:] = eps[self.in_features:]
+        else:
+            with torch.no_grad():
+                self.eps_in.copy_(torch.from_numpy(eps[: self.in_features]))
+                self.eps_out.copy_(torch.from_numpy(eps[self.in_features:]))
+        if not self.noise_on:  # nn.Module.__setattr__ is slow
+            self.noise_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.noise_on:

@@ -1,7 +1,7 @@
 """A checkpoint's greedy policy, outside training: numpy observations in, actions out, no MPI."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from mpidqn.algo.categorical import categorical_from_config
 from mpidqn.envs.presets import EnvSpec, spec_from_config
 from mpidqn.envs.vector import make_env
+from mpidqn.nn.actor import NUMPY_ROWS, NumpyActor
 from mpidqn.nn.registry import build_network
 from mpidqn.train.checkpoints import Checkpoint, read_model
 
@@ -45,6 +46,8 @@ class Policy:
     checkpoint: Path
     weights: str  # "moving average" or "online"
     categorical: Any = None  # network.distributional: the atoms' Categorical (Q is their expected value)
+    # (net, its numpy mirror or None where the mirror lacks a layer): small batches act through numpy
+    _mirror: tuple[torch.nn.Module, NumpyActor | None] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, online: bool = False) -> Policy:
@@ -76,13 +79,29 @@ class Policy:
                              f"or a batch (N, {', '.join(map(str, self.observation_shape))})")
         return batch, single
 
+    def _numpy_actor(self) -> NumpyActor | None:
+        """The numpy mirror of ``net`` (as the learner acts in training), rebuilt for another net and
+        refreshed when a weight changed in place (a parameter's version counter moved)."""
+        if self._mirror is None or self._mirror[0] is not self.net:
+            layers = list(self.net.children()) if isinstance(self.net, torch.nn.Sequential) else []
+            support = None if self.categorical is None else self.categorical.support().numpy()
+            self._mirror = (self.net, NumpyActor(layers, support) if layers and NumpyActor.supports(layers) else None)
+        actor = self._mirror[1]
+        if actor is not None:
+            actor.refresh(tuple(p._version for p in self.net.parameters()))
+        return actor
+
     @torch.no_grad()
     def q_values(self, obs: Any) -> np.ndarray:
         """Q-values, shape (n_actions,) for one observation or (N, n_actions) for a batch (with
         ``network.distributional``: the expected values; noisy layers act on their mean weights)."""
         batch, single = self._batch(obs)
-        out = self.net(torch.from_numpy(np.asarray(batch, dtype=np.float32)))
-        q = (out if self.categorical is None else self.categorical.q_values(out)).numpy()
+        actor = self._numpy_actor() if len(batch) <= NUMPY_ROWS else None
+        if actor is not None:
+            q = actor.q_values(batch)
+        else:
+            out = self.net(torch.from_numpy(np.asarray(batch, dtype=np.float32)))
+            q = (out if self.categorical is None else self.categorical.q_values(out)).numpy()
         return q[0] if single else q
 
     def predict(self, obs: Any) -> Any:

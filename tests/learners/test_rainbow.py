@@ -105,6 +105,7 @@ def test_noisy_acting_draws_from_the_acting_stream_and_evaluation_uses_the_mean_
             m.noise_on = False
         mean_actions = CAT.q_values(learner.online(torch.from_numpy(obs))).argmax(1).numpy()
     learner.use_acting_noise(np.random.default_rng(9))
+    assert learner._actor is not None  # 64 rows: the numpy actor acts
     noisy = learner.greedy_actions(obs)
     assert not np.array_equal(noisy, mean_actions)
     learner.use_acting_noise(np.random.default_rng(9))
@@ -127,3 +128,32 @@ def test_noisy_learners_draw_new_noise_every_update(double):
         learner.update_many(_batch(rng, 8), 1)
         seen.append(layer.eps_in.clone())
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
+def test_noisy_learners_act_through_numpy_as_through_torch_from_the_same_stream():
+    fast, ref = _learner(noisy=True, dueling=True), _learner(noisy=True, dueling=True)
+    ref._actor = None  # the torch path
+    assert fast._actor is not None
+    for p, q in zip(fast.params, ref.params):  # large sigmas, so the noise changes actions
+        torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(p.numel()))
+        q.data.copy_(p.data)
+    fast.use_acting_noise(np.random.default_rng(9))
+    ref.use_acting_noise(np.random.default_rng(9))
+    rng = np.random.default_rng(4)
+    changed = 0
+    for step in range(6):
+        if step == 3:  # new weights (and learning noise) between acting steps: the actor refreshes
+            b = _batch(rng, 2 * 8)
+            fast.update_many(b, 2)
+            ref.update_many(b, 2)
+        obs = rng.normal(size=(16, 5)).astype(np.float32)
+        got, want = fast.greedy_actions(obs), ref.greedy_actions(obs)
+        with torch.no_grad():  # the torch Q-values of the noise just drawn, to leave float near-ties out
+            q = CAT.q_values(ref.online(torch.from_numpy(obs))).numpy()
+        top2 = np.sort(q, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-4
+        assert clear.sum() > 12 and np.array_equal(got[clear], want[clear])
+        changed += int(step > 0 and not np.array_equal(want, previous))
+        previous = want
+    assert fast.act_noise.bit_generator.state == ref.act_noise.bit_generator.state  # the same draws
+    assert changed > 0

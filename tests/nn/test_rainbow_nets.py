@@ -1,5 +1,5 @@
 """The Rainbow network parts: noisy layers (factorised noise, mean weights when off), C51's flat head
-(plain and dueling) and the numpy actor acting on C51's expected values."""
+(plain and dueling) and the numpy actor acting on C51's expected values and through noisy layers."""
 from __future__ import annotations
 
 import numpy as np
@@ -83,7 +83,38 @@ def test_numpy_actor_acts_on_c51_expected_values(dueling):
     assert clear.sum() > 150 and np.array_equal(actor.greedy(obs)[clear], q.argmax(1)[clear])
 
 
-def test_noisy_networks_act_through_torch():
-    assert not NumpyActor.supports(mlp_layers(4, 2, [8], linear=linear_factory(True)))
-    assert not NumpyActor.supports(mlp_layers(4, 2, [8], dueling=True, linear=linear_factory(True)))
-    assert isinstance(mlp_layers(4, 2, [8], dueling=True)[-1], DuelingHead)
+@pytest.mark.parametrize("dueling, atoms", [(False, 1), (True, 1), (True, 11)])
+def test_numpy_actor_mirrors_noisy_networks_with_noise_on_and_off(dueling, atoms):
+    torch.manual_seed(0)
+    layers = mlp_layers(6, 4, [32, 16], dueling=dueling, num_atoms=atoms, linear=linear_factory(True))
+    net = torch.nn.Sequential(*layers)
+    for p in net.parameters():  # large sigmas, so the noise moves Q far beyond float32 rounding
+        torch.nn.init.normal_(p, std=0.5)
+    support = np.linspace(-5.0, 5.0, atoms, dtype=np.float32) if atoms > 1 else None
+    assert NumpyActor.supports(layers) and isinstance(layers[-1], DuelingHead) == dueling
+    actor = NumpyActor(layers, support)
+    actor.refresh(0)
+    obs = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+
+    def torch_q() -> np.ndarray:
+        with torch.no_grad():
+            out = net(torch.from_numpy(obs))
+        return out.numpy() if support is None else Categorical(atoms, -5.0, 5.0).q_values(out).numpy()
+
+    mean_q = torch_q()  # a fresh net: noise off, the mean weights
+    np.testing.assert_allclose(actor.q_values(obs), mean_q, rtol=1e-5, atol=1e-4)
+    rng = np.random.default_rng(1)
+    for _ in range(2):  # each draw is read from the layers' buffers at call time, with no refresh
+        for _, m in noisy_modules(net):
+            m.resample(rng)
+        noisy_q = torch_q()
+        assert np.abs(noisy_q - mean_q).max() > 0.1
+        np.testing.assert_allclose(actor.q_values(obs), noisy_q, rtol=1e-5, atol=1e-4)
+    for _, m in noisy_modules(net):
+        m.noise_on = False  # as inside the learner's evaluation_weights
+    np.testing.assert_allclose(actor.q_values(obs), mean_q, rtol=1e-5, atol=1e-4)
+
+
+def test_noisy_convolutional_networks_act_through_torch():
+    cnn = q_network_layers((4, 10, 10), 6, NetworkConfig(kind="minatar_cnn", noisy=True))
+    assert not NumpyActor.supports(cnn)
