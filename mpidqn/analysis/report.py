@@ -16,6 +16,7 @@ from mpidqn.analysis.runs import Run, RunLoadError, load_run
 from mpidqn.analysis.tables import (
     aggregate,
     group_by_settings,
+    lockstep_table,
     scaling_problem,
     summary,
     tidy,
@@ -77,9 +78,17 @@ def main(argv: Sequence[str]) -> int:
         print(f"time to the first evaluation >= {args.target:g}")
         print(format_table(scores))
         print()
+    waits = lockstep_table(runs)
+    if len(waits):
+        print("where the multi-rank runs wait (shares of the wall time; docs/scaling.md, Lockstep):")
+        print(format_table(waits))
+        print()
     try:
         out.mkdir(parents=True, exist_ok=True)
         written, notes = write_report(runs, table, out)
+        if len(waits):
+            waits.to_csv(out / "lockstep.csv", index=False)
+            written.append(out / "lockstep.csv")
         if sweep:
             ranked(configs).to_csv(out / "ranked.csv", index=False)
             written.insert(2, out / "ranked.csv")

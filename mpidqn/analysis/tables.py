@@ -155,6 +155,67 @@ def phase_timeline(run: Run) -> pd.DataFrame:
     return out.dropna(axis=1, how="all").reset_index(drop=True)
 
 
+WAIT_PHASES = ("comm", "idle")  # time a rank spends in collectives or outside every phase
+LOCKSTEP_COLUMNS = ["run", "world_size", "intervals", "wait_share", "transfer_share", "imbalance_share",
+                    "jitter_share", "slowest_rank", "slowest_share", "imbalance_phase"]
+
+
+def lockstep(run: Run) -> dict[str, object] | None:
+    """Where a multi-rank run's waiting comes from, from its per-rank phases per report interval.
+
+    Ranks meet in every gradient Allreduce, so a rank waits there (``comm``) for the slowest, or outside
+    every phase (``idle``). Per interval: a rank's *busy* time is the sum of its other phases. The shares
+    (of the mean interval, averaged over ranks and intervals) split the wait into:
+
+    - ``transfer_share``: the slowest rank's ``comm``: it waits for nobody, so this is about the data
+      movement itself (plus its own waits inside single collectives);
+    - ``imbalance_share``: the mean of (slowest rank's busy time - this rank's): uneven work over the
+      whole interval, which lockstep turns into waiting;
+    - ``jitter_share``: the rest of the wait: ranks that are slow at different moments (an env reset, a
+      garbage collection) make the others wait at each collective although their totals even out.
+
+    ``slowest_rank`` is the rank most often the busiest (``slowest_share`` of the intervals) and
+    ``imbalance_phase`` the phase whose spread over ranks (max - mean) is largest: the one to look at.
+    None for a 1-rank run or a run without timings.
+    """
+    rows = phase_timeline(run)
+    if not len(rows) or rows["rank"].nunique() < 2:
+        return None
+    phases = [c for c in rows.columns if c not in ("rank", "step")]
+    work = [p for p in phases if p not in WAIT_PHASES]
+    waits = [p for p in WAIT_PHASES if p in rows]
+    rows = rows.assign(busy=rows[work].sum(axis=1), wait=rows[waits].sum(axis=1))
+    rows["total"] = rows["busy"] + rows["wait"]
+    by = rows.groupby("step")
+    rows = rows[by["rank"].transform("size") >= 2]  # an interval that only one rank reported says nothing
+    by = rows.groupby("step")
+    slowest = rows.loc[by["busy"].idxmax()]
+    interval = by["total"].mean()
+    imbalance = (by["busy"].transform("max") - rows["busy"]).groupby(rows["step"]).mean()
+    transfer = slowest.set_index("step")["comm"] if "comm" in rows else pd.Series(0.0, index=interval.index)
+    wait = by["wait"].mean()
+    spread = {p: float((by[p].max() - by[p].mean()).sum()) for p in work}
+    counts = slowest["rank"].value_counts()
+    total = float(interval.sum())
+    if total <= 0:
+        return None
+    return {
+        "run": run.name, "world_size": int(rows["rank"].nunique()), "intervals": int(len(interval)),
+        "wait_share": float(wait.sum()) / total,
+        "transfer_share": float(transfer.sum()) / total,
+        "imbalance_share": float(imbalance.sum()) / total,
+        "jitter_share": float((wait - transfer - imbalance).clip(lower=0.0).sum()) / total,
+        "slowest_rank": int(counts.index[0]), "slowest_share": float(counts.iloc[0]) / len(interval),
+        "imbalance_phase": max(spread, key=spread.get),
+    }
+
+
+def lockstep_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """:func:`lockstep` of every multi-rank run (an empty table when there is none)."""
+    rows = [r for r in map(lockstep, runs) if r is not None]
+    return pd.DataFrame(rows, columns=LOCKSTEP_COLUMNS)
+
+
 def host_groups(ranks: Sequence[int], rank_hosts: object) -> list[tuple[str, list[int]]]:
     """``ranks`` grouped by host, hosts in the order of their lowest rank: [(host, ranks), ...].
 

@@ -9,8 +9,8 @@ import pytest
 
 from mpidqn.analysis import load_run, report_main, summary, tidy
 from mpidqn.analysis.curves import iqm_band
-from mpidqn.analysis.tables import (aggregate, group_by_settings, phase_timeline, scaling_problem, time_breakdown,
-                                   time_to_score, time_to_target)
+from mpidqn.analysis.tables import (aggregate, group_by_settings, lockstep, lockstep_table, phase_timeline,
+                                   scaling_problem, time_breakdown, time_to_score, time_to_target)
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK
 from mpidqn.io.runlog import RunLog, read_log
 
@@ -130,6 +130,32 @@ def test_phase_timeline_gives_each_interval_per_rank_across_a_resume(tmp_path: P
         [0, 10, 1.0, 1.0], [1, 10, 1.0, 2.0], [0, 20, 1.0, 0.5], [1, 20, 3.0, 0.0], [0, 30, 0.5, 0.25]]
 
 
+def test_lockstep_splits_the_wait_into_transfer_imbalance_and_jitter(tmp_path: Path) -> None:
+    names = ["env", "learn", "comm", "idle"]
+    with RunLog(tmp_path / "log.h5", {"world_size": 2}, timing_names=names) as log:  # cumulative per rank
+        log.timings(10, names, [[1.0, 2.0, 1.5, 0.0], [2.0, 2.0, 0.5, 0.0]])  # rank 1 works 1 s longer
+        log.timings(20, names, [[2.0, 4.0, 2.5, 0.5], [3.0, 4.5, 1.5, 0.0]])  # ... 0.5 s longer
+        log.timings(30, names, [[3.0, 6.0, 4.0, 0.5], [4.2, 6.5, 1.8, 0.0]])  # 0.2 s, rank 0 waits 1.5 s
+    got = lockstep(load_run(tmp_path))
+    assert got is not None
+    total = 4.5 + 4.5 + 4.0  # the mean interval lengths
+    assert got["world_size"] == 2 and got["intervals"] == 3
+    assert got["wait_share"] == pytest.approx((1.0 + 1.25 + 0.9) / total)
+    assert got["transfer_share"] == pytest.approx((0.5 + 1.0 + 0.3) / total)  # the busiest rank's comm
+    assert got["imbalance_share"] == pytest.approx((0.5 + 0.25 + 0.1) / total)
+    assert got["jitter_share"] == pytest.approx(0.5 / total)  # only the third interval waits beyond both
+    assert (got["slowest_rank"], got["slowest_share"], got["imbalance_phase"]) == (1, 1.0, "env")
+
+
+def test_lockstep_skips_1_rank_runs(runs: list[Path]) -> None:
+    loaded = [load_run(r) for r in runs]
+    assert lockstep(loaded[0]) is None
+    table = lockstep_table(loaded)
+    assert list(table["run"]) == ["seed0_world2", "seed1_world2"]
+    assert np.allclose(table["imbalance_share"], 0.0)  # equal ranks: all of the wait is the Allreduce
+    assert np.allclose(table["transfer_share"], table["wait_share"])
+
+
 def test_time_to_score_per_world_size_against_the_best_1_rank_setting(runs: list[Path], tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     loaded = [load_run(r) for r in runs]  # evaluation means about step / 10: 90 is first passed at step 1000
@@ -175,6 +201,8 @@ def test_report_over_seeds_and_world_sizes(runs: list[Path], tmp_path: Path,
         assert set(mine["world"]) == {int(path.name[-1])}
     scaling = pd.read_csv(out / "scaling.csv")
     assert list(scaling["world_size"]) == [1, 2] and scaling["speedup"].iloc[0] == 1.0
+    waits = pd.read_csv(out / "lockstep.csv")
+    assert list(waits["run"]) == ["seed0_world2", "seed1_world2"] and "where the multi-rank runs wait" in printed.out
 
 
 def test_report_skips_bad_runs_with_one_line_each(runs: list[Path], tmp_path: Path,
