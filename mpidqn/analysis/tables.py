@@ -167,8 +167,9 @@ def lockstep(run: Run) -> dict[str, object] | None:
     every phase (``idle``). Per interval: a rank's *busy* time is the sum of its other phases. The shares
     (of the mean interval, averaged over ranks and intervals) split the wait into:
 
-    - ``transfer_share``: the slowest rank's ``comm``: it waits for nobody, so this is about the data
-      movement itself (plus its own waits inside single collectives);
+    - ``transfer_share``: the busiest rank's ``comm``: over the interval it waits for nobody, so this is
+      the data movement itself plus the waits it still has at single collectives (an upper bound of the
+      transfer; a bare Allreduce of the gradient measured alone gives the transfer);
     - ``imbalance_share``: the mean of (slowest rank's busy time - this rank's): uneven work over the
       whole interval, which lockstep turns into waiting;
     - ``jitter_share``: the rest of the wait: ranks that are slow at different moments (an env reset, a
