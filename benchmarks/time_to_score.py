@@ -11,11 +11,21 @@ them alike). Each run stops at its first evaluation >= --target (``eval.stop_at`
 to the score. The table gives, per side, the median env steps and wall seconds to the score, how many
 seeds got there, and that median as a fraction of the best median of any 1-rank side: the share of the
 1-rank time a job at that world size needs. Writes results.csv and results.md under --out.
+
+``--steps N`` measures speed instead: every side runs N env steps without evaluations or checkpoints, and
+the table gives each side's run clock (the log's wall time at the last step) per seed, its median, env
+steps per second, and that median as a fraction of the best 1-rank median. For sides that learn alike per
+env step (e.g. the same ``train.batch_scale``: the same algorithm at any world size), this fraction is the
+expected fraction of the time to score, without the seed noise of when a run first reaches the score:
+
+    python benchmarks/time_to_score.py --config configs/minatar-breakout.yaml --steps 40000 --seeds 100,101 \
+        --side K4-1rank 1 train.batch_scale=4 env.num_envs=4 --side K4-2ranks 2 train.batch_scale=4 env.num_envs=2
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,15 +42,18 @@ def main() -> int:
     p.add_argument("--target", type=float, default=475.0)
     p.add_argument("--side", nargs="+", action="append", required=True, metavar="NAME RANKS [KEY=VALUE]")
     p.add_argument("--out", type=Path, default=Path("runs/time_to_score"))
+    p.add_argument("--steps", type=int, help="speed mode: whole runs of this many env steps, no evaluations")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args()
     sides = {s[0]: (int(s[1]), s[2:]) for s in args.side}
+    if args.steps:
+        return speed(args, sides)
     shared = [*args.overrides, f"eval.stop_at={args.target}", "checkpoint.replay=false"]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {name: [] for name in sides}
     for seed in args.seeds:
         for name, (ranks, extra) in sides.items():
-            r = run_mpidqn(args.config, ranks, seed, args.out / f"{name}-s{seed}", [*shared, *extra], args.target)
+            r = run_mpidqn(args.config, ranks, seed, fresh(args.out / f"{name}-s{seed}"), [*shared, *extra], args.target)
             r["seed"] = seed
             results[name].append(r)
             got = f"{r['target_step']:,} steps / {r['target_wall']:.1f} s" if "target_wall" in r else "not reached"
@@ -70,6 +83,43 @@ def main() -> int:
         lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {cells} | {steps:,.0f} | {wall:.1f} | "
                      f"{n}/{len(args.seeds)} | {wall / best:.2f} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def fresh(run_dir: Path) -> Path:
+    """``run_dir`` emptied: a run dir left by an earlier call would otherwise resume from its checkpoint."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
+def speed(args: argparse.Namespace, sides: dict[str, tuple[int, list[str]]]) -> int:
+    """--steps: the run clock of whole runs per side, alternating, and its fraction of the best 1-rank side."""
+    from mpidqn.io.runlog import read_log
+
+    shared = [*args.overrides, f"train.total_steps={args.steps}", "eval.interval_steps=0", "eval.episodes=1",
+              "checkpoint.interval_steps=0", "checkpoint.replay=false"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    clocks: dict[str, list[float]] = {name: [] for name in sides}
+    for seed in args.seeds:
+        for name, (ranks, extra) in sides.items():
+            run_dir = fresh(args.out / f"{name}-s{seed}")
+            r = run_mpidqn(args.config, ranks, seed, run_dir, [*shared, *extra], np.inf)
+            if "error" in r:
+                print(f"{name} ({ranks} ranks) seed {seed}: error: {r['error']}", file=sys.stderr)
+                return 1
+            clocks[name].append(float(read_log(run_dir / "log.h5").tables["scalars"]["wall_time"][-1]))
+            print(f"{name} ({ranks} ranks) seed {seed}: {clocks[name][-1]:.1f} s", flush=True)
+    medians = {name: float(np.median(c)) for name, c in clocks.items()}
+    best = min(medians[n] for n, (ranks, _) in sides.items() if ranks == 1) if any(
+        ranks == 1 for ranks, _ in sides.values()) else np.nan
+    lines = [f"run clock of {args.steps:,} env steps (no evaluations); seeds {', '.join(map(str, args.seeds))}", "",
+             "| side | ranks | overrides | per seed (s) | median s | env steps/s | fraction of the best 1-rank time |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (ranks, extra) in sides.items():
+        lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {', '.join(f'{c:.1f}' for c in clocks[name])} | "
+                     f"{medians[name]:.1f} | {args.steps / medians[name]:,.0f} | {medians[name] / best:.2f} |")
+    (args.out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
