@@ -10,7 +10,9 @@ each seed every side runs once, one run at a time, sides in turn (so a slow spel
 them alike). Each run stops at its first evaluation >= --target (``eval.stop_at``), so it costs the time
 to the score. The table gives, per side, the median env steps and wall seconds to the score, how many
 seeds got there, and that median as a fraction of the best median of any 1-rank side: the share of the
-1-rank time a job at that world size needs. Writes results.csv and results.md under --out.
+1-rank time a job at that world size needs, and the seconds per 1k env steps up to the score with the
+same fraction (the speed alone: where a side first reaches the score moves with the seed, and a few seeds
+do not average that out). Writes results.csv and results.md under --out.
 
 ``--steps N`` measures speed instead: every side runs N env steps without evaluations or checkpoints, and
 the table gives each side's run clock (the log's wall time at the last step) per seed, its median, env
@@ -63,9 +65,12 @@ def main() -> int:
     for name, rs in results.items():
         hits = [r for r in rs if "target_wall" in r]
         medians[name] = (float(np.median([r["target_step"] for r in hits])) if hits else np.nan,
-                         float(np.median([r["target_wall"] for r in hits])) if hits else np.nan, len(hits))
-    one_rank = [medians[n][1] for n, (ranks, _) in sides.items() if ranks == 1 and medians[n][2]]
-    best = min(one_rank) if one_rank else np.nan
+                         float(np.median([r["target_wall"] for r in hits])) if hits else np.nan, len(hits),
+                         # seconds per 1k env steps up to the score: the speed, without when the score came
+                         float(np.median([1000 * r["target_wall"] / r["target_step"] for r in hits])) if hits else np.nan)
+    one_rank = [n for n, (ranks, _) in sides.items() if ranks == 1 and medians[n][2]]
+    best = min(medians[n][1] for n in one_rank) if one_rank else np.nan
+    best_rate = min(medians[n][3] for n in one_rank) if one_rank else np.nan
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["side", "ranks", "seed", "target_step", "target_wall_s", "final"])
@@ -75,13 +80,14 @@ def main() -> int:
                             round(r["target_wall"], 2) if "target_wall" in r else "", r["final"]])
     lines = [f"time to the first evaluation >= {args.target:g}; seeds {', '.join(map(str, args.seeds))}", "",
              "| side | ranks | overrides | per seed (env steps / s) | median steps | median s | reached | "
-             "fraction of the best 1-rank time |", "|---|---|---|---|---|---|---|---|"]
+             "fraction of the best 1-rank time | s per 1k steps | its fraction of the best 1-rank side's |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, (ranks, extra) in sides.items():
-        steps, wall, n = medians[name]
+        steps, wall, n, rate = medians[name]
         cells = ", ".join(f"{r['target_step'] / 1000:g}k / {r['target_wall']:.0f}" if "target_wall" in r else "-"
                           for r in results[name])
         lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {cells} | {steps:,.0f} | {wall:.1f} | "
-                     f"{n}/{len(args.seeds)} | {wall / best:.2f} |")
+                     f"{n}/{len(args.seeds)} | {wall / best:.2f} | {rate:.2f} | {rate / best_rate:.2f} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
