@@ -55,9 +55,12 @@ def main() -> int:
         name, k, seed = job
         run_dir = args.out / f"{name}-k{k}-s{seed}"
         extra = [f"train.batch_scale={k}", f"env.num_envs={k}", *args.overrides, *variants[name]]
-        r = run_mpidqn(args.config, 1, seed, run_dir, extra, args.target)
-        if "error" not in r:
-            r["late"], r["late_n"] = late_hits(run_dir, args.target, args.late_from)
+        try:  # one failed run must not cancel the others queued in the pool
+            r = run_mpidqn(args.config, 1, seed, run_dir, extra, args.target)
+            if "error" not in r:
+                r["late"], r["late_n"] = late_hits(run_dir, args.target, args.late_from)
+        except Exception as err:  # noqa: BLE001  (reported in the run's line and table row)
+            r = {"final": float("nan"), "wall": float("nan"), "error": f"{type(err).__name__}: {err}"}
         r.update(variant=name, k=k, seed=seed)
         first = f"{r['target_step']:,}" if "target_step" in r else "never"
         print(f"{name} K={k} seed {seed}: final {r['final']:.1f}, first >= {args.target:g} at {first}, "
