@@ -68,9 +68,8 @@ def main() -> int:
                          float(np.median([r["target_wall"] for r in hits])) if hits else np.nan, len(hits),
                          # seconds per 1k env steps up to the score: the speed, without when the score came
                          float(np.median([1000 * r["target_wall"] / r["target_step"] for r in hits])) if hits else np.nan)
-    one_rank = [n for n, (ranks, _) in sides.items() if ranks == 1 and medians[n][2]]
-    best = min(medians[n][1] for n in one_rank) if one_rank else np.nan
-    best_rate = min(medians[n][3] for n in one_rank) if one_rank else np.nan
+    best = best_one_rank(sides, {n: m[1] for n, m in medians.items()})
+    best_rate = best_one_rank(sides, {n: m[3] for n, m in medians.items()})
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["side", "ranks", "seed", "target_step", "target_wall_s", "final"])
@@ -91,6 +90,12 @@ def main() -> int:
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def best_one_rank(sides: dict[str, tuple[int, list[str]]], values: dict[str, float]) -> float:
+    """The smallest value of any 1-rank side (NaN: not reached), or NaN when there is none."""
+    ones = [values[n] for n, (ranks, _) in sides.items() if ranks == 1 and not np.isnan(values[n])]
+    return min(ones) if ones else np.nan
 
 
 def fresh(run_dir: Path) -> Path:
@@ -117,8 +122,7 @@ def speed(args: argparse.Namespace, sides: dict[str, tuple[int, list[str]]]) -> 
             clocks[name].append(float(read_log(run_dir / "log.h5").tables["scalars"]["wall_time"][-1]))
             print(f"{name} ({ranks} ranks) seed {seed}: {clocks[name][-1]:.1f} s", flush=True)
     medians = {name: float(np.median(c)) for name, c in clocks.items()}
-    best = min(medians[n] for n, (ranks, _) in sides.items() if ranks == 1) if any(
-        ranks == 1 for ranks, _ in sides.values()) else np.nan
+    best = best_one_rank(sides, medians)
     lines = [f"run clock of {args.steps:,} env steps (no evaluations); seeds {', '.join(map(str, args.seeds))}", "",
              "| side | ranks | overrides | per seed (s) | median s | env steps/s | fraction of the best 1-rank time |",
              "|---|---|---|---|---|---|---|"]

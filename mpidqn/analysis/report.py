@@ -80,7 +80,7 @@ def main(argv: Sequence[str]) -> int:
         print()
     waits = lockstep_table(runs)
     if len(waits):
-        print("where the multi-rank runs wait (shares of the wall time; docs/scaling.md, Lockstep):")
+        print("where the multi-rank runs wait (shares of the wall time; docs/scaling.md, Where the ranks wait):")
         print(format_table(waits))
         print()
     try:

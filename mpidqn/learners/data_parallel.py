@@ -130,8 +130,7 @@ class Learner(LearnerBase):
         self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update with rows
         self._q_losses: list[torch.Tensor] = []  # the loss of each _q_rows entry's update
         cat = hyper.categorical  # C51: the network's output is flat logits, Q its expected value
-        self._actor = (NumpyActor(layers, None if cat is None else cat.support().numpy())
-                       if layers and NumpyActor.supports(layers) else None)
+        self._actor = NumpyActor.mirror(online, cat) if self.device is None else None
         self._q_values = (lambda out: out) if cat is None else cat.q_values
 
     # ------------------------------------------------------------------ acting

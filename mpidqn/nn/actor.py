@@ -11,7 +11,7 @@ noise on they compute the factorised form without forming the noisy weight matri
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -36,6 +36,15 @@ class NumpyActor:
         self.support = None if support is None else np.asarray(support, dtype=np.float32)
         self.version: object = None
         self.ops: list[Callable[[np.ndarray], np.ndarray]] = []
+
+    @classmethod
+    def mirror(cls, net: nn.Module, categorical: Any = None) -> NumpyActor | None:
+        """The numpy mirror of ``net`` (an ``nn.Sequential`` of layers it knows), acting on the expected
+        values of ``categorical``'s atoms when given (C51); None where it cannot act for ``net``."""
+        layers = list(net.children()) if isinstance(net, nn.Sequential) else []
+        if not layers or not cls.supports(layers):
+            return None
+        return cls(layers, None if categorical is None else categorical.support().numpy())
 
     @classmethod
     def supports(cls, layers: Sequence[nn.Module]) -> bool:

@@ -83,9 +83,7 @@ class Policy:
         """The numpy mirror of ``net`` (as the learner acts in training), rebuilt for another net and
         refreshed when a weight changed in place (a parameter's version counter moved)."""
         if self._mirror is None or self._mirror[0] is not self.net:
-            layers = list(self.net.children()) if isinstance(self.net, torch.nn.Sequential) else []
-            support = None if self.categorical is None else self.categorical.support().numpy()
-            self._mirror = (self.net, NumpyActor(layers, support) if layers and NumpyActor.supports(layers) else None)
+            self._mirror = (self.net, NumpyActor.mirror(self.net, self.categorical))
         actor = self._mirror[1]
         if actor is not None:
             actor.refresh(tuple(p._version for p in self.net.parameters()))
