@@ -90,16 +90,24 @@ class NetworkConfig:
     """MLP only: LayerNorm after every hidden Linear, before the activation (as in PQN, Gallici et al.
     2024): it bounds the features the TD targets bootstrap from and steadies late training."""
     distributional: bool = False
-    """C51 (Bellemare et al. 2017): the head outputs a distribution over ``num_atoms`` returns evenly
-    spaced on [v_min, v_max] per action, learnt by cross-entropy to the projected n-step target (train.loss
-    is then unused); actions maximise its expected value; prioritized replay uses the per-row
-    cross-entropy as priority. docs/rainbow.md."""
+    """Distributional RL, the head that ``distribution`` names. C51 (Bellemare et al. 2017): a distribution
+    over ``num_atoms`` returns evenly spaced on [v_min, v_max] per action, learnt by cross-entropy to the
+    projected n-step target; actions maximise its expected value. train.loss is then unused; prioritized
+    replay uses the per-row loss as priority. docs/rainbow.md."""
+    distribution: Literal["c51", "qr"] = "c51"
+    """With distributional true: ``c51``, or ``qr`` for QR-DQN (Dabney et al. 2018; Dopamine's quantile
+    agent): ``num_atoms`` quantiles of the return per action at the fractions (2i+1) / (2 num_atoms),
+    learnt by the quantile Huber loss (``kappa``) to the n-step target's quantiles; actions maximise their
+    mean; v_min and v_max are unused."""
     num_atoms: int = 51
-    """C51 atoms per action (Dopamine's num_atoms). Only with distributional true."""
+    """Atoms per action: C51's returns or QR-DQN's quantiles (Dopamine's num_atoms: 51 for C51, 200 for its
+    quantile agent). Only with distributional true."""
     v_min: float = -10.0
     """Lowest return of the C51 support (Dopamine's vmin = -vmax). Only with distributional true."""
     v_max: float = 10.0
     """Highest return of the C51 support (Dopamine's vmax). Only with distributional true."""
+    kappa: float = 1.0
+    """QR-DQN: threshold of the quantile Huber loss (Dopamine's kappa). Only with distribution qr."""
     noisy: bool = False
     """Noisy nets (Fortunato et al. 2018): every Linear layer (the FC layers of a CNN) becomes a
     factorised Gaussian noisy layer. New noise per update from streams shared by all data-parallel
@@ -603,18 +611,18 @@ def _validate_priority(t: TrainConfig) -> None:
 
 
 def _validate_rainbow(cfg: Config) -> None:
-    """C51 and noisy-net settings (network.distributional, network.noisy)."""
+    """C51, QR-DQN and noisy-net settings (network.distributional, network.noisy)."""
     n, t = cfg.network, cfg.train
     _require(n.num_atoms >= 2, "network.num_atoms", f"must be >= 2, got {n.num_atoms}")
     _require(math.isfinite(n.v_min) and math.isfinite(n.v_max) and n.v_min < n.v_max, "network.v_min",
              f"must be finite and below network.v_max, got v_min={n.v_min} v_max={n.v_max}")
     _require(n.noisy_sigma0 > 0 and math.isfinite(n.noisy_sigma0), "network.noisy_sigma0",
              f"must be > 0, got {n.noisy_sigma0}")
+    _require(n.kappa > 0 and math.isfinite(n.kappa), "network.kappa", f"must be > 0, got {n.kappa}")
     if n.distributional:
-        _require(t.advantage_learning == 0.0, "train.advantage_learning",
-                 "does not apply to network.distributional (C51 learns distributions, not scalar targets); set it 0")
-        _require(t.target_regularization == 0.0, "train.target_regularization",
-                 "does not apply to network.distributional (C51 learns distributions, not scalar targets); set it 0")
+        why = "does not apply to network.distributional (it learns distributions, not scalar targets); set it 0"
+        _require(t.advantage_learning == 0.0, "train.advantage_learning", why)
+        _require(t.target_regularization == 0.0, "train.target_regularization", why)
 
 
 def validate(cfg: Config) -> None:

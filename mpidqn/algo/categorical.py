@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mpidqn.algo.quantile import Quantile
 
 
 def project_distribution(rewards: torch.Tensor, discounts: torch.Tensor, probs: torch.Tensor,
@@ -85,6 +88,13 @@ class Categorical:
         """Expected values ``sum_j p_j z_j`` (rows, actions): what acting and double DQN's argmax use."""
         return torch.softmax(self.logits(out), dim=2) @ self.support(out.device)
 
+    def numpy_q_values(self, out: np.ndarray) -> np.ndarray:
+        """:meth:`q_values` of flat numpy logits (the numpy actor's)."""
+        z = out.reshape(len(out), -1, self.num_atoms)
+        e = np.exp(z - z.max(axis=2, keepdims=True))
+        support = self.support().numpy()
+        return (e @ support) / e.sum(axis=2)
+
     def taken(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Logits of the taken actions (rows, atoms)."""
         return self.logits(out)[torch.arange(len(out), device=out.device), actions]
@@ -98,6 +108,12 @@ class Categorical:
         probs = torch.softmax(self.taken(next_target, best), dim=1)
         return project_distribution(rewards, discounts, probs, self.support(probs.device))
 
+    def loss(self, taken: torch.Tensor, target_probs: torch.Tensor,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, per-row cross-entropy): :func:`categorical_loss`. Prioritized replay takes the per-row
+        cross-entropy."""
+        return categorical_loss(taken, target_probs, weights)
+
     def grad_out(self, out: torch.Tensor, actions: torch.Tensor, target_probs: torch.Tensor,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
         """``d loss / d out`` of the flat output: the taken actions' atoms get :func:`categorical_loss_grad`."""
@@ -107,8 +123,11 @@ class Categorical:
         return grad
 
 
-def categorical_from_config(net: object) -> Categorical | None:
-    """The :class:`Categorical` of a NetworkConfig with ``distributional`` on, else None."""
+def distribution_from_config(net: object) -> Categorical | Quantile | None:
+    """The head of a NetworkConfig with ``distributional`` on (``distribution``: ``c51`` a
+    :class:`Categorical`, ``qr`` a :class:`mpidqn.algo.quantile.Quantile`), else None (scalar Q)."""
     if not getattr(net, "distributional", False):
         return None
+    if getattr(net, "distribution", "c51") == "qr":
+        return Quantile(int(net.num_atoms), float(net.kappa))
     return Categorical(int(net.num_atoms), float(net.v_min), float(net.v_max))

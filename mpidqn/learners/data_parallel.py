@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpidqn.algo.categorical import categorical_loss
 from mpidqn.algo.dqn import (action_gap_penalty, target_regularization, target_regularization_grad, td_loss,
                              td_loss_grad, td_targets)
 from mpidqn.learners.base import LearnerBase, RoundPlan, equal_bounds, replica_metrics
@@ -129,7 +128,7 @@ class Learner(LearnerBase):
         self._losses: list[torch.Tensor] = []  # the loss of each update
         self._q_rows: list[torch.Tensor] = []  # Q(s, a) of the rows of each update with rows
         self._q_losses: list[torch.Tensor] = []  # the loss of each _q_rows entry's update
-        cat = hyper.categorical  # C51: the network's output is flat logits, Q its expected value
+        cat = hyper.distribution  # C51 / QR-DQN: the network's output is flat atoms, Q computed from them
         self._actor = NumpyActor.mirror(online, cat) if self.device is None else None
         self._q_values = (lambda out: out) if cat is None else cat.q_values
 
@@ -157,8 +156,8 @@ class Learner(LearnerBase):
         ``advantage_learning``."""
         with torch.no_grad():
             next_online = self._online_q(next_obs) if self.hyper.double_dqn else None
-            if self.hyper.categorical is not None:  # projected target distributions (rows, atoms)
-                return self.hyper.categorical.targets(rewards, discounts, self._target_q(next_obs), next_online)
+            if self.hyper.distribution is not None:  # target distributions (rows, atoms)
+                return self.hyper.distribution.targets(rewards, discounts, self._target_q(next_obs), next_online)
             y = td_targets(rewards, discounts, self._target_q(next_obs), next_online)
             if self.hyper.advantage_learning > 0:
                 y -= action_gap_penalty(self._target_q(obs), actions, self.hyper.advantage_learning)
@@ -182,12 +181,12 @@ class Learner(LearnerBase):
                 q = kernel.forward(obs)
             else:  # a rank with no rows of a global batch stays eager (no compilation for 0 rows)
                 q = (self._forward if len(obs) else self.online)(obs)
-            cat = self.hyper.categorical
+            cat = self.hyper.distribution
             if cat is None:
                 q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
                 loss = td_loss(q_taken, targets, self.hyper.loss, weights)
-            else:  # C51: cross-entropy to the projected targets; priorities are its per-row values
-                loss, row_loss = categorical_loss(cat.taken(q, actions), targets, weights)
+            else:  # C51's cross-entropy or QR-DQN's quantile Huber loss; priorities are its per-row values
+                loss, row_loss = cat.loss(cat.taken(q, actions), targets, weights)
                 q_taken = cat.q_values(q.detach()).gather(1, actions.unsqueeze(1)).squeeze(1)
             kappa = self.hyper.target_regularization
             if kappa > 0:

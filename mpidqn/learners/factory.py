@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mpidqn.algo.categorical import categorical_from_config
+from mpidqn.algo.categorical import distribution_from_config
 from mpidqn.errors import UserError
 from mpidqn.learners.base import QLearner
 from mpidqn.learners.device import make_dp_learner
@@ -30,7 +30,7 @@ def build_learner(cfg: Any, topo: Any, obs_shape: Sequence[int], n_actions: int,
     identically on every rank (the partition is a pure function of the config).
     """
     hyper = dataclasses.replace(Hyper.from_config(cfg.train, cfg.parallel.sync_check_interval, lr, plan),
-                                categorical=categorical_from_config(cfg.network), noise_seed=int(cfg.seed))
+                                distribution=distribution_from_config(cfg.network), noise_seed=int(cfg.seed))
     net = cfg.network
     try:
         layers = q_network_layers(obs_shape, n_actions, net)

@@ -34,7 +34,9 @@ class Hyper:
     ema_decay: float = 0.0  # > 0: keep an average of the online parameters for evaluation (see LearnerBase)
     sync_check_interval: int = 500
     nonfinite: str = "skip"  # "skip" the update (and count it) or "stop" on a NaN/Inf loss or gradient
-    categorical: Any = None  # C51 (network.distributional): an algo.categorical.Categorical, None: scalar Q
+    # network.distributional: the head (algo.categorical.Categorical for C51, algo.quantile.Quantile for
+    # QR-DQN) that turns the flat output into Q-values, targets and losses; None: scalar Q
+    distribution: Any = None
     noise_seed: int = 0  # root of the per-layer learning-noise streams of noisy layers (the run's seed)
 
     @classmethod

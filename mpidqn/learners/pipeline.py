@@ -31,7 +31,6 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpidqn.algo.categorical import categorical_loss
 from mpidqn.algo.dqn import action_gap_penalty, target_regularization, td_loss, td_targets
 from mpidqn.distributed import watchdog
 from mpidqn.distributed.pipeline import (
@@ -166,8 +165,8 @@ class PipelineLearner(LearnerBase):
         return self.group_greedy(obs)[0]
 
     def _q_values(self, out: torch.Tensor) -> torch.Tensor:
-        """Q-values of the last stage's output (the expected values of C51's distributions)."""
-        cat = self.hyper.categorical
+        """Q-values of the last stage's output (C51's expected values, QR-DQN's quantile means)."""
+        cat = self.hyper.distribution
         return out if cat is None else cat.q_values(out)
 
     # ------------------------------------------------------------------ learning
@@ -244,8 +243,8 @@ class PipelineLearner(LearnerBase):
                                     self._sizes(n), in_shape)
         if q is None:
             return None
-        if self.hyper.categorical is not None:  # projected target distributions (rows, atoms)
-            return self.hyper.categorical.targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
+        if self.hyper.distribution is not None:  # target distributions (rows, atoms)
+            return self.hyper.distribution.targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
         y = td_targets(gb.rewards[rows], gb.discounts[rows], q[0], q[1] if len(q) > 1 else None)
         if alpha > 0:
             y -= action_gap_penalty(q_s[0], gb.actions[rows], alpha)
@@ -264,8 +263,8 @@ class PipelineLearner(LearnerBase):
             q_target_s = pipelined_forward([self.target], self.link, x, self._sizes(total), self.shapes[self.stage])
 
         def loss_of(offset: int, n: int, q: torch.Tensor) -> torch.Tensor:
-            if self.hyper.categorical is not None:
-                return categorical_loss_of(offset, n, q)
+            if self.hyper.distribution is not None:
+                return distribution_loss_of(offset, n, q)
             q_taken = q.gather(1, actions[offset : offset + n].unsqueeze(1)).squeeze(1)
             if weights is None:
                 loss = td_loss(q_taken, targets[offset : offset + n], self.hyper.loss) * (n / total)
@@ -279,13 +278,13 @@ class PipelineLearner(LearnerBase):
                 td[offset : offset + n] = (targets[offset : offset + n] - q_taken.detach()).abs()
             return account(loss, q_taken)
 
-        def categorical_loss_of(offset: int, n: int, out: torch.Tensor) -> torch.Tensor:
-            cat, a, y = self.hyper.categorical, actions[offset : offset + n], targets[offset : offset + n]
+        def distribution_loss_of(offset: int, n: int, out: torch.Tensor) -> torch.Tensor:
+            cat, a, y = self.hyper.distribution, actions[offset : offset + n], targets[offset : offset + n]
             w = None if weights is None else weights[offset : offset + n]
-            loss, row_loss = categorical_loss(cat.taken(out, a), y, w)
+            loss, row_loss = cat.loss(cat.taken(out, a), y, w)
             if w is None:
                 loss = loss * (n / total)
-            if td is not None:  # prioritized replay: the per-row cross-entropy
+            if td is not None:  # prioritized replay: the per-row loss
                 td[offset : offset + n] = row_loss.detach()
             return account(loss, cat.q_values(out.detach()).gather(1, a.unsqueeze(1)).squeeze(1))
 

@@ -4,7 +4,8 @@ Choosing actions for a handful of observations is dominated by torch's per-opera
 (~100 us for a [256, 256] MLP at batch 1, against ~25 us for the same matmuls in numpy). The
 mirror is refreshed lazily: only when the learner's update counter moved since the last copy.
 Networks with layers it does not know (CNNs, GELU) return None and act through torch.
-A C51 network (``support`` given) acts on the expected value of each action's distribution.
+A distributional network (``q_of`` given: C51 or QR-DQN) acts on the Q-values its head's ``numpy_q_values``
+computes from the flat output (C51's expected values, QR-DQN's quantile means).
 Noisy layers (network.noisy) read their noise at call time from the layer itself (``noise_on`` and the
 ``eps_in``/``eps_out`` buffers the learner resamples in place), so a new draw needs no refresh; with the
 noise on they compute the factorised form without forming the noisy weight matrix (issue #33).
@@ -31,20 +32,21 @@ class NumpyActor:
     """Greedy actions of an MLP ([Flatten], Linear, [LayerNorm], activation, ..., Linear | DuelingHead);
     every Linear may be a NoisyLinear."""
 
-    def __init__(self, layers: Sequence[nn.Module], support: np.ndarray | None = None) -> None:
+    def __init__(self, layers: Sequence[nn.Module],
+                 q_of: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.layers = list(layers)
-        self.support = None if support is None else np.asarray(support, dtype=np.float32)
+        self.q_of = q_of  # flat output -> (rows, actions) Q-values of a distributional head
         self.version: object = None
         self.ops: list[Callable[[np.ndarray], np.ndarray]] = []
 
     @classmethod
-    def mirror(cls, net: nn.Module, categorical: Any = None) -> NumpyActor | None:
-        """The numpy mirror of ``net`` (an ``nn.Sequential`` of layers it knows), acting on the expected
-        values of ``categorical``'s atoms when given (C51); None where it cannot act for ``net``."""
+    def mirror(cls, net: nn.Module, distribution: Any = None) -> NumpyActor | None:
+        """The numpy mirror of ``net`` (an ``nn.Sequential`` of layers it knows), acting on the Q-values of
+        ``distribution`` (a C51 or QR-DQN head) when given; None where it cannot act for ``net``."""
         layers = list(net.children()) if isinstance(net, nn.Sequential) else []
         if not layers or not cls.supports(layers):
             return None
-        return cls(layers, None if categorical is None else categorical.support().numpy())
+        return cls(layers, None if distribution is None else distribution.numpy_q_values)
 
     @classmethod
     def supports(cls, layers: Sequence[nn.Module]) -> bool:
@@ -112,7 +114,7 @@ class NumpyActor:
                 a = advantage(x)
                 return value(x) + a - a.mean(axis=1, keepdims=True)
 
-            def dueling_atoms(x: np.ndarray) -> np.ndarray:  # C51: the streams combine per atom
+            def dueling_atoms(x: np.ndarray) -> np.ndarray:  # C51 / QR-DQN: the streams combine per atom
                 a = advantage(x).reshape(len(x), -1, atoms)
                 q = value(x).reshape(len(x), 1, atoms) + a - a.mean(axis=1, keepdims=True)
                 return q.reshape(len(x), -1)
@@ -121,18 +123,13 @@ class NumpyActor:
         return _ACTIVATIONS[type(m)]
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
-        """(rows, actions) Q-values of a batch of observations (C51: the expected values)."""
+        """(rows, actions) Q-values of a batch of observations (C51: the expected values, QR-DQN: the
+        quantile means)."""
         x = np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
         for op in self.ops:
             x = op(x)
-        return x if self.support is None else expected_values(x, self.support)
+        return x if self.q_of is None else self.q_of(x)
 
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         return self.q_values(obs).argmax(axis=1)
 
-
-def expected_values(logits: np.ndarray, support: np.ndarray) -> np.ndarray:
-    """``sum_j softmax(logits)_j z_j`` per action of flat C51 logits (rows, actions * atoms)."""
-    z = logits.reshape(len(logits), -1, len(support))
-    e = np.exp(z - z.max(axis=2, keepdims=True))
-    return (e @ support) / e.sum(axis=2)

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mpidqn.algo.categorical import categorical_from_config
+from mpidqn.algo.categorical import distribution_from_config
 from mpidqn.envs.presets import EnvSpec, spec_from_config
 from mpidqn.envs.vector import make_env
 from mpidqn.nn.actor import NUMPY_ROWS, NumpyActor
@@ -45,7 +45,7 @@ class Policy:
     step: int  # global env steps of the checkpoint
     checkpoint: Path
     weights: str  # "moving average" or "online"
-    categorical: Any = None  # network.distributional: the atoms' Categorical (Q is their expected value)
+    distribution: Any = None  # network.distributional: the head's Categorical or Quantile (Q from the atoms)
     # (net, its numpy mirror or None where the mirror lacks a layer): small batches act through numpy
     _mirror: tuple[torch.nn.Module, NumpyActor | None] | None = field(default=None, init=False, repr=False)
 
@@ -59,7 +59,7 @@ class Policy:
         average = bool(model["ema"]) and not online
         net.load_state_dict({**model["online"], **model["ema"]} if average else model["online"])
         return cls(net.eval(), cfg, shape, n_actions, ckpt.step, ckpt.path, "moving average" if average else "online",
-                   categorical_from_config(cfg.network))
+                   distribution_from_config(cfg.network))
 
     @property
     def env_spec(self) -> EnvSpec:
@@ -83,7 +83,7 @@ class Policy:
         """The numpy mirror of ``net`` (as the learner acts in training), rebuilt for another net and
         refreshed when a weight changed in place (a parameter's version counter moved)."""
         if self._mirror is None or self._mirror[0] is not self.net:
-            self._mirror = (self.net, NumpyActor.mirror(self.net, self.categorical))
+            self._mirror = (self.net, NumpyActor.mirror(self.net, self.distribution))
         actor = self._mirror[1]
         if actor is not None:
             actor.refresh(tuple(p._version for p in self.net.parameters()))
@@ -92,14 +92,14 @@ class Policy:
     @torch.no_grad()
     def q_values(self, obs: Any) -> np.ndarray:
         """Q-values, shape (n_actions,) for one observation or (N, n_actions) for a batch (with
-        ``network.distributional``: the expected values; noisy layers act on their mean weights)."""
+        ``network.distributional``: C51's expected values or QR-DQN's quantile means; noisy layers act on their mean weights)."""
         batch, single = self._batch(obs)
         actor = self._numpy_actor() if len(batch) <= NUMPY_ROWS else None
         if actor is not None:
             q = actor.q_values(batch)
         else:
             out = self.net(torch.from_numpy(np.asarray(batch, dtype=np.float32)))
-            q = (out if self.categorical is None else self.categorical.q_values(out)).numpy()
+            q = (out if self.distribution is None else self.distribution.q_values(out)).numpy()
         return q[0] if single else q
 
     def predict(self, obs: Any) -> Any:

@@ -149,6 +149,7 @@ def test_cartpole_pipeline_yaml_is_the_default_on_a_pipeline():
     (["network.distributional=true", "network.num_atoms=1"], "network.num_atoms"),
     (["network.distributional=true", "network.v_min=5", "network.v_max=5"], "network.v_min"),
     (["network.noisy=true", "network.noisy_sigma0=0"], "network.noisy_sigma0"),
+    (["network.distributional=true", "network.distribution=qr", "network.kappa=0"], "network.kappa"),
     (["network.distributional=true", "train.advantage_learning=0.5"], "train.advantage_learning"),
     (["network.distributional=true", "train.target_regularization=0.1"], "train.target_regularization"),
 ])

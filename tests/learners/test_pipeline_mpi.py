@@ -20,9 +20,9 @@ pytestmark = pytest.mark.mpi
 
 @pytest.mark.parametrize("world, stages, optimizer, alpha, kappa, head", [
     (2, 2, "adam", 0, 0, "q"), (3, 3, "adam", 0, 0, "q"), (4, 2, "adam", 0, 0, "q"), (2, 2, "rmsprop", 0, 0, "q"),
-    (3, 3, "adam", 0.9, 0.3, "q"), (2, 2, "adam", 0, 0, "rainbow")])
+    (3, 3, "adam", 0.9, 0.3, "q"), (2, 2, "adam", 0, 0, "rainbow"), (2, 2, "adam", 0, 0, "qr")])
 def test_pipelined_gradients_equal_the_unpartitioned_model(world, stages, optimizer, alpha, kappa, head):
-    """"rainbow": C51 in the last stage, noisy layers in both (docs/rainbow.md)."""
+    """"rainbow": C51 in the last stage, noisy layers in both (docs/rainbow.md); "qr": QR-DQN's quantiles."""
     p = mpirun(world, [str(MPI_SCRIPTS / "pipeline_grads.py"), str(stages), "3", optimizer, str(alpha), str(kappa),
                        head], timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr

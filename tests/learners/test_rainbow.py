@@ -1,5 +1,5 @@
-"""C51 and noisy nets in the data-parallel learner on one process: the hand-written MLP gradient equals
-autograd's for C51, priorities are the per-row cross-entropy, noisy layers draw per update from streams a
+"""C51, QR-DQN and noisy nets in the data-parallel learner on one process: the hand-written MLP gradient
+equals autograd's for C51 and QR-DQN, priorities are the per-row loss (C51's cross-entropy), noisy layers draw per update from streams a
 model state carries, act with the acting stream and evaluate on their mean weights."""
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpidqn.algo.categorical import Categorical, categorical_loss
+from mpidqn.algo.categorical import Categorical
+from mpidqn.algo.quantile import Quantile
 from mpidqn.learners.base import RoundPlan
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import linear_factory, mlp_layers
 from mpidqn.replay.shard import Batch
 
 CAT = Categorical(11, -3.0, 3.0)
+QR = Quantile(11, kappa=0.5)
 
 
-def _learner(kernel=True, noisy=False, dueling=False, **hyper) -> Learner:
+def _learner(kernel=True, noisy=False, dueling=False, head=CAT, **hyper) -> Learner:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(*mlp_layers(5, 3, [32, 32], dueling=dueling, num_atoms=CAT.num_atoms,
+    net = torch.nn.Sequential(*mlp_layers(5, 3, [32, 32], dueling=dueling, num_atoms=head.num_atoms,
                                           linear=linear_factory(noisy)))
-    h = Hyper(lr=1e-3, sync_check_interval=0, categorical=CAT, noise_seed=5, **hyper)
+    h = Hyper(lr=1e-3, sync_check_interval=0, distribution=head, noise_seed=5, **hyper)
     return Learner(net, h, MPI.COMM_SELF, mlp_kernel=kernel)
 
 
@@ -33,21 +35,23 @@ def _batch(rng, rows):
                  np.where(rng.random(rows) < 0.2, 0.0, 0.99 ** 3).astype(np.float32))
 
 
-def test_c51_rounds_follow_autograd_and_priorities_are_the_cross_entropy():
-    fast, ref = _learner(kernel=True, max_grad_norm=1.0, target_update_interval=4), \
-        _learner(kernel=False, max_grad_norm=1.0, target_update_interval=4)
+@pytest.mark.parametrize("head", [CAT, QR], ids=["c51", "qr"])
+def test_distributional_rounds_follow_autograd_and_priorities_are_the_row_loss(head):
+    fast, ref = _learner(kernel=True, max_grad_norm=1.0, target_update_interval=4, head=head), \
+        _learner(kernel=False, max_grad_norm=1.0, target_update_interval=4, head=head)
     assert fast._kernel is not None and ref._kernel is None
     rng = np.random.default_rng(0)
     b = _batch(rng, 10 * 16)
     assert fast.update_many(b, 10) is None and ref.update_many(b, 10) is None
     b = _batch(rng, 6 * 16)
     plan = RoundPlan(np.full((6, 1), 16), (rng.random(96) / 16).astype(np.float32), td_errors=True)
-    # the priorities of the first update's rows, by hand: cross-entropy to the projected target
+    # the priorities of the first update's rows, by hand: C51's cross-entropy to the projected target,
+    # QR-DQN's quantile Huber loss to the target quantiles
     with torch.no_grad():
         obs, act = torch.from_numpy(b.obs[:16]), torch.from_numpy(b.actions[:16]).long()
         y = ref.targets(torch.from_numpy(b.rewards[:16]), torch.from_numpy(b.next_obs[:16]),
                         torch.from_numpy(b.discounts[:16]))
-        _, by_hand = categorical_loss(CAT.taken(ref.online(obs), act), y)
+        _, by_hand = head.loss(head.taken(ref.online(obs), act), y)
     got_fast, got_ref = fast.update_many(b, 6, plan), ref.update_many(b, 6, plan)
     np.testing.assert_allclose(got_fast, got_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_ref[:16], by_hand.numpy(), rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@ averaged, globally clipped gradient and takes the same optimizer steps as ONE un
 the union of all W minibatches (double DQN and dueling on). Also checks greedy actions against it.
 Optional arguments: micro-batches (default 3), the optimizer, adam (default) or rmsprop,
 train.advantage_learning's alpha and train.target_regularization's kappa (defaults 0), and "rainbow":
-C51 atoms in the last stage and noisy layers in every stage (the same noise as the unpartitioned model)."""
+C51 atoms in the last stage and noisy layers in every stage (the same noise as the unpartitioned model),
+or "qr": QR-DQN quantiles in the last stage with noisy layers."""
 from __future__ import annotations
 
 import sys
@@ -13,6 +14,7 @@ import torch
 from mpi4py import MPI
 
 from mpidqn.algo.categorical import Categorical
+from mpidqn.algo.quantile import Quantile
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.nn.mlp import linear_factory, mlp_layers
 from mpidqn.learners.pipeline import PipelineLearner
@@ -24,7 +26,8 @@ MICRO = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 OPTIMIZER = sys.argv[3] if len(sys.argv) > 3 else "adam"
 ALPHA = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 KAPPA = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-RAINBOW = len(sys.argv) > 6 and sys.argv[6] == "rainbow"
+HEAD = sys.argv[6] if len(sys.argv) > 6 else "q"
+RAINBOW = HEAD in ("rainbow", "qr")
 ATOMS = 11 if RAINBOW else 1
 topo = Topology.build(MPI.COMM_WORLD, S)
 rank, world = topo.rank, topo.world
@@ -32,7 +35,8 @@ torch.set_num_threads(1)
 B, OBS, ACT, HIDDEN, SEED = 8, 5, 3, [16, 12, 16], 7
 hyper = Hyper(lr=1e-2, optimizer=OPTIMIZER, double_dqn=True, max_grad_norm=0.5, target_update_interval=2,
               sync_check_interval=1, advantage_learning=ALPHA, target_regularization=KAPPA,
-              categorical=Categorical(ATOMS, -3.0, 3.0) if RAINBOW else None, noise_seed=3)
+              distribution=(Categorical(ATOMS, -3.0, 3.0) if HEAD == "rainbow" else Quantile(ATOMS, 0.5) if HEAD == "qr"
+                            else None), noise_seed=3)
 
 
 def layers():

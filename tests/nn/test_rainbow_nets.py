@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mpidqn.algo.categorical import Categorical
+from mpidqn.algo.quantile import Quantile
 from mpidqn.config import NetworkConfig
 from mpidqn.nn.actor import NumpyActor
 from mpidqn.nn.mlp import DuelingHead, linear_factory, mlp_layers
@@ -65,19 +66,21 @@ def test_the_default_network_is_unchanged():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("cat", [Categorical(11, -5.0, 5.0), Quantile(11)], ids=["c51", "qr"])
 @pytest.mark.parametrize("dueling", [False, True])
-def test_numpy_actor_acts_on_c51_expected_values(dueling):
+def test_numpy_actor_acts_on_distributional_q_values(dueling, cat):
+    """C51 acts on the expected values, QR-DQN on the quantile means, in numpy as in torch."""
     torch.manual_seed(0)
-    cat = Categorical(11, -5.0, 5.0)
     layers = mlp_layers(6, 4, [32], dueling=dueling, num_atoms=11)
     for p in torch.nn.Sequential(*layers).parameters():
         torch.nn.init.normal_(p, std=0.5)  # spread the distributions
     assert NumpyActor.supports(layers)
-    actor = NumpyActor(layers, cat.support().numpy())
+    actor = NumpyActor.mirror(torch.nn.Sequential(*layers), cat)
     actor.refresh(0)
     obs = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32)
     with torch.no_grad():
         q = cat.q_values(torch.nn.Sequential(*layers)(torch.from_numpy(obs))).numpy()
+    np.testing.assert_allclose(actor.q_values(obs), q, rtol=1e-5, atol=1e-4)
     top2 = np.sort(q, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-4
     assert clear.sum() > 150 and np.array_equal(actor.greedy(obs)[clear], q.argmax(1)[clear])
@@ -90,16 +93,16 @@ def test_numpy_actor_mirrors_noisy_networks_with_noise_on_and_off(dueling, atoms
     net = torch.nn.Sequential(*layers)
     for p in net.parameters():  # large sigmas, so the noise moves Q far beyond float32 rounding
         torch.nn.init.normal_(p, std=0.5)
-    support = np.linspace(-5.0, 5.0, atoms, dtype=np.float32) if atoms > 1 else None
+    cat = Categorical(atoms, -5.0, 5.0) if atoms > 1 else None
     assert NumpyActor.supports(layers) and isinstance(layers[-1], DuelingHead) == dueling
-    actor = NumpyActor(layers, support)
+    actor = NumpyActor.mirror(net, cat)
     actor.refresh(0)
     obs = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
 
     def torch_q() -> np.ndarray:
         with torch.no_grad():
             out = net(torch.from_numpy(obs))
-        return out.numpy() if support is None else Categorical(atoms, -5.0, 5.0).q_values(out).numpy()
+        return out.numpy() if cat is None else cat.q_values(out).numpy()
 
     mean_q = torch_q()  # a fresh net: noise off, the mean weights
     np.testing.assert_allclose(actor.q_values(obs), mean_q, rtol=1e-5, atol=1e-4)
