@@ -82,6 +82,10 @@ def main(argv: Sequence[str]) -> int:
     if len(waits):
         print("where the multi-rank runs wait (shares of the wall time; docs/scaling.md, Where the ranks wait):")
         print(format_table(waits))
+        for row in waits[waits["threads_per_core"] > 1].itertuples():
+            print(f"note: {row.run} ran {row.threads_per_core:.3g} rank threads per core on its most crowded host: "
+                  "ranks also wait for each other to be scheduled, so its transfer and jitter shares overstate "
+                  "those of a core per thread")
         print()
     try:
         out.mkdir(parents=True, exist_ok=True)

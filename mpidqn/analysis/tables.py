@@ -157,7 +157,18 @@ def phase_timeline(run: Run) -> pd.DataFrame:
 
 WAIT_PHASES = ("comm", "idle")  # time a rank spends in collectives or outside every phase
 LOCKSTEP_COLUMNS = ["run", "world_size", "intervals", "wait_share", "transfer_share", "imbalance_share",
-                    "jitter_share", "slowest_rank", "slowest_share", "imbalance_phase"]
+                    "jitter_share", "slowest_rank", "slowest_share", "imbalance_phase", "threads_per_core"]
+
+
+def threads_per_core(run: Run) -> float:
+    """Rank threads per CPU on the run's most crowded host: ranks there times ``parallel.torch_threads``
+    over the CPUs they may use (the log's ``host_cores``). Above 1 the ranks take turns on the cores, so
+    they also wait for each other to be scheduled. NaN for a log that does not record the cores."""
+    hosts, cores = run.metadata.get("rank_hosts"), run.metadata.get("host_cores")
+    if not isinstance(hosts, list) or not isinstance(cores, dict) or not cores:
+        return float("nan")
+    threads = int(run.setting("parallel.torch_threads", 1) or 1)
+    return max(hosts.count(h) * threads / max(1, int(n)) for h, n in cores.items())
 
 
 def lockstep(run: Run) -> dict[str, object] | None:
@@ -177,6 +188,8 @@ def lockstep(run: Run) -> dict[str, object] | None:
 
     ``slowest_rank`` is the rank most often the busiest (``slowest_share`` of the intervals) and
     ``imbalance_phase`` the phase whose spread over ranks (max - mean) is largest: the one to look at.
+    ``threads_per_core`` (:func:`threads_per_core`) above 1 means an oversubscribed host: a rank that is
+    descheduled stalls the others at single collectives, which shows as transfer and jitter.
     None for a 1-rank run or a run without timings.
     """
     rows = phase_timeline(run)
@@ -207,7 +220,7 @@ def lockstep(run: Run) -> dict[str, object] | None:
         "imbalance_share": float(imbalance.sum()) / total,
         "jitter_share": float((wait - transfer - imbalance).clip(lower=0.0).sum()) / total,
         "slowest_rank": int(counts.index[0]), "slowest_share": float(counts.iloc[0]) / len(interval),
-        "imbalance_phase": max(spread, key=spread.get),
+        "imbalance_phase": max(spread, key=spread.get), "threads_per_core": threads_per_core(run),
     }
 
 

@@ -7,6 +7,7 @@ machine's hostname, cloned VMs): their label then becomes ``hostname/address``.
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import struct
 from typing import Any, Sequence
@@ -52,3 +53,21 @@ def host_labels(hosts: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
 def rank_hosts(comm: Any) -> list[str]:
     """The host label of every rank of ``comm`` (collective), index = rank."""
     return host_labels(comm.allgather(this_host()))
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs the calling process may run on (its affinity: what mpiexec, Slurm or a cgroup binding
+    left it), or all of the machine's where affinity is unknown."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def host_cores(comm: Any, hosts: Sequence[str]) -> dict[str, int]:
+    """Per host label (``hosts``: :func:`rank_hosts`), how many CPUs its ranks may run on together: the
+    union of their affinity sets (collective). Ranks times torch threads above it oversubscribe the host."""
+    union: dict[str, set[int]] = {}
+    for host, cpus in zip(hosts, comm.allgather(usable_cpus())):
+        union.setdefault(host, set()).update(cpus)
+    return {host: len(cpus) for host, cpus in union.items()}

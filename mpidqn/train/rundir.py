@@ -26,7 +26,7 @@ import yaml
 
 from mpidqn import __version__
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
-from mpidqn.distributed.hosts import rank_hosts
+from mpidqn.distributed.hosts import host_cores, rank_hosts
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.io.h5tree import flatten
 from mpidqn.io.runlock import RunLock
@@ -132,7 +132,8 @@ def run_metadata(cfg: Config, topo: Any) -> dict[str, Any]:
     hosts = rank_hosts(topo.comm)
     meta: dict[str, Any] = {
         "config": to_yaml(cfg), **topo.describe(),
-        "hosts": sorted(set(hosts)), "rank_hosts": hosts, "versions": versions(), "start_time": time.time(),
+        "hosts": sorted(set(hosts)), "rank_hosts": hosts, "host_cores": host_cores(topo.comm, hosts),
+        "versions": versions(), "start_time": time.time(),
         "argv": " ".join(sys.argv),
     }
     meta["slurm"] = {k: v for k, v in os.environ.items() if k.startswith("SLURM_") and k in {

@@ -147,6 +147,27 @@ def test_lockstep_splits_the_wait_into_transfer_imbalance_and_jitter(tmp_path: P
     assert (got["slowest_rank"], got["slowest_share"], got["imbalance_phase"]) == (1, 1.0, "env")
 
 
+def test_lockstep_flags_an_oversubscribed_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 ranks of 2 torch threads on a 4-core host and 1 rank on a 2-core one: 2 threads per core on the
+    crowded host, and report says that the transfer and jitter shares are inflated."""
+    names = ["learn", "comm"]
+    config = "seed: 0\nenv:\n  id: CartPole-v1\nparallel:\n  torch_threads: 2\n"
+    meta = {"config": config, "world_size": 5, "rank_hosts": ["a", "a", "a", "a", "b"], "host_cores": {"a": 4, "b": 2}}
+    with RunLog(tmp_path / "crowded" / "log.h5", meta, timing_names=names) as log:
+        log.timings(10, names, np.tile([1.0, 0.5], (5, 1)))
+        log.timings(20, names, np.tile([2.0, 1.0], (5, 1)))
+    meta = {**meta, "host_cores": {"a": 8, "b": 2}}
+    with RunLog(tmp_path / "roomy" / "log.h5", meta, timing_names=names) as log:
+        log.timings(10, names, np.tile([1.0, 0.5], (5, 1)))
+        log.timings(20, names, np.tile([2.0, 1.0], (5, 1)))
+    assert lockstep(load_run(tmp_path / "crowded"))["threads_per_core"] == 2.0
+    assert lockstep(load_run(tmp_path / "roomy"))["threads_per_core"] == 1.0
+    report_main([str(tmp_path / "crowded"), str(tmp_path / "roomy"), "--out", str(tmp_path / "out")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ") and "per core" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: crowded ran 2 rank threads per core")
+    assert list(pd.read_csv(tmp_path / "out" / "lockstep.csv")["threads_per_core"]) == [2.0, 1.0]
+
+
 def test_lockstep_skips_1_rank_runs(runs: list[Path]) -> None:
     loaded = [load_run(r) for r in runs]
     assert lockstep(loaded[0]) is None

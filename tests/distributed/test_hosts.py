@@ -1,12 +1,15 @@
 """Host labels of ranks (mpidqn.distributed.hosts) and the report's per-host grouping, without MPI."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from mpi4py import MPI
 
 from mpidqn.analysis import load_run
 from mpidqn.analysis.plots import time_breakdown_plot
 from mpidqn.analysis.tables import host_groups
-from mpidqn.distributed.hosts import host_labels, local_addresses, this_host
+from mpidqn.distributed.hosts import host_cores, host_labels, local_addresses, this_host
 from mpidqn.io.runlog import RunLog
 
 
@@ -18,6 +21,23 @@ def test_addresses_tell_apart_hosts_that_share_a_hostname():
     ranks = [("vm", ("10.231.0.1",)), ("vm", ("10.231.0.2",)), ("vm", ("10.231.0.2",)), ("other", ()),
              ("vm", ())]
     assert host_labels(ranks) == ["vm/10.231.0.1", "vm/10.231.0.2", "vm/10.231.0.2", "other", "vm/no-address"]
+
+
+class _Gather:
+    """A stand-in communicator whose allgather returns every rank's value."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def allgather(self, _mine):
+        return self.values
+
+
+def test_host_cores_counts_the_union_of_the_cpus_each_hosts_ranks_may_use():
+    # two ranks pinned to different cores of n1, two ranks sharing n2's only core
+    comm = _Gather([[0, 1], [2, 3], [0], [0]])
+    assert host_cores(comm, ["n1", "n1", "n2", "n2"]) == {"n1": 4, "n2": 1}
+    assert host_cores(MPI.COMM_SELF, ["me"]) == {"me": len(os.sched_getaffinity(0))}
 
 
 def test_this_host_has_no_loopback_address():

@@ -6,6 +6,7 @@ the reason) where namespaces cannot be made (not root, no iproute2) or mpiexec i
 """
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -94,7 +95,9 @@ def test_checkpoint_of_two_hosts_resumes_elastically_on_one_host(tmp_path, dp_ru
     assert "resumed" in p.stdout
     info = inspect_json(run_dir)
     assert info["complete"] and info["step"] == 1600 and info["world_size"] == 2
-    assert read_log(run_dir / "log.h5").attrs["rank_hosts"] == [socket.gethostname()] * 2
+    attrs = read_log(run_dir / "log.h5").attrs
+    assert attrs["rank_hosts"] == [socket.gethostname()] * 2
+    assert attrs["host_cores"] == {socket.gethostname(): len(os.sched_getaffinity(0))}
 
 
 # ----------------------------------------------------------------------------- pipeline
