@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -266,14 +268,32 @@ def varying_settings(runs: Sequence[Run], ignore: Sequence[str] = ()) -> list[st
 
 
 def group_by_settings(runs: Sequence[Run], ignore: Sequence[str] = ()) -> dict[str, list[Run]]:
-    """Runs with equal settings (apart from seed, paths and ``ignore``), labelled by the keys that vary."""
+    """Runs with equal settings (apart from seed, paths and ``ignore``), labelled by the keys that vary.
+
+    Where more than ``LABEL_KEYS`` keys vary (two agents' configs side by side), a group is labelled by
+    what its run directories' names share instead (``DQN-s100``, ``DQN-s101`` -> ``DQN``), when that tells
+    every group apart."""
     varying = varying_settings(runs, ignore)
     groups: dict[str, list[Run]] = {}
     for run in runs:
         flat = experiment_settings(run, ignore)
         label = ", ".join(f"{k}={flat.get(k)}" for k in varying) or str(run.env_id or "all runs")
         groups.setdefault(label, []).append(run)
+    if len(varying) > LABEL_KEYS:
+        names = {label: name_stem([run.name for run in group]) for label, group in groups.items()}
+        if all(names.values()) and len(set(names.values())) == len(names):
+            return {names[label]: group for label, group in groups.items()}
     return groups
+
+
+LABEL_KEYS = 4
+
+
+def name_stem(names: Sequence[str]) -> str:
+    """The common start of run directory names without its seed part and trailing separators:
+    ``["DQN-s100", "DQN-s101"]`` -> ``"DQN"``; ``""`` where nothing is left."""
+    stem = os.path.commonprefix(list(names)) if names else ""
+    return re.sub(r"[-_.]?(s|seed)?\d*$", "", stem).rstrip("-_. ")
 
 
 def scaling_problem(runs: Sequence[Run]) -> str | None:

@@ -168,6 +168,26 @@ def test_lockstep_flags_an_oversubscribed_host(tmp_path: Path, capsys: pytest.Ca
     assert list(pd.read_csv(tmp_path / "out" / "lockstep.csv")["threads_per_core"]) == [2.0, 1.0]
 
 
+def test_agents_whose_configs_differ_in_many_keys_are_labelled_by_their_run_names(tmp_path: Path) -> None:
+    """Two agents side by side (benchmarks/agents.py): a legend of a dozen key=value pairs says nothing, so
+    the groups take the name their run directories share; a few differing keys stay the label."""
+    def run(name: str, seed: int, head: str, lr: float) -> Path:
+        config = (f"seed: {seed}\nenv:\n  id: MinAtar/Breakout-v1\nnetwork:\n  distributional: {head == 'c51'}\n"
+                  f"  noisy: {head == 'c51'}\n  dueling: {head == 'c51'}\ntrain:\n  lr: {lr}\n  n_step: "
+                  f"{3 if head == 'c51' else 1}\n  prioritized: {head == 'c51'}\n")
+        with RunLog(tmp_path / name / "log.h5", {"config": config, "world_size": 1}) as log:
+            log.evaluation(100, np.array([1.0, 2.0]))
+        return tmp_path / name
+
+    agents = [load_run(run(f"{agent}-s{seed}", seed, head, 1e-3)) for agent, head in (("DQN", "q"), ("Rainbow", "c51"))
+              for seed in (100, 101)]
+    groups = group_by_settings(agents)
+    assert {k: [r.name for r in v] for k, v in groups.items()} == {"DQN": ["DQN-s100", "DQN-s101"],
+                                                                  "Rainbow": ["Rainbow-s100", "Rainbow-s101"]}
+    lrs = [load_run(run(f"lr{i}-s{seed}", seed, "q", lr)) for i, lr in enumerate((1e-3, 1e-4)) for seed in (0, 1)]
+    assert list(group_by_settings(lrs)) == ["train.lr=0.001", "train.lr=0.0001"]
+
+
 def test_lockstep_skips_1_rank_runs(runs: list[Path]) -> None:
     loaded = [load_run(r) for r in runs]
     assert lockstep(loaded[0]) is None
