@@ -1,6 +1,7 @@
 """Run and load_run: one run directory's log.h5 as metadata, parsed config and DataFrames."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,19 +117,33 @@ def _frames(data: LogData) -> dict[str, pd.DataFrame]:
     return {**frames, "events": events, "evaluations": evaluations}
 
 
-def settings(run: Run) -> dict[str, object]:
-    """The run's flattened config (dotted keys) plus world size and pipeline stages."""
-    flat: dict[str, object] = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(run.config, "")
+def _flatten(node: object, flat: dict[str, object], prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            _flatten(value, flat, f"{prefix}{key}.")
+    else:
+        flat[prefix[:-1]] = node
     flat.pop("", None)
+    return flat
+
+
+@functools.lru_cache(maxsize=1)
+def default_settings() -> dict[str, object]:
+    """Every config key of this version with its default value, flattened (dotted keys)."""
+    from mpidqn.config import Config, to_dict
+
+    return _flatten(to_dict(Config()), {})
+
+
+def settings(run: Run) -> dict[str, object]:
+    """The run's flattened config (dotted keys) plus world size and pipeline stages.
+
+    A key the run's config lacks takes this version's default: keys are added with the default that keeps
+    the earlier behaviour, so a run logged before a key existed ran as that default (and groups with
+    newer runs of the same settings)."""
+    flat = _flatten(run.config, {})
+    for key, value in default_settings().items():
+        flat.setdefault(key, value)
     flat["world_size"] = run.world_size
     flat["pipeline_stages"] = run.pipeline_stages
     return flat

@@ -188,6 +188,17 @@ def test_agents_whose_configs_differ_in_many_keys_are_labelled_by_their_run_name
     assert list(group_by_settings(lrs)) == ["train.lr=0.001", "train.lr=0.0001"]
 
 
+def test_a_key_a_run_predates_counts_as_its_default(tmp_path: Path) -> None:
+    """A run logged before network.kappa existed ran as its default: it groups with a newer run that logs it."""
+    for name, extra in (("old-s0", ""), ("new-s1", "  kappa: 1.0\n"), ("other-s2", "  kappa: 0.5\n")):
+        config = f"seed: 0\nenv:\n  id: CartPole-v1\nnetwork:\n  dueling: true\n{extra}"
+        with RunLog(tmp_path / name / "log.h5", {"config": config, "world_size": 1}) as log:
+            log.evaluation(100, np.array([1.0]))
+    groups = group_by_settings([load_run(tmp_path / n) for n in ("old-s0", "new-s1", "other-s2")])
+    assert {k: [r.name for r in v] for k, v in groups.items()} == {"network.kappa=1.0": ["old-s0", "new-s1"],
+                                                                  "network.kappa=0.5": ["other-s2"]}
+
+
 def test_lockstep_skips_1_rank_runs(runs: list[Path]) -> None:
     loaded = [load_run(r) for r in runs]
     assert lockstep(loaded[0]) is None
