@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpidqn.algo.quantile import Quantile
+from mpidqn.algo.quantile import Quantile, taken_grad
 
 
 def project_distribution(rewards: torch.Tensor, discounts: torch.Tensor, probs: torch.Tensor,
@@ -117,10 +117,8 @@ class Categorical:
     def grad_out(self, out: torch.Tensor, actions: torch.Tensor, target_probs: torch.Tensor,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
         """``d loss / d out`` of the flat output: the taken actions' atoms get :func:`categorical_loss_grad`."""
-        grad = torch.zeros_like(out)
-        rows = torch.arange(len(out), device=out.device)
-        self.logits(grad)[rows, actions] = categorical_loss_grad(self.taken(out, actions), target_probs, weights)
-        return grad
+        return taken_grad(out, actions, self.num_atoms,
+                          categorical_loss_grad(self.taken(out, actions), target_probs, weights))
 
 
 def distribution_from_config(net: object) -> Categorical | Quantile | None:

@@ -15,6 +15,14 @@ import numpy as np
 import torch
 
 
+def taken_grad(out: torch.Tensor, actions: torch.Tensor, num_atoms: int, row_grad: torch.Tensor) -> torch.Tensor:
+    """A flat output's gradient that is ``row_grad`` (rows, atoms) on the taken actions' atoms, 0 elsewhere
+    (the ``grad_out`` of C51 and QR-DQN heads)."""
+    grad = torch.zeros_like(out)
+    grad.view(len(out), -1, num_atoms)[torch.arange(len(out), device=out.device), actions] = row_grad
+    return grad
+
+
 def _fractions(n: int, like: torch.Tensor) -> torch.Tensor:
     """The quantile midpoints ``(2 i + 1) / (2 n)``, i = 0 .. n-1."""
     return (torch.arange(n, dtype=like.dtype, device=like.device) + 0.5) / n
@@ -97,8 +105,5 @@ class Quantile:
                  weights: torch.Tensor | None = None) -> torch.Tensor:
         """``d loss / d out`` of the flat output: the taken actions' atoms get
         :func:`quantile_huber_loss_grad`."""
-        grad = torch.zeros_like(out)
-        rows = torch.arange(len(out), device=out.device)
-        self.atoms(grad)[rows, actions] = quantile_huber_loss_grad(self.taken(out, actions), targets, self.kappa,
-                                                                   weights)
-        return grad
+        return taken_grad(out, actions, self.num_atoms,
+                          quantile_huber_loss_grad(self.taken(out, actions), targets, self.kappa, weights))
