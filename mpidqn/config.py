@@ -288,7 +288,8 @@ class ParallelConfig:
     micro_batches: int = 4
     """Micro-batches per update in the pipeline (GPipe schedule); more shrink the bubble, cost messages."""
     torch_threads: int = 1
-    """torch intra-op threads per rank (ranks are processes; oversubscription hurts)."""
+    """Compute threads per rank: torch's intra-op threads and numpy's BLAS threads (ranks are processes;
+    oversubscription hurts)."""
     sync_check_interval: int = 500
     """Updates between checks that all replicas hold bit-identical parameters (0 = never)."""
     collective_timeout_s: float = 600.0

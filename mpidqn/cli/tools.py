@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import h5py
-import torch
 
+from mpidqn.distributed.hosts import limit_threads
 from mpidqn.envs.vector import check_env_module_trusted
 from mpidqn.envs.video import check_video, recording, video_prefix
 from mpidqn.train.checkpoints import read_best, read_model, resolve
@@ -39,7 +39,7 @@ def evaluate_main(argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     check_env_module_trusted(ckpt.config().env.id, f"the config of {ckpt.path}", args.trust_run_dir)
     policy = Policy.from_checkpoint(ckpt, online=args.online)
     cfg, weights = policy.config, policy.weights
-    torch.set_num_threads(1)
+    limit_threads(1)
     seed = cfg.seed if args.seed is None else args.seed
     spec, wrap, videos = policy.env_spec, None, []
     if args.video is not None:

@@ -64,6 +64,20 @@ def usable_cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def limit_threads(threads: int) -> None:
+    """Cap this process's compute threads: torch's intra-op pool and numpy's BLAS (OpenBLAS or MKL).
+
+    numpy's OpenBLAS otherwise starts a thread per CPU of the machine in every rank, and its idle
+    threads spin: with 2 ranks on 2 cores, each rank's spinning BLAS thread took CPU from the other
+    rank's update (a CartPole run at batch scale 8 ran its loop in 0.85x its 1-rank time instead of
+    0.63x; docs/scaling.md)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")  # applied now; kept for the process's life
+
+
 def host_cores(comm: Any, hosts: Sequence[str]) -> dict[str, int]:
     """Per host label (``hosts``: :func:`rank_hosts`), how many CPUs its ranks may run on together: the
     union of their affinity sets (collective). Ranks times torch threads above it oversubscribe the host."""

@@ -1,9 +1,12 @@
 """Host labels of ranks (mpidqn.distributed.hosts) and the report's per-host grouping, without MPI."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
+import yaml
 from mpi4py import MPI
 
 from mpidqn.analysis import load_run
@@ -11,6 +14,8 @@ from mpidqn.analysis.plots import time_breakdown_plot
 from mpidqn.analysis.tables import host_groups
 from mpidqn.distributed.hosts import host_cores, host_labels, local_addresses, this_host
 from mpidqn.io.runlog import RunLog
+
+from conftest import TINY, run
 
 
 def test_hostnames_alone_where_they_tell_hosts_apart():
@@ -56,3 +61,18 @@ def test_time_breakdown_plot_with_hosts(tmp_path: Path):
         log.timings(10, ["env", "comm"], [[1.0, 1.0], [1.0, 2.0], [3.0, 1.0]])
     path = time_breakdown_plot(load_run(tmp_path), tmp_path / "t.png")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_caps_numpys_blas_threads_like_torchs(tmp_path):
+    # A process that starts with 2 BLAS and 2 OpenMP threads (what a 2-core machine gives numpy and torch
+    # by default) trains with parallel.torch_threads=1: afterwards both pools hold one thread, so a rank's
+    # idle BLAS threads do not spin on the cores of the other ranks.
+    overrides = {**{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in TINY)}, "parallel.torch_threads": 1}
+    code = ("import json, sys, torch, mpidqn; from threadpoolctl import threadpool_info; "
+            "r = mpidqn.train(None, sys.argv[1], **json.loads(sys.argv[2])); "
+            "print(json.dumps({'exit': r.exit_code, 'torch': torch.get_num_threads(), "
+            "'blas': sorted({p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'})}))")
+    p = run([sys.executable, "-c", code, str(tmp_path / "run"), json.dumps(overrides)],
+            env={"OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"exit": 0, "torch": 1, "blas": [1]}
