@@ -114,11 +114,13 @@ class Categorical:
         cross-entropy."""
         return categorical_loss(taken, target_probs, weights)
 
-    def grad_out(self, out: torch.Tensor, actions: torch.Tensor, target_probs: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``d loss / d out`` of the flat output: the taken actions' atoms get :func:`categorical_loss_grad`."""
-        return taken_grad(out, actions, self.num_atoms,
-                          categorical_loss_grad(self.taken(out, actions), target_probs, weights))
+    def loss_and_grad_out(self, out: torch.Tensor, actions: torch.Tensor, target_probs: torch.Tensor,
+                          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, per-row cross-entropy, ``d loss / d out`` of the flat output) for the hand-written gradient's
+        path: the taken actions' atoms get :func:`categorical_loss_grad`."""
+        taken = self.taken(out, actions)
+        loss, per_row = categorical_loss(taken, target_probs, weights)
+        return loss, per_row, taken_grad(out, actions, self.num_atoms, categorical_loss_grad(taken, target_probs, weights))
 
 
 def distribution_from_config(net: object) -> Categorical | Quantile | None:

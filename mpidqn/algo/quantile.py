@@ -1,5 +1,5 @@
 """Quantile regression DQN (QR-DQN, Dabney et al. 2018) as pure functions: the n-step target quantiles,
-the quantile Huber loss and its gradient.
+the quantile Huber loss and its gradient (computed together, in one pass).
 
 A QR-DQN network's output is flat, ``(rows, actions * num_atoms)`` quantile values (the same layout as
 C51's logits, so the MLP's last Linear, the hand-written MLP gradient, the numpy actor and a pipeline's
@@ -17,7 +17,7 @@ import torch
 
 def taken_grad(out: torch.Tensor, actions: torch.Tensor, num_atoms: int, row_grad: torch.Tensor) -> torch.Tensor:
     """A flat output's gradient that is ``row_grad`` (rows, atoms) on the taken actions' atoms, 0 elsewhere
-    (the ``grad_out`` of C51 and QR-DQN heads)."""
+    (the gradient of C51 and QR-DQN heads' ``loss_and_grad_out``)."""
     grad = torch.zeros_like(out)
     grad.view(len(out), -1, num_atoms)[torch.arange(len(out), device=out.device), actions] = row_grad
     return grad
@@ -28,33 +28,58 @@ def _fractions(n: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.arange(n, dtype=like.dtype, device=like.device) + 0.5) / n
 
 
+def quantile_huber_loss_and_grad(quantiles: torch.Tensor, targets: torch.Tensor, kappa: float,
+                                 weights: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-row loss, ``d loss / d quantiles``) of the taken actions' ``quantiles`` (rows, N) against
+    target quantiles (rows, N'), in one pass over the pairwise (rows, N, N') differences, no autograd
+    (Dabney et al. 2018, eq. 10; Dopamine's quantile agent).
+
+    With ``u_ij = target_j - quantile_i`` and ``c_ij = clamp(u_ij, -kappa, kappa)``: ``rho_ij = |tau_i -
+    1{u_ij < 0}| * huber_kappa(u_ij) / kappa`` with ``huber_kappa(u) = c (u - c / 2)``; a row's loss sums over
+    i and averages over j, and its gradient is ``-mean_j |tau_i - 1{u_ij < 0}| c_ij / kappa``. The loss is
+    the mean over rows, or ``sum(weights * row loss)`` (importance weights and the normalisation folded in
+    by the caller, as for ``td_loss``); the gradient is scaled alike."""
+    with torch.no_grad():
+        u = targets.unsqueeze(1) - quantiles.unsqueeze(2)  # (rows, N, N')
+        clipped = u.clamp(-kappa, kappa)
+        tau = _fractions(quantiles.shape[1], quantiles).view(1, -1, 1)
+        slope = (tau - (u < 0).to(u.dtype)).abs_().mul_(clipped)  # |tau - 1{u < 0}| * c: the pairwise slope
+        per_row = (slope * u.sub_(clipped, alpha=0.5)).mean(dim=2).sum(dim=1).div_(kappa)  # u - c/2 in place
+        grad = slope.mean(dim=2).mul_(-1.0 / kappa)
+        if weights is None:
+            scale: torch.Tensor | float = 1.0 / max(1, len(per_row))
+            loss = per_row.sum() * scale
+        else:
+            scale = weights.unsqueeze(1)
+            loss = (weights * per_row).sum()
+        return loss, per_row, grad.mul_(scale)
+
+
+class _QuantileHuberLoss(torch.autograd.Function):
+    """The quantile Huber loss for autograd, with the gradient of :func:`quantile_huber_loss_and_grad`:
+    autograd would keep several (rows, N, N') tensors for its backward, this keeps the (rows, N) gradient."""
+
+    @staticmethod
+    def forward(ctx, quantiles, targets, kappa, weights):  # type: ignore[override]
+        loss, per_row, grad = quantile_huber_loss_and_grad(quantiles, targets, kappa, weights)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(per_row)
+        return loss, per_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_row):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
 def quantile_huber_loss(quantiles: torch.Tensor, targets: torch.Tensor, kappa: float,
                         weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, per-row loss) of the taken actions' ``quantiles`` (rows, N) against target quantiles
-    (rows, N'), no gradient through the targets (Dabney et al. 2018, eq. 10; Dopamine's quantile agent).
-
-    With ``u_ij = target_j - quantile_i``: ``rho_ij = |tau_i - 1{u_ij < 0}| * huber_kappa(u_ij) / kappa``;
-    a row's loss sums over i and averages over j. The loss is the mean over rows, or ``sum(weights *
-    row loss)`` (importance weights and the normalisation folded in by the caller, as for ``td_loss``)."""
-    u = targets.detach().unsqueeze(1) - quantiles.unsqueeze(2)  # (rows, N, N')
-    abs_u = u.abs()
-    huber = torch.where(abs_u <= kappa, 0.5 * u * u, kappa * (abs_u - 0.5 * kappa))
-    tau = _fractions(quantiles.shape[1], quantiles).view(1, -1, 1)
-    per_row = ((tau - (u.detach() < 0).to(u.dtype)).abs() * huber).mean(dim=2).sum(dim=1) / kappa
-    if weights is None:
-        return per_row.sum() / max(1, len(per_row)), per_row
-    return (weights * per_row).sum(), per_row
-
-
-def quantile_huber_loss_grad(quantiles: torch.Tensor, targets: torch.Tensor, kappa: float,
-                             weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``d quantile_huber_loss / d quantiles`` without autograd: ``-mean_j |tau_i - 1{u_ij < 0}| *
-    clamp(u_ij, -kappa, kappa) / kappa`` per row, times ``1 / rows`` or the row weights."""
-    u = targets.unsqueeze(1) - quantiles.unsqueeze(2)
-    tau = _fractions(quantiles.shape[1], quantiles).view(1, -1, 1)
-    grad = ((tau - (u < 0).to(u.dtype)).abs() * u.clamp(-kappa, kappa)).mean(dim=2).mul_(-1.0 / kappa)
-    w = weights.unsqueeze(1) if weights is not None else 1.0 / max(1, len(quantiles))
-    return grad.mul_(w)
+    """(loss, per-row loss) of :func:`quantile_huber_loss_and_grad`, differentiable in ``quantiles`` (not
+    through the targets, the weights or the per-row loss, which prioritized replay reads)."""
+    if torch.is_grad_enabled() and quantiles.requires_grad:
+        return _QuantileHuberLoss.apply(quantiles, targets.detach(), kappa, weights)
+    return quantile_huber_loss_and_grad(quantiles, targets, kappa, weights)[:2]
 
 
 @dataclass(frozen=True)
@@ -101,9 +126,9 @@ class Quantile:
         """(loss, per-row loss): :func:`quantile_huber_loss`. Prioritized replay takes the per-row loss."""
         return quantile_huber_loss(taken, targets, self.kappa, weights)
 
-    def grad_out(self, out: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``d loss / d out`` of the flat output: the taken actions' atoms get
-        :func:`quantile_huber_loss_grad`."""
-        return taken_grad(out, actions, self.num_atoms,
-                          quantile_huber_loss_grad(self.taken(out, actions), targets, self.kappa, weights))
+    def loss_and_grad_out(self, out: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor,
+                          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, per-row loss, ``d loss / d out`` of the flat output) in one pass (the hand-written
+        gradient's path): the taken actions' atoms get the gradient of :func:`quantile_huber_loss_and_grad`."""
+        loss, per_row, grad = quantile_huber_loss_and_grad(self.taken(out, actions), targets, self.kappa, weights)
+        return loss, per_row, taken_grad(out, actions, self.num_atoms, grad)

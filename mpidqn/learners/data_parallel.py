@@ -186,7 +186,10 @@ class Learner(LearnerBase):
                 q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
                 loss = td_loss(q_taken, targets, self.hyper.loss, weights)
             else:  # C51's cross-entropy or QR-DQN's quantile Huber loss; priorities are its per-row values
-                loss, row_loss = cat.loss(cat.taken(q, actions), targets, weights)
+                if kernel is not None:  # the kernel's path takes the head's gradient from the same pass
+                    loss, row_loss, grad_out = cat.loss_and_grad_out(q, actions, targets, weights)
+                else:
+                    loss, row_loss = cat.loss(cat.taken(q, actions), targets, weights)
                 q_taken = cat.q_values(q.detach()).gather(1, actions.unsqueeze(1)).squeeze(1)
             kappa = self.hyper.target_regularization
             if kappa > 0:
@@ -202,7 +205,7 @@ class Learner(LearnerBase):
                 self.flat_grad.zero_()
                 loss.backward()
             elif len(q_taken) and cat is not None:
-                kernel.backward(cat.grad_out(q, actions, targets, weights))
+                kernel.backward(grad_out)
             elif len(q_taken):
                 grad_q = torch.zeros_like(q).scatter_(1, actions.unsqueeze(1), td_loss_grad(
                     q_taken, targets, self.hyper.loss, weights).unsqueeze(1))

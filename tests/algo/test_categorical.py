@@ -74,14 +74,16 @@ def test_loss_and_gradient_match_autograd_of_the_unfused_reference(weighted):
     torch.testing.assert_close(categorical_loss_grad(logits.detach(), target, weights), ref_grad)
 
 
-def test_grad_out_puts_the_gradient_on_the_taken_actions_atoms():
+def test_loss_and_grad_out_puts_the_gradient_on_the_taken_actions_atoms():
     cat = Categorical(5, -1.0, 1.0)
     out = torch.randn(6, 3 * 5, dtype=torch.float64, requires_grad=True)
     actions = torch.tensor([0, 2, 1, 1, 0, 2])
     target = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
-    loss, _ = categorical_loss(cat.taken(out, actions), target)
+    loss, rows = categorical_loss(cat.taken(out, actions), target)
     (want,) = torch.autograd.grad(loss, out)
-    torch.testing.assert_close(cat.grad_out(out.detach(), actions, target), want)
+    got_loss, got_rows, got_grad = cat.loss_and_grad_out(out.detach(), actions, target)
+    torch.testing.assert_close(got_grad, want)
+    torch.testing.assert_close((got_loss, got_rows), (loss.detach(), rows.detach()))
 
 
 @pytest.mark.parametrize("double", [False, True])

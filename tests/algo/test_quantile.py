@@ -1,6 +1,6 @@
 """QR-DQN's pure functions (mpidqn/algo/quantile.py): the quantile Huber loss against a loop over
-Dabney et al.'s definition, its hand-written gradient against autograd, the targets, and that minimising
-the loss puts each atom at its quantile of the target samples."""
+Dabney et al.'s definition, its hand-written gradient against autograd of the unfused loss, the targets,
+and that minimising the loss puts each atom at its quantile of the target samples."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpidqn.algo.categorical import distribution_from_config
-from mpidqn.algo.quantile import Quantile, quantile_huber_loss, quantile_huber_loss_grad
+from mpidqn.algo.quantile import Quantile, quantile_huber_loss, quantile_huber_loss_and_grad
 from mpidqn.config import NetworkConfig
 
 
@@ -41,15 +41,42 @@ def test_quantile_huber_loss_matches_the_definition_and_weights(kappa):
     assert weighted.item() == pytest.approx((w * expected).sum(), rel=1e-10)
 
 
+def _unfused(theta: torch.Tensor, target: torch.Tensor, kappa: float, w: torch.Tensor | None) -> torch.Tensor:
+    """The loss in plain torch operations (the definition, Huber's two branches), for autograd to differentiate."""
+    u = target.unsqueeze(1) - theta.unsqueeze(2)
+    huber = torch.where(u.abs() <= kappa, 0.5 * u * u, kappa * (u.abs() - 0.5 * kappa))
+    tau = ((torch.arange(theta.shape[1], dtype=theta.dtype) + 0.5) / theta.shape[1]).view(1, -1, 1)
+    rows = ((tau - (u.detach() < 0).to(u.dtype)).abs() * huber).mean(dim=2).sum(dim=1) / kappa
+    return rows.mean() if w is None else (w * rows).sum()
+
+
 @pytest.mark.parametrize("weighted", [False, True])
-def test_hand_written_gradient_equals_autograd(weighted):
+def test_hand_written_gradient_equals_autograd_of_the_unfused_loss(weighted):
     rng = np.random.default_rng(1)
     theta = torch.tensor(rng.normal(scale=2.0, size=(6, 11)), requires_grad=True)
-    target = torch.tensor(rng.normal(scale=2.0, size=(6, 11)))
+    target = torch.tensor(rng.normal(scale=2.0, size=(6, 9)))
     w = torch.tensor(rng.random(6)) if weighted else None
-    loss, _ = quantile_huber_loss(theta, target, 0.8, w)
-    loss.backward()
-    torch.testing.assert_close(quantile_huber_loss_grad(theta.detach(), target, 0.8, w), theta.grad)
+    (want,) = torch.autograd.grad(_unfused(theta, target, 0.8, w), theta)
+    loss, per_row, grad = quantile_huber_loss_and_grad(theta.detach(), target, 0.8, w)
+    torch.testing.assert_close(grad, want)
+    torch.testing.assert_close(loss, _unfused(theta, target, 0.8, w).detach())
+    # the autograd path (networks without the hand-written kernel) takes the same loss and gradient
+    auto_loss, auto_rows = quantile_huber_loss(theta, target, 0.8, w)
+    (auto_grad,) = torch.autograd.grad(3.0 * auto_loss, theta)
+    torch.testing.assert_close(auto_grad, 3.0 * want)
+    torch.testing.assert_close((auto_loss.detach(), auto_rows), (loss, per_row))
+    assert not auto_rows.requires_grad  # prioritized replay reads it; no gradient flows through it
+
+
+def test_loss_and_grad_out_puts_the_gradient_on_the_taken_actions_atoms():
+    q = Quantile(4, 1.5)
+    out = torch.randn(5, 3 * 4, dtype=torch.float64, requires_grad=True)
+    actions = torch.tensor([2, 0, 1, 2, 0])
+    target = torch.randn(5, 4, dtype=torch.float64)
+    (want,) = torch.autograd.grad(_unfused(q.taken(out, actions), target, 1.5, None), out)
+    loss, _, grad = q.loss_and_grad_out(out.detach(), actions, target)
+    torch.testing.assert_close(grad, want)
+    torch.testing.assert_close(loss, q.loss(q.taken(out.detach(), actions), target)[0])
 
 
 def test_targets_shift_the_chosen_actions_quantiles_and_stop_at_terminal_rows():
