@@ -68,7 +68,7 @@ def limit_threads(threads: int) -> None:
     """Cap this process's compute threads: torch's intra-op pool and numpy's BLAS (OpenBLAS or MKL).
 
     numpy's OpenBLAS otherwise starts a thread per CPU of the machine in every rank, and its idle
-    threads spin on CPUs the job may not own: a 1-rank CartPole run at batch scale 8 used 20-22 CPU
+    threads spin on CPUs the job may not own: a 1-rank CartPole run at batch scale 8 used 21-23 CPU
     seconds for 12-14 s of wall time, and 11-14 CPU seconds with the cap, at the same wall time
     (docs/scaling.md)."""
     import torch
