@@ -210,9 +210,10 @@ class TrainConfig:
     compilation costs seconds to a minute at the first update, is cached across runs by torch, and needs
     a C++ compiler on the CPU. Checkpoints do not change."""
     mlp_kernel: bool = True
-    """A plain MLP (Linear and ReLU layers, no dueling head or LayerNorm) learning on the CPU without
-    ``parallel.overlap_allreduce`` computes its gradient with hand-written matrix products instead of
-    autograd: the same gradient, about 1.2x faster updates on small batches. False: always autograd."""
+    """An MLP (Linear or noisy layers and ReLU, a plain or dueling head; not LayerNorm) learning on the
+    CPU without ``parallel.overlap_allreduce`` computes its gradient with hand-written matrix products
+    instead of autograd: the same gradient up to the order of float sums, about 1.2x faster updates on
+    small batches. False: always autograd."""
     max_grad_norm: float | None = 10.0
     """Clip the global gradient norm (after averaging) to this; None disables clipping."""
     loss: Literal["huber", "mse"] = "huber"

@@ -14,24 +14,26 @@ from mpidqn.io.runlog import read_log
 from mpidqn.learners.base import RoundPlan
 from mpidqn.learners.data_parallel import Hyper, Learner
 from mpidqn.learners.mlp_kernel import MLPKernel
-from mpidqn.nn.mlp import mlp_layers
+from mpidqn.nn.mlp import linear_factory, mlp_layers
 from mpidqn.replay.shard import Batch
 
 
-def _pair(hidden=(32, 32), obs=5, actions=3, **hyper) -> tuple[Learner, Learner]:
+def _pair(hidden=(32, 32), obs=5, actions=3, dueling=False, noisy=False, **hyper) -> tuple[Learner, Learner]:
     out = []
     for kernel in (True, False):
         torch.manual_seed(0)
-        net = torch.nn.Sequential(*mlp_layers(obs, actions, list(hidden)))
+        net = torch.nn.Sequential(*mlp_layers(obs, actions, list(hidden), dueling=dueling,
+                                              linear=linear_factory(noisy)))
         out.append(Learner(net, Hyper(lr=1e-3, sync_check_interval=0, **hyper), MPI.COMM_SELF, mlp_kernel=kernel))
     assert out[0]._kernel is not None and out[1]._kernel is None
     return out[0], out[1]
 
 
-def test_supports_only_plain_relu_mlps():
+def test_supports_relu_mlps_with_plain_or_dueling_heads_and_noisy_layers():
     assert MLPKernel.supports(mlp_layers(4, 2, [8, 8]))
     assert MLPKernel.supports(mlp_layers(4, 2, []))  # a linear Q-function
-    assert not MLPKernel.supports(mlp_layers(4, 2, [8], dueling=True))
+    assert MLPKernel.supports(mlp_layers(4, 2, [8], dueling=True))
+    assert MLPKernel.supports(mlp_layers(4, 2, [8], dueling=True, num_atoms=5, linear=linear_factory(True)))
     assert not MLPKernel.supports(mlp_layers(4, 2, [8], layer_norm=True))
     assert not MLPKernel.supports(mlp_layers(4, 2, [8], activation="tanh"))
     assert not MLPKernel.supports(mlp_layers(4, 2, [8])[:-1])  # ends in ReLU
@@ -74,10 +76,14 @@ def test_loss_grad_is_the_derivative_of_the_loss():
             torch.testing.assert_close(td_loss_grad(q.detach(), y, kind, weights), auto)
 
 
-def test_rounds_of_updates_follow_autograd():
+@pytest.mark.parametrize("dueling,noisy", [(False, False), (True, False), (True, True), (False, True)],
+                         ids=["plain", "dueling", "noisy-dueling", "noisy"])
+def test_rounds_of_updates_follow_autograd(dueling, noisy):
     """50 updates in rounds (double DQN, clipping, a hard target every 8, a prioritized round with TD
-    errors): parameters, target network and metrics end where autograd's learner ends."""
-    fast, ref = _pair(hidden=(64, 64), max_grad_norm=1.0, target_update_interval=8)
+    errors): parameters, target network and metrics end where autograd's learner ends, for plain and
+    dueling heads, noisy layers or not (new noise every update, from the same streams on both sides)."""
+    fast, ref = _pair(hidden=(64, 64), dueling=dueling, noisy=noisy, max_grad_norm=1.0, target_update_interval=8,
+                      double_dqn=True, noise_seed=3)
     rng = np.random.default_rng(0)
 
     def batch(rows):
@@ -105,7 +111,7 @@ def test_the_learner_takes_autograd_where_the_kernel_does_not_apply():
         return Learner(torch.nn.Sequential(*layers), Hyper(sync_check_interval=0), MPI.COMM_SELF, **kw)
     assert learner(mlp_layers(4, 2, [8]))._kernel is not None
     assert learner(mlp_layers(4, 2, [8]), overlap=True)._kernel is None  # buckets hook autograd
-    assert learner(mlp_layers(4, 2, [8], dueling=True))._kernel is None
+    assert learner(mlp_layers(4, 2, [8], layer_norm=True))._kernel is None
     assert learner(mlp_layers(4, 2, [8]), mlp_kernel=False)._kernel is None
 
 

@@ -24,8 +24,9 @@ def make(strategy: str, nonfinite: str = "skip") -> Learner:
     torch.manual_seed(0)
     net = torch.nn.Sequential(*mlp_layers(OBS, ACT, [32, 32], dueling=True))
     hyper = Hyper(lr=1e-3, max_grad_norm=10.0, sync_check_interval=1, nonfinite=nonfinite)
+    # autograd's gradient on every path (the overlapped reducer needs autograd's hooks): bit for bit
     learner = Learner(net, hyper, comm, overlap=strategy == "bucket", bucket_bytes=512,
-                      device_skip=strategy == "device_skip")
+                      device_skip=strategy == "device_skip", mlp_kernel=False)
     if strategy == "bucket_staged":
         learner.reducer = BucketReducer(learner.flat_grad, learner.params, comm, 512, staged=True)
     elif strategy == "host_staged":
