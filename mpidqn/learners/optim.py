@@ -5,9 +5,10 @@ import inspect
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from torch.optim.adam import adam as _functional_adam  # a module function: no torch._dynamo
 
 from mpidqn.errors import UserError
 
@@ -57,21 +58,20 @@ class Hyper:
         )
 
 
-def make_optimizer(params: list[torch.Tensor], hyper: Hyper, lr: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor], hyper: Hyper, lr: float | None = None) -> Any:
     """The optimizer ``hyper.optimizer`` names over ``params`` (learning rate ``lr``, default ``hyper.lr``).
 
-    Adam uses the fused kernel: one kernel over all tensors (about 2.5x faster than foreach on CPU at
-    this size). torch has no fused RMSprop; its multi-tensor (foreach) kernels are a little faster than
-    the per-tensor loop on CPU (and the usual choice on CUDA), so RMSprop uses those, unless
+    Adam is :class:`LeanAdam`: torch's fused Adam step (one kernel over all tensors, about 2.5x faster
+    than foreach on CPU at this size) without a ``torch.optim.Optimizer`` around it. torch has no fused
+    RMSprop; its multi-tensor (foreach) kernels are a little faster than the per-tensor loop on CPU (and
+    the usual choice on CUDA), so RMSprop uses those, unless
     ``hyper.compile_optimizer``: then its step is compiled by ``torch.compile`` into one fused loop (the
     instance's ``step`` is replaced; the optimizer's state and checkpoints are unchanged). The learning
     rate is then a tensor, so changing it (``set_optimizer_lr``) reuses the compiled step.
     """
     lr = hyper.lr if lr is None else lr
     if hyper.optimizer == "adam":
-        adam = torch.optim.Adam(params, lr=lr, eps=hyper.adam_eps, fused=True)
-        adam.step = _lean_adam_step(adam)  # type: ignore[method-assign]
-        return adam
+        return LeanAdam(params, lr=lr, eps=hyper.adam_eps)
     if hyper.optimizer != "rmsprop":
         raise ValueError(f"unknown optimizer {hyper.optimizer!r} (adam or rmsprop)")
     compiled = hyper.compile_optimizer
@@ -87,52 +87,97 @@ def make_optimizer(params: list[torch.Tensor], hyper: Hyper, lr: float | None = 
     return optimizer
 
 
-_ADAM_GROUP_KEYS = ("amsgrad", "weight_decay", "eps", "maximize", "foreach", "capturable", "differentiable", "fused",
-                    "decoupled_weight_decay")
+# torch.optim.Adam's hyper-parameters and their defaults, read from its signature: the keys of a torch
+# Adam's parameter group, so checkpoints hold the same group whichever class wrote them
+_ADAM_DEFAULTS = {k: v.default for k, v in inspect.signature(torch.optim.Adam.__init__).parameters.items()
+                  if k not in ("self", "params")}
+_ADAM_ARGS = tuple(inspect.signature(_functional_adam).parameters)
 
 
-def _lean_adam_step(optimizer: torch.optim.Adam) -> Callable[..., Any]:
-    """``optimizer.step`` for a one-group Adam: torch's functional :func:`torch.optim.adam.adam` (what
-    ``Adam.step`` itself calls, so the step is bit-identical) on state lists gathered once, instead of
-    gathering them again on every step (``_init_group`` and the profiling wrapper: about 25 of the
-    90 us of a fused step over CartPole's 67k parameters on one CPU thread). The lists are gathered
-    again, by a step of torch's own, whenever the state dict or a gradient tensor was replaced (a
-    loaded checkpoint); the first step, which creates the state, is torch's own too. Like torch's step it
-    honours ``optimizer.found_inf`` (a device flag: 1 skips the step, see LearnerBase._step_on_device)."""
-    from torch.optim.adam import adam
+class LeanAdam:
+    """Adam exactly as ``torch.optim.Adam(params, lr, eps=eps, fused=True)`` steps (the same functional
+    :func:`torch.optim.adam.adam`, so every step is bit-identical), with the same ``param_groups``,
+    ``state`` and ``state_dict`` / ``load_state_dict`` formats, but not a ``torch.optim.Optimizer``.
 
-    accepted = inspect.signature(adam).parameters
-    class_step = type(optimizer).step
-    cache: dict[str, Any] = {}
+    Why: constructing, stepping or saving a torch optimizer imports ``torch._dynamo`` (its methods are
+    wrapped in ``torch._disable_dynamo``), about 1.3 s of every process's start-up on a CPU core, paid
+    again by every rank and every run, however short. And the step runs on state lists gathered once,
+    instead of again on every step (``_init_group`` and the profiling wrapper: about 25 of the 90 us of
+    a fused step over CartPole's 67k parameters on one CPU thread); they are gathered again after
+    :meth:`load_state_dict`. Like torch's step it honours ``found_inf`` (a device flag: 1 skips the step
+    and leaves the step count, see LearnerBase._step_on_device)."""
 
-    def gather() -> None:
-        group = optimizer.param_groups[0]
+    def __init__(self, params: list[torch.Tensor], lr: float, eps: float) -> None:
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        group = {**_ADAM_DEFAULTS, "lr": lr, "eps": eps, "fused": True}
+        self.param_groups: list[dict[str, Any]] = [{**group, "params": list(params)}]
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        self.found_inf: torch.Tensor | None = None
+        self._cached: tuple[Any, ...] | None = None  # (lists, betas, the group's other arguments)
+
+    def _gather(self) -> tuple[Any, ...]:
+        """((params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), betas, the group's other
+        arguments of the functional adam), creating the state on the first step as torch's
+        ``_init_group`` does for fused Adam."""
+        group = self.param_groups[0]
         params = group["params"]
-        cache.clear()
-        if len(optimizer.param_groups) != 1 or any(p.grad is None or p not in optimizer.state for p in params):
-            return
-        st = [optimizer.state[p] for p in params]
-        extra = {k: group[k] for k in _ADAM_GROUP_KEYS if k in group and k in accepted}
-        if "has_complex" in accepted:
+        for p in params:
+            if p not in self.state:
+                st = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                if group["amsgrad"]:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p] = st
+        st = [self.state[p] for p in params]
+        lists = (list(params), [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                 [s["max_exp_avg_sq"] for s in st] if group["amsgrad"] else [], [s["step"] for s in st])
+        extra = {k: group[k] for k in _ADAM_ARGS if k in group and k not in ("params", "lr", "betas")}
+        if "has_complex" in _ADAM_ARGS:
             extra["has_complex"] = False
-        cache.update(state=optimizer.state, betas=group["betas"], extra=extra, lists=(
-            list(params), [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-            [s["max_exp_avg_sq"] for s in st] if group["amsgrad"] else [], [s["step"] for s in st]))
+        return lists, group["betas"], extra
 
-    def step(closure: Any = None) -> Any:
-        lists = cache.get("lists")
-        if (closure is not None or lists is None or cache["state"] is not optimizer.state
-                or any(g is not p.grad for g, p in zip(lists[1], lists[0]))):
-            loss = class_step(optimizer, closure)
-            gather()
-            return loss
-        beta1, beta2 = cache["betas"]  # fixed with the state: only the lr changes between loads
+    def step(self) -> None:
+        cached = self._cached
+        if cached is None or any(g is not p.grad for g, p in zip(cached[0][1], cached[0][0])):
+            cached = self._cached = self._gather()  # first step, a load, or a gradient tensor replaced
+        lists, (beta1, beta2), extra = cached
         with torch.no_grad():
-            adam(*lists, beta1=beta1, beta2=beta2, lr=optimizer.param_groups[0]["lr"], grad_scale=None,
-                 found_inf=getattr(optimizer, "found_inf", None), **cache["extra"])
-        return None
+            _functional_adam(*lists, beta1=beta1, beta2=beta2, lr=self.param_groups[0]["lr"], grad_scale=None,
+                             found_inf=self.found_inf, **extra)
 
-    return step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout: state by parameter index, the group's hyper-parameters with ``params`` as indices."""
+        group = self.param_groups[0]
+        params = group["params"]
+        return {"state": {i: self.state[p] for i, p in enumerate(params) if p in self.state},
+                "param_groups": [{**{k: v for k, v in group.items() if k != "params"},
+                                  "params": list(range(len(params)))}]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copies of the state on each parameter's device (moments in its dtype, the step count in float32, as
+        torch's fused Adam keeps it) and the stored hyper-parameters."""
+        (saved,) = state_dict["param_groups"]
+        params = self.param_groups[0]["params"]
+        if len(saved["params"]) != len(params):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        self.state = {}
+        for index, st in state_dict["state"].items():
+            p = params[saved["params"].index(index)]
+            self.state[p] = {k: (v.to(device=p.device, dtype=torch.float32 if k == "step" else p.dtype, copy=True)
+                                 if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        self.param_groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": params}]
+        self._cached = None
 
 
 def check_compile_optimizer(train: Any) -> None:
