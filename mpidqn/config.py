@@ -291,6 +291,13 @@ class ParallelConfig:
     torch_threads: int = 1
     """Compute threads per rank: torch's intra-op threads and numpy's BLAS threads (ranks are processes;
     oversubscription hurts)."""
+    reuse_freed_memory: bool = True
+    """Each rank has the C library's malloc (glibc) keep freed blocks of up to 32 MiB for reuse, and up to
+    128 MiB of free memory at the top of its heap, instead of returning them to the system at every free:
+    an update's temporary tensors above 128 KiB (e.g. 512 rows x 256 units) were otherwise mapped afresh
+    and page-faulted on every update (600 faults per update at 512 rows, about a fifth of its time on
+    CartPole's MLP). Costs up to that much resident memory per rank; no effect where the C library is not
+    glibc."""
     sync_check_interval: int = 500
     """Updates between checks that all replicas hold bit-identical parameters (0 = never)."""
     collective_timeout_s: float = 600.0

@@ -78,6 +78,24 @@ def limit_threads(threads: int) -> None:
     threadpool_limits(limits=threads, user_api="blas")  # applied now; kept for the process's life
 
 
+def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 20) -> bool:
+    """Have glibc's malloc serve blocks below ``mmap_threshold`` from its heap and keep up to
+    ``trim_threshold`` bytes free at the heap's top (``mallopt``; fixed values also end glibc's dynamic
+    thresholds). By default a block above 128 KiB is a fresh ``mmap`` and every first touch of its pages
+    a page fault; an update's temporary tensors of a few hundred KiB then cost hundreds of faults per
+    update. False where the process's C library has no ``mallopt`` (not glibc): nothing changed."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        mallopt, _ = libc.mallopt, libc.gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return mallopt(m_mmap_threshold, mmap_threshold) == 1 and mallopt(m_trim_threshold, trim_threshold) == 1
+
+
 def host_cores(comm: Any, hosts: Sequence[str]) -> dict[str, int]:
     """Per host label (``hosts``: :func:`rank_hosts`), how many CPUs its ranks may run on together: the
     union of their affinity sets (collective). Ranks times torch threads above it oversubscribe the host."""

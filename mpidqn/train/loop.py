@@ -16,7 +16,7 @@ from mpidqn.algo.schedules import Schedules
 from mpidqn.config import Config, batch_plan, priority_params, rows_per_rank
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
-from mpidqn.distributed.hosts import limit_threads
+from mpidqn.distributed.hosts import limit_threads, reuse_freed_memory
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.snapshot import refusal_line, restore_envs, seal_envs
 from mpidqn.envs.vector import (
@@ -113,6 +113,8 @@ class Trainer:
         self.cfg, self.topo, self.reporter, self.checkpoints = cfg, topo, reporter, checkpoints
         self.trust = trust  # signs the env state of checkpoints; decides which saved env state a resume loads
         limit_threads(cfg.parallel.torch_threads)
+        if cfg.parallel.reuse_freed_memory:
+            reuse_freed_memory()
         self.world, self.rank = topo.world, topo.rank
         self.seeds = spawn_seeds(cfg.seed, self.world, self.rank)
         self.env_spec = spec_from_config(cfg.env)
