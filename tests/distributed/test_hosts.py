@@ -102,10 +102,14 @@ print(reused, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 50
 
 
 def test_freed_memory_is_reused_so_updates_on_large_batches_do_not_page_fault():
-    # An update at 512 rows of CartPole's MLP frees and allocates tensors of 512 KiB; glibc's default maps
-    # each afresh (about 600 page faults per update measured). With the heap kept, hardly any.
-    reused, per_update = run([sys.executable, "-c", _FAULTS, "reuse"]).stdout.split()
+    # An update at 512 rows of CartPole's MLP frees and allocates tensors of 512 KiB. glibc maps each block
+    # above its threshold (128 KiB at the start) afresh; the threshold rises by itself only after some
+    # allocation history, which differs between processes (about 600 faults per update measured in a
+    # run, hardly any in another). Both processes here start with it fixed at glibc's 128 KiB, as in a
+    # process where it never rose; reuse_freed_memory must bring the faults down from there.
+    fixed = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+    _, default = run([sys.executable, "-c", _FAULTS, "default"], env=fixed).stdout.split()
+    reused, per_update = run([sys.executable, "-c", _FAULTS, "reuse"], env=fixed).stdout.split()
     assert reused == "True"  # glibc (the CI machine's C library)
-    assert float(per_update) < 5, per_update
-    _, default = run([sys.executable, "-c", _FAULTS, "default"]).stdout.split()
-    assert float(default) > 50 * float(per_update) + 50, (default, per_update)  # what the setting removes
+    assert float(default) > 100, default  # what the setting removes
+    assert float(per_update) < 5, (per_update, default)
