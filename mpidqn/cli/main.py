@@ -10,6 +10,7 @@ import argparse
 import difflib
 import os
 import sys
+import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -217,8 +218,6 @@ def _abort(comm: Any, exc: BaseException) -> int:
     tb = "".join(traceback.format_exception(exc))
     _say(f"mpidqn: rank {rank}: {type(exc).__name__}: {exc}\n{tb}".rstrip())
     if comm.Get_size() > 1:
-        import time
-
         from mpidqn.distributed.watchdog import ABORT_GRACE_S
 
         # the launcher may tear the job down before it forwards the line just printed (seen in CI under

@@ -147,14 +147,6 @@ class LeanAdam:
             _functional_adam(*lists, beta1=beta1, beta2=beta2, lr=self.param_groups[0]["lr"], grad_scale=None,
                              found_inf=self.found_inf, **extra)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.param_groups[0]["params"]:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
-
     def state_dict(self) -> dict[str, Any]:
         """torch's layout: state by parameter index, the group's hyper-parameters with ``params`` as indices."""
         group = self.param_groups[0]
