@@ -10,7 +10,6 @@ import argparse
 import difflib
 import os
 import sys
-import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -218,12 +217,9 @@ def _abort(comm: Any, exc: BaseException) -> int:
     tb = "".join(traceback.format_exception(exc))
     _say(f"mpidqn: rank {rank}: {type(exc).__name__}: {exc}\n{tb}".rstrip())
     if comm.Get_size() > 1:
-        from mpidqn.distributed.watchdog import ABORT_GRACE_S
+        from mpidqn.distributed.watchdog import abort_job
 
-        # the launcher may tear the job down before it forwards the line just printed (seen in CI under
-        # load: the job failed with an empty stderr); the other ranks wait in their next collective
-        time.sleep(ABORT_GRACE_S)
-        comm.Abort(errors.EXIT_FAILURE)
+        abort_job(comm)(errors.EXIT_FAILURE)
     return errors.EXIT_FAILURE
 
 

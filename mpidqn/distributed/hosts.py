@@ -88,9 +88,11 @@ def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128
 
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on
-        mallopt, _ = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError):
+    except OSError:
         return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: the parameter numbers below are glibc's
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return mallopt(m_mmap_threshold, mmap_threshold) == 1 and mallopt(m_trim_threshold, trim_threshold) == 1

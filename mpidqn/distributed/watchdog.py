@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 from mpidqn.errors import EXIT_WATCHDOG
 
 SPIN_S = 0.1  # fallback polling (no MPI_THREAD_MULTIPLE): busy-poll this long before the first sleep
-ABORT_GRACE_S = 1.0  # pause between the watchdog's message and the abort (see Watchdog.expire)
+ABORT_GRACE_S = 1.0  # pause between a rank's last line and MPI_Abort (see abort_job)
 MAX_SLEEP_S = 1e-3  # the pause between polls grows to this
 ABORT_EXIT_S = 10.0  # how long a rank waits to be ended after MPI_Abort returned (see abort_job)
 
@@ -166,21 +166,24 @@ class Watchdog:
     def expire(self, phase: str) -> None:
         self.say(f"mpidqn: rank {self.rank}: watchdog: {phase} did not complete within {self.timeout_s:g} s "
                  f"at step {self.step:,} (a rank is hung or dead)")
-        if self._monitor is not None:
-            # Abort from the monitor thread can tear the job down before the launcher forwards the
-            # line just printed (seen in CI): give it a moment. Only ever paid on a timeout.
-            time.sleep(ABORT_GRACE_S)
         self.abort(EXIT_WATCHDOG)
 
 
-def abort_job(comm: Any, exit_after_s: float = ABORT_EXIT_S) -> Callable[[int], None]:
-    """The watchdog's abort: ``comm.Abort(code)``, and ``os._exit(code)`` should this rank outlive it.
+def abort_job(comm: Any, exit_after_s: float = ABORT_EXIT_S,
+              grace_s: float = ABORT_GRACE_S) -> Callable[[int], None]:
+    """How a rank ends the job after printing why (the watchdog's timeout, an error on one rank):
+    ``grace_s`` of pause, ``comm.Abort(code)``, and ``os._exit(code)`` should this rank outlive it.
+
+    The pause: ``MPI_Abort`` can tear the job down before the launcher forwards the line just printed
+    (seen in CI, from the watchdog's thread and from a rank's error under load); the other ranks wait in
+    their next collective meanwhile. Only ever paid on the way out.
 
     MPICH's ``MPI_Abort`` only asks the process manager to end the job and may return; a rank on a
     host cut off from ``mpiexec`` (its link went down) is then never killed and would spin on in its
     collective. Seen with 2 hosts x 2 ranks over TCP (tests/distributed/test_multihost.py).
     """
     def abort(code: int) -> None:
+        time.sleep(grace_s)
         comm.Abort(code)
         time.sleep(exit_after_s)  # normally the launcher ends this process meanwhile
         os._exit(code)

@@ -111,7 +111,7 @@ def test_a_rank_that_outlives_its_abort_exits_with_the_code(monkeypatch):
             calls.append(("Abort", code))
 
     monkeypatch.setattr(watchdog_module.os, "_exit", lambda code: calls.append(("_exit", code)))
-    abort_job(Comm(), exit_after_s=0.01)(EXIT_WATCHDOG)
+    abort_job(Comm(), exit_after_s=0.01, grace_s=0.01)(EXIT_WATCHDOG)
     assert calls == [("Abort", EXIT_WATCHDOG), ("_exit", EXIT_WATCHDOG)]
 
 
