@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mpidqn.algo.large_batch import BatchPlan
+from mpidqn.algo.large_batch import ADAM_BETAS, BatchPlan
 from mpidqn.errors import ConfigError
 
 
@@ -178,6 +178,11 @@ class TrainConfig:
     none, linear (lr * K) or sqrt (lr * sqrt(K)); the factor is 1 at K = 1. linear: on CartPole's tuning
     seeds at K = 8 it reached 475 as soon as K = 1 did, sqrt later and none on fewer seeds
     (docs/scaling.md); not yet measured with RMSprop (the MinAtar and Atari configs)."""
+    moment_scaling: Literal["none", "compound"] = "none"
+    """How the optimizer's moving averages follow the batch scale K: none keeps Adam's betas (0.9, 0.999)
+    and ``rmsprop_alpha`` per update; compound raises them to the power K (0.9 ** K, 0.999 ** K,
+    rmsprop_alpha ** K), so that each average spans as many env steps as at K = 1 over K times fewer
+    updates, as ``ema_decay`` does. The identity at K = 1."""
     lr_warmup_steps: int = 0
     """Global env steps, from learning_starts on, over which the lr rises linearly from 0 to its value
     (0 = no warm-up); a large-batch run's first, large steps start small."""
@@ -570,7 +575,8 @@ def batch_scale(train: TrainConfig, world: int) -> int:
 def batch_plan(train: TrainConfig, world: int) -> BatchPlan:
     """Rows, rounds and rescaled update-counted settings of this run (see :mod:`mpidqn.algo.large_batch`)."""
     return BatchPlan.build(train.batch_size, batch_scale(train, world), train.train_freq, train.gradient_steps,
-                           train.target_update_interval, train.tau, train.ema_decay, train.lr_scaling)
+                           train.target_update_interval, train.tau, train.ema_decay, train.lr_scaling,
+                           train.moment_scaling, ADAM_BETAS, train.rmsprop_alpha)
 
 
 def samples_per_rank(train: TrainConfig, world: int, rank: int = 0) -> int:

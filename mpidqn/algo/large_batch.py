@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 LrRule = Literal["none", "linear", "sqrt"]
+MomentRule = Literal["none", "compound"]
+ADAM_BETAS = (0.9, 0.999)  # Adam's betas at K = 1: torch's defaults (the config has no key for them)
 
 
 def scaled_round(train_freq: int, gradient_steps: int, k: int) -> tuple[int, int]:
@@ -53,6 +55,15 @@ def compounded_decay(decay: float, k: int) -> float:
     return decay ** k if decay > 0.0 else 0.0
 
 
+def moment_decays(rule: MomentRule, decays: tuple[float, ...], k: int) -> tuple[float, ...]:
+    """The optimizer's moving-average decays (Adam's betas, RMSprop's alpha) for ``train.moment_scaling``:
+    none keeps them per update; compound raises each to the power K, so that an average spans the env
+    steps (and transitions) it spans at K = 1 over K times fewer updates (the rule of ``ema_decay``)."""
+    if rule == "none":
+        return tuple(decays)
+    return tuple(d ** k for d in decays)
+
+
 def lr_factor(rule: LrRule, k: int) -> float:
     """The learning-rate multiplier of ``train.lr_scaling`` for a batch K times larger: none 1,
     linear K (the SGD rule of Goyal et al. 2017), sqrt sqrt(K) (the Adam rule, Malladi et al. 2022)."""
@@ -79,6 +90,8 @@ class BatchPlan:
     tau: float
     ema_decay: float
     lr_factor: float
+    adam_betas: tuple[float, float] = ADAM_BETAS
+    rmsprop_alpha: float = 0.95
 
     @property
     def samples_per_env_step(self) -> float:
@@ -87,8 +100,11 @@ class BatchPlan:
 
     @classmethod
     def build(cls, batch_size: int, k: int, train_freq: int, gradient_steps: int, target_update_interval: int,
-              tau: float, ema_decay: float, lr_rule: LrRule) -> "BatchPlan":
+              tau: float, ema_decay: float, lr_rule: LrRule, moment_rule: MomentRule = "none",
+              adam_betas: tuple[float, float] = ADAM_BETAS, rmsprop_alpha: float = 0.95) -> "BatchPlan":
         freq, updates = scaled_round(train_freq, gradient_steps, k)
+        beta1, beta2, alpha = moment_decays(moment_rule, (*adam_betas, rmsprop_alpha), k)
         return cls(k=k, global_batch=k * batch_size, train_freq=freq, gradient_steps=updates,
                    target_update_interval=scaled_target_interval(target_update_interval, k),
-                   tau=compounded(tau, k), ema_decay=compounded_decay(ema_decay, k), lr_factor=lr_factor(lr_rule, k))
+                   tau=compounded(tau, k), ema_decay=compounded_decay(ema_decay, k), lr_factor=lr_factor(lr_rule, k),
+                   adam_betas=(beta1, beta2), rmsprop_alpha=alpha)

@@ -20,6 +20,7 @@ class Hyper:
     lr: float = 1e-3
     optimizer: str = "adam"  # "adam" or "rmsprop" (see make_optimizer)
     adam_eps: float = 1e-8
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     rmsprop_alpha: float = 0.95
     rmsprop_eps: float = 0.01
     rmsprop_centered: bool = True
@@ -43,10 +44,12 @@ class Hyper:
     @classmethod
     def from_config(cls, train: Any, sync_check_interval: int, lr: float, plan: Any = None) -> "Hyper":
         """The learner's settings; ``plan`` (a large_batch.BatchPlan) supplies the update-counted ones
-        rescaled to its batch scale (the config's own without it)."""
+        rescaled to its batch scale (the config's own and Adam's default betas without it)."""
+        betas = plan.adam_betas if plan is not None else cls.adam_betas
         plan = plan or train
         return cls(
-            lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps, rmsprop_alpha=train.rmsprop_alpha,
+            lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps, adam_betas=tuple(betas),
+            rmsprop_alpha=plan.rmsprop_alpha,
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
             compile_optimizer=train.compile_optimizer, compile_network=train.compile_network,
             max_grad_norm=train.max_grad_norm, loss=train.loss,
@@ -71,7 +74,7 @@ def make_optimizer(params: list[torch.Tensor], hyper: Hyper, lr: float | None = 
     """
     lr = hyper.lr if lr is None else lr
     if hyper.optimizer == "adam":
-        return LeanAdam(params, lr=lr, eps=hyper.adam_eps)
+        return LeanAdam(params, lr=lr, eps=hyper.adam_eps, betas=hyper.adam_betas)
     if hyper.optimizer != "rmsprop":
         raise ValueError(f"unknown optimizer {hyper.optimizer!r} (adam or rmsprop)")
     compiled = hyper.compile_optimizer
@@ -107,10 +110,11 @@ class LeanAdam:
     :meth:`load_state_dict`. Like torch's step it honours ``found_inf`` (a device flag: 1 skips the step
     and leaves the step count, see LearnerBase._step_on_device)."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float, eps: float) -> None:
+    def __init__(self, params: list[torch.Tensor], lr: float, eps: float,
+                 betas: tuple[float, float] = _ADAM_DEFAULTS["betas"]) -> None:
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        group = {**_ADAM_DEFAULTS, "lr": lr, "eps": eps, "fused": True}
+        group = {**_ADAM_DEFAULTS, "lr": lr, "eps": eps, "betas": tuple(betas), "fused": True}
         self.param_groups: list[dict[str, Any]] = [{**group, "params": list(params)}]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self.found_inf: torch.Tensor | None = None
@@ -217,3 +221,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, hyper: Hyper, param_n
     if tensor_lr:  # checkpoints store a float; a compiled step wants its tensor back
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=lr.device)
+    # The moving averages' decays are this run's (train.moment_scaling at its batch scale), also where the
+    # checkpoint was written at another one (batch_scope per_rank on another world size).
+    for group in optimizer.param_groups:
+        if "betas" in group:
+            group["betas"] = tuple(hyper.adam_betas)
+        if "alpha" in group:
+            group["alpha"] = hyper.rmsprop_alpha

@@ -13,6 +13,7 @@ from mpidqn.algo.large_batch import (
     compounded,
     compounded_decay,
     lr_factor,
+    moment_decays,
     scaled_round,
     scaled_target_interval,
     warmup_factor,
@@ -54,6 +55,43 @@ def test_lr_rules_and_warm_up():
     assert lr_factor("sqrt", 1) == lr_factor("linear", 1) == 1.0
     assert warmup_factor(5000, 1000, 0) == 1.0
     assert [warmup_factor(s, 1000, 2000) for s in (500, 1000, 2000, 3000, 9000)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_moment_scaling_spans_the_same_env_steps_over_k_times_fewer_updates():
+    assert moment_decays("none", (0.9, 0.999, 0.95), 8) == (0.9, 0.999, 0.95)
+    assert moment_decays("compound", (0.9, 0.999, 0.95), 1) == (0.9, 0.999, 0.95)
+    beta1, beta2, alpha = moment_decays("compound", (0.9, 0.999, 0.95), 8)
+    assert (beta1, beta2, alpha) == pytest.approx((0.9 ** 8, 0.999 ** 8, 0.95 ** 8))
+    # an average of K = 1 over 8 updates weighs its oldest term as one of K = 8 over one update does
+    assert beta2 == pytest.approx(0.999 ** 8) and 1 - beta2 == pytest.approx(1 - (1 - 0.001) ** 8)
+
+
+def test_the_optimizer_steps_with_the_plans_decays_also_after_a_resume_at_another_k():
+    """The learner's Adam (or RMSprop) takes the plan's betas (alpha); a checkpoint written at another
+    batch scale (batch_scope per_rank on another world size) loads its moments but keeps this run's decays."""
+    import torch
+    from mpi4py import MPI
+
+    from mpidqn.learners.data_parallel import Hyper, Learner
+
+    for optimizer, key in (("adam", "betas"), ("rmsprop", "alpha")):
+        learners = {}
+        for k in (1, 4):
+            cfg = load_config(None, [f"train.batch_scale={k}", "train.moment_scaling=compound",
+                                     f"train.optimizer={optimizer}"])
+            hyper = Hyper.from_config(cfg.train, 0, 1e-3, batch_plan(cfg.train, 1))
+            torch.manual_seed(0)
+            learners[k] = Learner(torch.nn.Sequential(torch.nn.Linear(3, 2)), hyper, MPI.COMM_SELF)
+        expected = {"betas": (0.9 ** 4, 0.999 ** 4), "alpha": 0.95 ** 4}[key]
+        group = learners[4].optimizer.param_groups[0]
+        assert group[key] == pytest.approx(expected)
+        for p in learners[1].params:
+            p.grad.fill_(0.5)
+        learners[1].optimizer.step()  # moments to carry over
+        learners[4].load_state_dict(learners[1].state_dict())
+        group = learners[4].optimizer.param_groups[0]
+        assert group[key] == pytest.approx(expected)
+        assert learners[4].optimizer.state_dict()["state"], "the moments were not loaded"
 
 
 def test_k_1_is_the_config_itself():
