@@ -12,7 +12,9 @@ to the score. The table gives, per side, the median env steps and wall seconds t
 seeds got there, and that median as a fraction of the best median of any 1-rank side: the share of the
 1-rank time a job at that world size needs, and the seconds per 1k env steps up to the score with the
 same fraction (the speed alone: where a side first reaches the score moves with the seed, and a few seeds
-do not average that out). Writes results.csv and results.md under --out.
+do not average that out), and the learning alone: the env steps each side needed beyond the best 1-rank
+side, seed by seed, as a mean and its standard error (seed noise where the mean is within about two
+standard errors of 0). Writes results.csv and results.md under --out.
 
 ``--steps N`` measures speed instead: every side runs N env steps without evaluations or checkpoints, and
 the table gives each side's run clock (the log's wall time at the last step) per seed, its median, env
@@ -35,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning import run_mpidqn, seeds_arg  # noqa: E402  (a sibling script)
+
+from mpidqn.analysis.paired import paired_step_difference  # noqa: E402
 
 
 def main() -> int:
@@ -77,16 +81,23 @@ def main() -> int:
             for r in rs:
                 w.writerow([name, sides[name][0], r["seed"], r.get("target_step", ""),
                             round(r["target_wall"], 2) if "target_wall" in r else "", r["final"]])
+    # the learning alone: env steps beyond the fastest 1-rank side's, seed by seed (seed noise if near 0)
+    first = {name: {r["seed"]: r["target_step"] for r in rs if "target_wall" in r} for name, rs in results.items()}
+    ones = [n for n, (ranks, _) in sides.items() if ranks == 1 and medians[n][1] == medians[n][1]]
+    reference = first[min(ones, key=lambda n: medians[n][1])] if ones else {}
     lines = [f"time to the first evaluation >= {args.target:g}; seeds {', '.join(map(str, args.seeds))}", "",
              "| side | ranks | overrides | per seed (env steps / s) | median steps | median s | reached | "
-             "fraction of the best 1-rank time | s per 1k steps | its fraction of the best 1-rank side's |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "fraction of the best 1-rank time | s per 1k steps | its fraction of the best 1-rank side's | "
+             "extra env steps against the best 1-rank side, seed by seed (mean ± standard error) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (ranks, extra) in sides.items():
         steps, wall, n, rate = medians[name]
         cells = ", ".join(f"{r['target_step'] / 1000:g}k / {r['target_wall']:.0f}" if "target_wall" in r else "-"
                           for r in results[name])
+        pairs, mean, stderr = paired_step_difference(first[name], reference)
         lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {cells} | {steps:,.0f} | {wall:.1f} | "
-                     f"{n}/{len(args.seeds)} | {wall / best:.2f} | {rate:.2f} | {rate / best_rate:.2f} |")
+                     f"{n}/{len(args.seeds)} | {wall / best:.2f} | {rate:.2f} | {rate / best_rate:.2f} | "
+                     f"{mean:+,.0f} ± {stderr:,.0f} over {pairs} seeds |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

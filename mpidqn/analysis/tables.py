@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from mpidqn.analysis.curves import iqm_interval
+from mpidqn.analysis.paired import paired_step_difference
 from mpidqn.analysis.runs import Run, settings
 
 TIDY_COLUMNS = ["run", "seed", "world", "step", "metric", "value"]
@@ -90,7 +91,8 @@ def aggregate(groups: dict[str, list[Run]], table: pd.DataFrame) -> pd.DataFrame
 
 
 TIME_TO_SCORE_COLUMNS = ["setting", "world_size", "runs", "reached", "median_steps_to_target",
-                         "median_seconds_to_target", "fraction_of_best_1_rank"]
+                         "median_seconds_to_target", "fraction_of_best_1_rank", "median_seconds_per_1k_steps",
+                         "speed_fraction_of_best_1_rank", "paired_seeds", "extra_steps_mean", "extra_steps_stderr"]
 
 
 def time_to_target(run: Run, target: float) -> tuple[float, float]:
@@ -107,20 +109,43 @@ def time_to_target(run: Run, target: float) -> tuple[float, float]:
 def time_to_score(groups: dict[str, list[Run]], target: float) -> pd.DataFrame:
     """Per group of seeds: how many reached ``target``, the median env steps and seconds to it over those
     that did, and that median as a fraction of the fastest 1-rank group's: the share of the 1-rank time a
-    job of this setting needs (NaN when no 1-rank group reached the target)."""
-    rows = []
+    job of this setting needs (NaN when no 1-rank group reached the target).
+
+    That fraction mixes the speed with when each seed first passes the score, which moves by whole
+    evaluation intervals from seed to seed. So two more views: the speed alone (the median seconds per
+    1,000 env steps up to the score, and its fraction of the fastest 1-rank group's), and the learning
+    alone (against the fastest 1-rank group, seed by seed: the mean of the extra env steps this group
+    needed and its standard error, see :func:`paired_step_difference`). With the same algorithm at
+    every world size (``train.batch_scale``) the extra steps should be seed noise, and the speed
+    fraction is what a job at that world size can expect."""
+    rows, first = [], {}
     for label, runs in groups.items():
-        hits = [time_to_target(r, target) for r in runs]
-        hits = [h for h in hits if h[0] == h[0]]
+        hits = [(r.seed, *time_to_target(r, target)) for r in runs]
+        hits = [h for h in hits if h[1] == h[1]]
+        first[label] = {}
+        for seed, steps, _ in hits:  # by seed, for the pairing (a repeated seed: its first run)
+            first[label].setdefault(seed, steps)
         worlds = sorted({r.world_size for r in runs}, key=str)
+        rates = [1000 * wall / steps for _, steps, wall in hits if steps > 0]
         rows.append({"setting": label, "world_size": worlds[0] if len(worlds) == 1 else "mixed", "runs": len(runs),
-                     "reached": len(hits), "median_steps_to_target": np.median([h[0] for h in hits]) if hits else np.nan,
-                     "median_seconds_to_target": np.median([h[1] for h in hits]) if hits else np.nan})
-    table = pd.DataFrame(rows, columns=TIME_TO_SCORE_COLUMNS[:-1])
-    one_rank = table[(table["world_size"] == 1) & (table["reached"] > 0)]["median_seconds_to_target"]
-    best = one_rank.min() if len(one_rank) else np.nan
+                     "reached": len(hits),
+                     "median_steps_to_target": np.median([h[1] for h in hits]) if hits else np.nan,
+                     "median_seconds_to_target": np.median([h[2] for h in hits]) if hits else np.nan,
+                     "median_seconds_per_1k_steps": np.median(rates) if rates else np.nan})
+    table = pd.DataFrame(rows)
+    if not len(table):
+        return pd.DataFrame(columns=TIME_TO_SCORE_COLUMNS)
+    one_rank = table[(table["world_size"] == 1) & (table["reached"] > 0)]
+    best = one_rank["median_seconds_to_target"].min() if len(one_rank) else np.nan
     table["fraction_of_best_1_rank"] = table["median_seconds_to_target"] / best
-    return table
+    table["speed_fraction_of_best_1_rank"] = (table["median_seconds_per_1k_steps"]
+                                              / (one_rank["median_seconds_per_1k_steps"].min() if len(one_rank) else np.nan))
+    reference = (first[one_rank.loc[one_rank["median_seconds_to_target"].idxmin(), "setting"]]
+                 if len(one_rank) else {})
+    paired = [paired_step_difference(first[label], reference) for label in table["setting"]]
+    table["paired_seeds"], table["extra_steps_mean"], table["extra_steps_stderr"] = (
+        [p[0] for p in paired], [p[1] for p in paired], [p[2] for p in paired])
+    return table[TIME_TO_SCORE_COLUMNS]
 
 
 def _largest(run: Run, column: str) -> float:

@@ -9,6 +9,7 @@ import pytest
 
 from mpidqn.analysis import load_run, report_main, summary, tidy
 from mpidqn.analysis.curves import iqm_band
+from mpidqn.analysis.paired import paired_step_difference
 from mpidqn.analysis.tables import (aggregate, group_by_settings, lockstep, lockstep_table, phase_timeline,
                                    scaling_problem, time_breakdown, time_to_score, time_to_target)
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK
@@ -219,10 +220,26 @@ def test_time_to_score_per_world_size_against_the_best_1_rank_setting(runs: list
     assert table.loc[1, "reached"] == table.loc[2, "reached"] == 2 and table.loc[1, "fraction_of_best_1_rank"] == 1.0
     medians = {w: float(np.median([wall for (_, wall), r in zip(first, loaded) if r.world_size == w])) for w in (1, 2)}
     assert table.loc[2, "fraction_of_best_1_rank"] == pytest.approx(medians[2] / medians[1])
+    # the speed alone: seconds per 1k env steps up to the score, against the fastest 1-rank group's
+    rates = {w: float(np.median([1000 * wall / step for (step, wall), r in zip(first, loaded) if r.world_size == w]))
+             for w in (1, 2)}
+    assert table.loc[2, "median_seconds_per_1k_steps"] == pytest.approx(rates[2])
+    assert table.loc[2, "speed_fraction_of_best_1_rank"] == pytest.approx(rates[2] / rates[1])
+    # the learning alone: both seeds passed at the same step at either world size
+    assert list(table["paired_seeds"]) == [2, 2] and list(table["extra_steps_mean"]) == [0.0, 0.0]
     out = tmp_path / "out"
     assert report_main([*map(str, runs), "--out", str(out), "--target", "90"]) == EXIT_OK
     assert "time to the first evaluation >= 90" in capsys.readouterr().out
     assert list(pd.read_csv(out / "time_to_score.csv")["reached"]) == [2, 2]
+
+
+def test_paired_step_difference_is_seed_by_seed() -> None:
+    """Extra env steps to the score against a reference on the seeds both reached it: mean and standard error."""
+    n, mean, stderr = paired_step_difference({0: 10.0, 1: 20.0, 2: 30.0}, {0: 10.0, 1: 10.0, 3: 5.0})
+    assert (n, mean) == (2, 5.0) and stderr == pytest.approx(5.0)  # diffs 0 and 10: std 7.07 over sqrt(2)
+    n, mean, stderr = paired_step_difference({0: 12.0}, {0: 10.0})
+    assert (n, mean) == (1, 2.0) and np.isnan(stderr)  # one seed: no standard error
+    assert paired_step_difference({0: 1.0}, {1: 1.0})[0] == 0
 
 
 def read_back(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
