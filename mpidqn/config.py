@@ -154,8 +154,9 @@ class TrainConfig:
     The run's wall time is mostly its updates, so this is how ranks buy time: at K ranks each samples
     batch_size rows for 1/K of the updates. Kept per env step: the hard target refresh (every
     target_update_interval / K updates), tau (1 - (1 - tau) ** K), ema_decay (ema_decay ** K); the lr
-    follows ``lr_scaling`` and ``lr_warmup_steps``, the optimizer's averages ``moment_scaling``. K is part of the algorithm, not of the layout: the same
-    K learns the same at any world size (docs/parallelism.md, "Large batches")."""
+    follows ``lr_scaling`` and ``lr_warmup_steps``, the optimizer's averages ``moment_scaling``. K is part
+    of the algorithm, not of the layout: the same K learns the same at any world size (docs/parallelism.md,
+    "Large batches")."""
     batch_scope: Literal["global", "per_rank"] = "global"
     """global: the batch scale is ``batch_scale``, whatever the world size. per_rank: every rank samples
     ``batch_size`` rows per update and the batch scale follows the world (K = world, ``batch_scale`` must

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.optim.adam import adam as _functional_adam  # a module function: no torch._dynamo
 
+from mpidqn.algo.large_batch import ADAM_BETAS
 from mpidqn.errors import UserError
 
 
@@ -20,7 +21,7 @@ class Hyper:
     lr: float = 1e-3
     optimizer: str = "adam"  # "adam" or "rmsprop" (see make_optimizer)
     adam_eps: float = 1e-8
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = ADAM_BETAS  # train.moment_scaling may raise them to the power K
     rmsprop_alpha: float = 0.95
     rmsprop_eps: float = 0.01
     rmsprop_centered: bool = True
