@@ -66,7 +66,7 @@ def main() -> None:
                       target_update_interval=10**9, sync_check_interval=0)
     learner = Learner(torch.nn.Sequential(*layers), hyper, comm)
     data = batch(args.net, args.rows, np.random.default_rng(rank))
-    rows = learner._prepare_round(data, 1, None)[0]
+    update = learner._prepare_round(data, 1, None)[0]  # the batch as the learner's tensors
     n = learner.flat_grad.numel()
     counts = [n // size + (r < n % size) for r in range(size)]
     displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
@@ -78,8 +78,8 @@ def main() -> None:
     received = torch.zeros(hi - lo)
 
     def backward() -> None:
-        targets = learner._round_targets(rows, slice(0, args.rows))
-        learner.backward(rows.tensors[0], rows.tensors[1], targets)
+        targets = learner._round_targets(update, slice(0, args.rows))
+        learner.backward(update.tensors[0], update.tensors[1], targets)
 
     def allreduce() -> None:
         backward()

@@ -83,8 +83,8 @@ def main() -> int:
                             round(r["target_wall"], 2) if "target_wall" in r else "", r["final"]])
     # the learning alone: env steps beyond the fastest 1-rank side's, seed by seed (seed noise if near 0)
     first = {name: {r["seed"]: r["target_step"] for r in rs if "target_wall" in r} for name, rs in results.items()}
-    ones = [n for n, (ranks, _) in sides.items() if ranks == 1 and medians[n][1] == medians[n][1]]
-    reference = first[min(ones, key=lambda n: medians[n][1])] if ones else {}
+    fastest = fastest_one_rank(sides, {n: m[1] for n, m in medians.items()})
+    reference = first[fastest] if fastest is not None else {}
     lines = [f"time to the first evaluation >= {args.target:g}; seeds {', '.join(map(str, args.seeds))}", "",
              "| side | ranks | overrides | per seed (env steps / s) | median steps | median s | reached | "
              "fraction of the best 1-rank time | s per 1k steps | its fraction of the best 1-rank side's | "
@@ -103,10 +103,16 @@ def main() -> int:
     return 0
 
 
+def fastest_one_rank(sides: dict[str, tuple[int, list[str]]], values: dict[str, float]) -> str | None:
+    """The 1-rank side with the smallest value (NaN: not reached), or None when there is none."""
+    ones = [n for n, (ranks, _) in sides.items() if ranks == 1 and not np.isnan(values[n])]
+    return min(ones, key=values.__getitem__) if ones else None
+
+
 def best_one_rank(sides: dict[str, tuple[int, list[str]]], values: dict[str, float]) -> float:
     """The smallest value of any 1-rank side (NaN: not reached), or NaN when there is none."""
-    ones = [values[n] for n, (ranks, _) in sides.items() if ranks == 1 and not np.isnan(values[n])]
-    return min(ones) if ones else np.nan
+    fastest = fastest_one_rank(sides, values)
+    return values[fastest] if fastest is not None else np.nan
 
 
 def fresh(run_dir: Path) -> Path:

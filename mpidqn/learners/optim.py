@@ -46,10 +46,10 @@ class Hyper:
     def from_config(cls, train: Any, sync_check_interval: int, lr: float, plan: Any = None) -> "Hyper":
         """The learner's settings; ``plan`` (a large_batch.BatchPlan) supplies the update-counted ones
         rescaled to its batch scale (the config's own and Adam's default betas without it)."""
-        betas = plan.adam_betas if plan is not None else cls.adam_betas
         plan = plan or train
         return cls(
-            lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps, adam_betas=tuple(betas),
+            lr=lr, optimizer=train.optimizer, adam_eps=train.adam_eps,
+            adam_betas=tuple(getattr(plan, "adam_betas", ADAM_BETAS)),
             rmsprop_alpha=plan.rmsprop_alpha,
             rmsprop_eps=train.rmsprop_eps, rmsprop_centered=train.rmsprop_centered,
             compile_optimizer=train.compile_optimizer, compile_network=train.compile_network,
