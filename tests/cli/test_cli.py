@@ -198,10 +198,12 @@ def test_progress_bar_under_mpiexec_on_a_terminal(tmp_path, tiny):
     from conftest import _env
 
     master, slave = os.openpty()
+    # tqdm draws at most every 0.1 s, and this run can end in less: draw on every update instead
+    # (tqdm reads TQDM_* variables as its defaults), so what is checked does not hang on the machine's speed
     p = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "mpidqn", "--run-dir", str(tmp_path / "r"),
                           *tiny, "log.progress=auto", "log.interval_steps=5000"],
                          stdin=subprocess.DEVNULL, stdout=slave,
-                         stderr=subprocess.PIPE, env=_env())
+                         stderr=subprocess.PIPE, env={**_env(), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"})
     os.close(slave)
     out = _read_pty(master)
     assert p.wait(timeout=180) == 0, p.stderr.read()
