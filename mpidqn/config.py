@@ -208,7 +208,10 @@ class TrainConfig:
     compile_optimizer: bool = False
     """RMSprop only: compile its step with ``torch.compile`` into one fused loop over the parameters
     (about 8x faster per step on CPU than torch's multi-tensor RMSprop; Adam already runs one fused
-    kernel). Costs 10-40 s of compilation when the first update runs and needs a C++ compiler on CPU."""
+    kernel). Needs a C++ compiler on CPU. The first run on a machine compiles when its first update runs
+    (about 8 s on a 2-core VM, more on a busy one); torch caches the result in ``TORCHINDUCTOR_CACHE_DIR``
+    (default ``/tmp/torchinductor_$USER``), so later runs there load it in about 2 s. Where ``/tmp`` is
+    emptied after every job, point that variable at a directory that lasts (docs/slurm.md)."""
     compile_network: bool = False
     """Compile the online network's forward (and with it its backward) in the update with
     ``torch.compile`` (data parallel only, not with ``parallel.overlap_allreduce``; the hand-written MLP
