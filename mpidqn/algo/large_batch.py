@@ -100,8 +100,8 @@ class BatchPlan:
 
     @classmethod
     def build(cls, batch_size: int, k: int, train_freq: int, gradient_steps: int, target_update_interval: int,
-              tau: float, ema_decay: float, lr_rule: LrRule, moment_rule: MomentRule = "none",
-              adam_betas: tuple[float, float] = ADAM_BETAS, rmsprop_alpha: float = 0.95) -> "BatchPlan":
+              tau: float, ema_decay: float, lr_rule: LrRule, moment_rule: MomentRule,
+              adam_betas: tuple[float, float], rmsprop_alpha: float) -> "BatchPlan":
         freq, updates = scaled_round(train_freq, gradient_steps, k)
         beta1, beta2, alpha = moment_decays(moment_rule, (*adam_betas, rmsprop_alpha), k)
         return cls(k=k, global_batch=k * batch_size, train_freq=freq, gradient_steps=updates,

@@ -112,7 +112,7 @@ class LeanAdam:
     and leaves the step count, see LearnerBase._step_on_device)."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, eps: float,
-                 betas: tuple[float, float] = _ADAM_DEFAULTS["betas"]) -> None:
+                 betas: tuple[float, float] = ADAM_BETAS) -> None:
         if not params:
             raise ValueError("optimizer got an empty parameter list")
         group = {**_ADAM_DEFAULTS, "lr": lr, "eps": eps, "betas": tuple(betas), "fused": True}
