@@ -1,7 +1,7 @@
 """Time to score against world size, measured as a user would: the run's own clock at its first greedy
 evaluation >= --target, median over the same seeds, every side alternating.
 
-    python benchmarks/time_to_score.py --seeds 100-104 --target 475 \
+    python benchmarks/time_to_score.py --seeds 100-104 --target 475 parallel.torch_threads=auto \
         --side 1-rank 1 --side K2-2-ranks 2 train.batch_scope=per_rank \
         [--config configs/cartpole.yaml] [--out runs/time_to_score] [KEY=VALUE ...]
 
@@ -15,6 +15,11 @@ same fraction (the speed alone: where a side first reaches the score moves with 
 do not average that out), and the learning alone: the env steps each side needed beyond the best 1-rank
 side, seed by seed, as a mean and its standard error (seed noise where the mean is within about two
 standard errors of 0). Writes results.csv and results.md under --out.
+
+Compare world sizes on the CPUs they are given: ``parallel.torch_threads=auto`` among the shared overrides
+gives each rank its share of the host (one rank alone: every CPU, as threads). The column "threads /
+CPUs" says what each side used on its host, and a note follows the table where the best 1-rank side left
+CPUs idle: a fraction against such a side flatters the ranks.
 
 ``--steps N`` measures speed instead: every side runs N env steps without evaluations or checkpoints, and
 the table gives each side's run clock (the log's wall time at the last step) per seed, its median, env
@@ -86,18 +91,20 @@ def main() -> int:
     fastest = fastest_one_rank(sides, {n: m[1] for n, m in medians.items()})
     reference = first[fastest] if fastest is not None else {}
     lines = [f"time to the first evaluation >= {args.target:g}; seeds {', '.join(map(str, args.seeds))}", "",
-             "| side | ranks | overrides | per seed (env steps / s) | median steps | median s | reached | "
-             "fraction of the best 1-rank time | s per 1k steps | its fraction of the best 1-rank side's | "
+             "| side | ranks | overrides | threads / CPUs | per seed (env steps / s) | median steps | median s | "
+             "reached | fraction of the best 1-rank time | s per 1k steps | its fraction of the best 1-rank side's | "
              "extra env steps against the best 1-rank side, seed by seed (mean ± standard error) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    used = {name: cores_used(args.out / f"{name}-s{args.seeds[0]}") for name in sides}
     for name, (ranks, extra) in sides.items():
         steps, wall, n, rate = medians[name]
         cells = ", ".join(f"{r['target_step'] / 1000:g}k / {r['target_wall']:.0f}" if "target_wall" in r else "-"
                           for r in results[name])
         pairs, mean, stderr = paired_step_difference(first[name], reference)
-        lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {cells} | {steps:,.0f} | {wall:.1f} | "
-                     f"{n}/{len(args.seeds)} | {wall / best:.2f} | {rate:.2f} | {rate / best_rate:.2f} | "
-                     f"{mean:+,.0f} ± {stderr:,.0f} over {pairs} seeds |")
+        lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {used[name][0]} / {used[name][1]} | {cells} | "
+                     f"{steps:,.0f} | {wall:.1f} | {n}/{len(args.seeds)} | {wall / best:.2f} | {rate:.2f} | "
+                     f"{rate / best_rate:.2f} | {mean:+,.0f} ± {stderr:,.0f} over {pairs} seeds |")
+    lines += idle_cores_note(sides, {n: m[1] for n, m in medians.items()}, used)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -113,6 +120,33 @@ def best_one_rank(sides: dict[str, tuple[int, list[str]]], values: dict[str, flo
     """The smallest value of any 1-rank side (NaN: not reached), or NaN when there is none."""
     fastest = fastest_one_rank(sides, values)
     return values[fastest] if fastest is not None else np.nan
+
+
+def cores_used(run_dir: Path) -> tuple[int, int]:
+    """(compute threads of all ranks on rank 0's host, that host's CPUs) from a run's log; (0, 0) where the
+    log does not record them."""
+    from mpidqn.io.runlog import read_log
+
+    if not (run_dir / "log.h5").is_file():  # a run that failed before it started
+        return 0, 0
+    attrs = read_log(run_dir / "log.h5").attrs
+    hosts, cores, threads = attrs.get("rank_hosts"), attrs.get("host_cores"), attrs.get("rank_threads")
+    if not (isinstance(hosts, list) and isinstance(cores, dict) and isinstance(threads, list)) or not hosts:
+        return 0, 0
+    return sum(t for h, t in zip(hosts, threads) if h == hosts[0]), int(cores[hosts[0]])
+
+
+def idle_cores_note(sides: dict[str, tuple[int, list[str]]], values: dict[str, float],
+                    used: dict[str, tuple[int, int]]) -> list[str]:
+    """A note where the best 1-rank side left CPUs of its host idle: then the fraction flatters the ranks,
+    which use CPUs that a 1-rank run with ``parallel.torch_threads=auto`` would use as threads."""
+    fastest = fastest_one_rank(sides, values)
+    if fastest is None or not used[fastest][1] or used[fastest][0] >= used[fastest][1]:
+        return []
+    threads, cpus = used[fastest]
+    return ["", f"note: the best 1-rank side ({fastest}) ran {threads} compute thread(s) on a host of {cpus} "
+                f"CPUs; the fractions are against a run that leaves CPUs idle. Give the sides "
+                f"parallel.torch_threads=auto (before --side) to compare against one rank using them all."]
 
 
 def fresh(run_dir: Path) -> Path:
@@ -140,12 +174,16 @@ def speed(args: argparse.Namespace, sides: dict[str, tuple[int, list[str]]]) -> 
             print(f"{name} ({ranks} ranks) seed {seed}: {clocks[name][-1]:.1f} s", flush=True)
     medians = {name: float(np.median(c)) for name, c in clocks.items()}
     best = best_one_rank(sides, medians)
+    used = {name: cores_used(args.out / f"{name}-s{args.seeds[0]}") for name in sides}
     lines = [f"run clock of {args.steps:,} env steps (no evaluations); seeds {', '.join(map(str, args.seeds))}", "",
-             "| side | ranks | overrides | per seed (s) | median s | env steps/s | fraction of the best 1-rank time |",
-             "|---|---|---|---|---|---|---|"]
+             "| side | ranks | overrides | threads / CPUs | per seed (s) | median s | env steps/s | "
+             "fraction of the best 1-rank time |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, (ranks, extra) in sides.items():
-        lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {', '.join(f'{c:.1f}' for c in clocks[name])} | "
+        lines.append(f"| {name} | {ranks} | {' '.join(extra) or '-'} | {used[name][0]} / {used[name][1]} | "
+                     f"{', '.join(f'{c:.1f}' for c in clocks[name])} | "
                      f"{medians[name]:.1f} | {args.steps / medians[name]:,.0f} | {medians[name] / best:.2f} |")
+    lines += idle_cores_note(sides, medians, used)
     (args.out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

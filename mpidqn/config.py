@@ -297,9 +297,11 @@ class ParallelConfig:
     stages by parameter count. Layers are those of the MLP: [Flatten, Linear, act, ..., head]."""
     micro_batches: int = 4
     """Micro-batches per update in the pipeline (GPipe schedule); more shrink the bubble, cost messages."""
-    torch_threads: int = 1
+    torch_threads: int | Literal["auto"] = 1
     """Compute threads per rank: torch's intra-op threads and numpy's BLAS threads (ranks are processes;
-    oversubscription hurts)."""
+    oversubscription hurts). "auto": each rank's share of its host, the CPUs the job's ranks there may run
+    on divided by their number (1 rank on 2 CPUs: 2; 2 ranks: 1 each). Compare world sizes with "auto": a
+    1-rank run at 1 thread leaves the other CPUs idle (docs/scaling.md)."""
     reuse_freed_memory: bool = True
     """Each rank has the C library's malloc (glibc) keep freed blocks of up to 32 MiB for reuse, and up to
     128 MiB of free memory at the top of its heap, instead of returning them to the system at every free:
@@ -373,6 +375,13 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+def _kind(tp: Any) -> str:
+    """How an error line names a value of type ``tp``."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, "a list")
+
+
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -380,12 +389,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        errors, arms = [], [a for a in args if a is not type(None)]
+        for arg in arms:
             try:
                 return _check_type(key, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(arms) > 1:  # e.g. int | Literal["auto"]: name every kind of value the key takes
+            raise ConfigError(f"{key}: expected {' or '.join(map(_kind, arms))}, got {value!r}")
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -719,7 +730,8 @@ def validate(cfg: Config) -> None:
                  f"applies to data parallelism only, not to parallel.pipeline_stages={p.pipeline_stages}")
         _require(not p.overlap_allreduce, "train.compile_network",
                  "cannot be combined with parallel.overlap_allreduce (its buckets hook eager autograd)")
-    _require(p.torch_threads >= 1, "parallel.torch_threads", f"must be >= 1, got {p.torch_threads}")
+    _require(p.torch_threads == "auto" or p.torch_threads >= 1, "parallel.torch_threads",
+             f"must be >= 1 or auto, got {p.torch_threads}")
     _require(p.collective_timeout_s >= 0 and math.isfinite(p.collective_timeout_s), "parallel.collective_timeout_s",
              f"must be >= 0 (0 disables the watchdog), got {p.collective_timeout_s}")
     _require(p.sync_check_interval >= 0, "parallel.sync_check_interval", f"must be >= 0, got {p.sync_check_interval}")

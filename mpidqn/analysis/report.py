@@ -16,6 +16,7 @@ from mpidqn.analysis.runs import Run, RunLoadError, load_run
 from mpidqn.analysis.tables import (
     aggregate,
     group_by_settings,
+    idle_cpus_notes,
     lockstep_table,
     scaling_problem,
     summary,
@@ -77,6 +78,8 @@ def main(argv: Sequence[str]) -> int:
         scores = time_to_score(group_by_settings(runs), args.target)
         print(f"time to the first evaluation >= {args.target:g}")
         print(format_table(scores))
+        for note in idle_cpus_notes(scores):
+            print(f"note: {note}")
         print()
     waits = lockstep_table(runs)
     if len(waits):

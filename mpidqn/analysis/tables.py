@@ -92,7 +92,8 @@ def aggregate(groups: dict[str, list[Run]], table: pd.DataFrame) -> pd.DataFrame
 
 TIME_TO_SCORE_COLUMNS = ["setting", "world_size", "runs", "reached", "median_steps_to_target",
                          "median_seconds_to_target", "fraction_of_best_1_rank", "median_seconds_per_1k_steps",
-                         "speed_fraction_of_best_1_rank", "paired_seeds", "extra_steps_mean", "extra_steps_stderr"]
+                         "speed_fraction_of_best_1_rank", "paired_seeds", "extra_steps_mean", "extra_steps_stderr",
+                         "threads_per_core"]
 
 
 def time_to_target(run: Run, target: float) -> tuple[float, float]:
@@ -127,11 +128,14 @@ def time_to_score(groups: dict[str, list[Run]], target: float) -> pd.DataFrame:
             first[label].setdefault(seed, steps)
         worlds = sorted({r.world_size for r in runs}, key=str)
         rates = [1000 * wall / steps for _, steps, wall in hits if steps > 0]
+        cores = [c for c in map(threads_per_core, runs) if c == c]  # NaN: the log does not say
         rows.append({"setting": label, "world_size": worlds[0] if len(worlds) == 1 else "mixed", "runs": len(runs),
                      "reached": len(hits),
                      "median_steps_to_target": np.median([h[1] for h in hits]) if hits else np.nan,
                      "median_seconds_to_target": np.median([h[2] for h in hits]) if hits else np.nan,
-                     "median_seconds_per_1k_steps": np.median(rates) if rates else np.nan})
+                     "median_seconds_per_1k_steps": np.median(rates) if rates else np.nan,
+                     # below 1: the setting left CPUs of its host idle (e.g. 1 rank at 1 thread on 2 CPUs)
+                     "threads_per_core": float(np.median(cores)) if cores else np.nan})
     table = pd.DataFrame(rows)
     if not len(table):
         return pd.DataFrame(columns=TIME_TO_SCORE_COLUMNS)
@@ -146,6 +150,16 @@ def time_to_score(groups: dict[str, list[Run]], target: float) -> pd.DataFrame:
     table["paired_seeds"], table["extra_steps_mean"], table["extra_steps_stderr"] = (
         [p[0] for p in paired], [p[1] for p in paired], [p[2] for p in paired])
     return table[TIME_TO_SCORE_COLUMNS]
+
+
+def idle_cpus_notes(scores: pd.DataFrame) -> list[str]:
+    """A note where the fastest 1-rank setting of a :func:`time_to_score` table left CPUs of its host idle
+    (fewer compute threads than CPUs): its fractions then flatter the ranks, which put those CPUs to work."""
+    best = scores[(scores["world_size"] == 1) & (scores["fraction_of_best_1_rank"] == 1.0)]
+    return [f"the fastest 1-rank setting ({row.setting}) ran {row.threads_per_core:.2g} compute threads per CPU of "
+            "its host, so the fractions are against a run that leaves CPUs idle; rerun it with "
+            "parallel.torch_threads=auto to compare against one rank using them all"
+            for row in best.itertuples() if row.threads_per_core < 1]
 
 
 def _largest(run: Run, column: str) -> float:
@@ -188,14 +202,16 @@ LOCKSTEP_COLUMNS = ["run", "world_size", "intervals", "wait_share", "transfer_sh
 
 
 def threads_per_core(run: Run) -> float:
-    """Rank threads per CPU on the run's most crowded host: ranks there times ``parallel.torch_threads``
-    over the CPUs they may use (the log's ``host_cores``). Above 1 the ranks take turns on the cores, so
+    """Rank threads per CPU on the run's most crowded host: the compute threads of its ranks there (the
+    log's ``rank_threads``; older logs: ranks times ``parallel.torch_threads``) over the CPUs they may use (the log's ``host_cores``). Above 1 the ranks take turns on the cores, so
     they also wait for each other to be scheduled. NaN for a log that does not record the cores."""
     hosts, cores = run.metadata.get("rank_hosts"), run.metadata.get("host_cores")
     if not isinstance(hosts, list) or not isinstance(cores, dict) or not cores:
         return float("nan")
-    threads = int(run.setting("parallel.torch_threads", 1) or 1)
-    return max(hosts.count(h) * threads / max(1, int(n)) for h, n in cores.items())
+    threads = run.metadata.get("rank_threads")  # per rank, "auto" resolved; older logs: the setting
+    if not isinstance(threads, list) or len(threads) != len(hosts):
+        threads = [int(run.setting("parallel.torch_threads", 1) or 1)] * len(hosts)
+    return max(sum(int(t) for r, t in zip(hosts, threads) if r == h) / max(1, int(n)) for h, n in cores.items())
 
 
 def lockstep(run: Run) -> dict[str, object] | None:

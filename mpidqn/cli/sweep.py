@@ -155,6 +155,7 @@ def claim_out(plan: Plan) -> Any:
 
 def sweep_main(argv: Sequence[str], comm: Any, base_parser: type[argparse.ArgumentParser],
                collective: Collective, abort: Callable[[Any, BaseException], int]) -> int:
+    from mpidqn.distributed.hosts import cpu_share
     from mpidqn.io import sweeprecord
     from mpidqn.train import sweep as packed
     from mpidqn.train.rundir import prepare_run
@@ -163,6 +164,8 @@ def sweep_main(argv: Sequence[str], comm: Any, base_parser: type[argparse.Argume
     args = collective(comm, lambda: parser(base_parser).parse_intermixed_args(list(argv)))
     plan = comm.bcast(collective(comm, lambda: make_plan(args, comm.Get_size()) if root else None), root=0)
     lock = collective(comm, lambda: claim_out(plan) if root else None)
+    # parallel.torch_threads: auto shares each host among all the sweep's ranks there, not one run's
+    share = cpu_share(comm)
     group = packed.split_groups(comm, plan.ranks_per_run)
 
     def train_run(index: int, group_comm: Any) -> int:
@@ -170,7 +173,7 @@ def sweep_main(argv: Sequence[str], comm: Any, base_parser: type[argparse.Argume
 
         cfg = plan.run_config(index)
         topo = Topology.build(group_comm, cfg.parallel.pipeline_stages)
-        return prepare_run(cfg, topo, str(plan.run_dir(index)), False, collective).train()
+        return prepare_run(cfg, topo, str(plan.run_dir(index)), False, collective, cpu_share=share).train()
 
     say = (lambda s: print(s, file=sys.stderr, flush=True))
     sweep = packed.Sweep(plan.out, [plan.run_dir(i) for i in range(len(plan.runs))], train_run, abort, say)

@@ -10,7 +10,7 @@ import fcntl
 import os
 import socket
 import struct
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 _SIOCGIFADDR = 0x8915  # Linux: IPv4 address of an interface
 
@@ -98,10 +98,38 @@ def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128
     return mallopt(m_mmap_threshold, mmap_threshold) == 1 and mallopt(m_trim_threshold, trim_threshold) == 1
 
 
+def _host_unions(hosts: Sequence[str], cpus: Sequence[Collection[int]]) -> dict[str, set[int]]:
+    union: dict[str, set[int]] = {}
+    for host, mine in zip(hosts, cpus):
+        union.setdefault(host, set()).update(mine)
+    return union
+
+
 def host_cores(comm: Any, hosts: Sequence[str]) -> dict[str, int]:
     """Per host label (``hosts``: :func:`rank_hosts`), how many CPUs its ranks may run on together: the
     union of their affinity sets (collective). Ranks times torch threads above it oversubscribe the host."""
-    union: dict[str, set[int]] = {}
-    for host, cpus in zip(hosts, comm.allgather(usable_cpus())):
-        union.setdefault(host, set()).update(cpus)
-    return {host: len(cpus) for host, cpus in union.items()}
+    return {host: len(cpus) for host, cpus in _host_unions(hosts, comm.allgather(usable_cpus())).items()}
+
+
+def cpu_shares(hosts: Sequence[str], cpus: Sequence[Collection[int]]) -> list[int]:
+    """Per rank (index = rank), its share of its host: the CPUs the host's ranks may run on together,
+    divided by how many ranks the host has, at most the CPUs of the rank's own affinity, at least 1.
+
+    ``hosts``: every rank's host label; ``cpus``: every rank's affinity (:func:`usable_cpus`). One rank
+    alone on a 16-CPU host gets 16; 8 unbound ranks there get 2 each; 4 ranks bound to 2 CPUs each (Slurm's
+    ``--cpus-per-task=2``) get 2 each; 4 ranks on 2 CPUs get 1 each."""
+    union = _host_unions(hosts, cpus)
+    return [max(1, min(len(mine), len(union[host]) // hosts.count(host))) for host, mine in zip(hosts, cpus)]
+
+
+def cpu_share(comm: Any) -> int:
+    """This rank's :func:`cpu_shares` among all ranks of ``comm`` (collective): pass the communicator of
+    every process that runs on the machines (the world), not one run's group of a sweep."""
+    hosts = rank_hosts(comm)
+    return cpu_shares(hosts, comm.allgather(usable_cpus()))[comm.Get_rank()]
+
+
+def resolve_threads(setting: int | str, share: int) -> int:
+    """Compute threads per rank from ``parallel.torch_threads``: a number as given, "auto" the rank's
+    share of its host (:func:`cpu_share`)."""
+    return share if setting == "auto" else int(setting)

@@ -16,7 +16,7 @@ from mpidqn.algo.schedules import Schedules
 from mpidqn.config import Config, batch_plan, priority_params, rows_per_rank
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
-from mpidqn.distributed.hosts import limit_threads, reuse_freed_memory
+from mpidqn.distributed.hosts import cpu_share, limit_threads, resolve_threads, reuse_freed_memory
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.snapshot import refusal_line, restore_envs, seal_envs
 from mpidqn.envs.vector import (
@@ -109,10 +109,17 @@ class Trainer:
     """Runs one rank's part of a data-parallel DQN job."""
 
     def __init__(self, cfg: Config, topo: Any, reporter: Any, checkpoints: Any | None = None,
-                 trust: Trust = Trust(None, problem="the trainer was given no secret")) -> None:
+                 trust: Trust = Trust(None, problem="the trainer was given no secret"),
+                 threads: int | None = None) -> None:
+        """``threads``: this rank's compute threads, ``parallel.torch_threads`` resolved (default: resolved
+        here, "auto" among the ranks of ``topo.comm``: collective)."""
         self.cfg, self.topo, self.reporter, self.checkpoints = cfg, topo, reporter, checkpoints
         self.trust = trust  # signs the env state of checkpoints; decides which saved env state a resume loads
-        limit_threads(cfg.parallel.torch_threads)
+        if threads is None:
+            share = cpu_share(topo.comm) if cfg.parallel.torch_threads == "auto" else 1
+            threads = resolve_threads(cfg.parallel.torch_threads, share)
+        self.threads = threads
+        limit_threads(threads)
         if cfg.parallel.reuse_freed_memory:
             reuse_freed_memory()
         self.world, self.rank = topo.world, topo.rank
@@ -233,7 +240,7 @@ class Trainer:
         t, c = self.topo, cfg
         self.reporter.start(RunHeader(
             env_id=c.env.id, world=t.world, dp=t.dp, pipeline_stages=t.pipeline_stages, num_envs=c.env.num_envs,
-            parameters=self.parameter_count, total_steps=c.train.total_steps, torch_threads=c.parallel.torch_threads,
+            parameters=self.parameter_count, total_steps=c.train.total_steps, torch_threads=self.threads,
             step=self.counters.env_steps, updates=self.learner.updates,
             device=str(getattr(self.learner, "device", None) or "cpu")))
         t_start = time.perf_counter()

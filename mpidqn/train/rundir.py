@@ -26,7 +26,8 @@ import yaml
 
 from mpidqn import __version__
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
-from mpidqn.distributed.hosts import host_cores, rank_hosts
+from mpidqn.distributed.hosts import cpu_share as hosts_cpu_share
+from mpidqn.distributed.hosts import host_cores, rank_hosts, resolve_threads
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.io.h5tree import flatten
 from mpidqn.io.runlock import RunLock
@@ -128,11 +129,13 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         raise UserError(f"--run-dir {run_dir}: not writable ({e.strerror})") from None
 
 
-def run_metadata(cfg: Config, topo: Any) -> dict[str, Any]:
+def run_metadata(cfg: Config, topo: Any, threads: int = 1) -> dict[str, Any]:
+    """The run's attributes for its log (collective). ``threads``: this rank's compute threads."""
     hosts = rank_hosts(topo.comm)
     meta: dict[str, Any] = {
         "config": to_yaml(cfg), **topo.describe(),
         "hosts": sorted(set(hosts)), "rank_hosts": hosts, "host_cores": host_cores(topo.comm, hosts),
+        "rank_threads": topo.comm.allgather(threads),
         "versions": versions(), "start_time": time.time(),
         "argv": " ".join(sys.argv),
     }
@@ -188,9 +191,12 @@ class Run:
 
 def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
                 collective: Callable[[Any, Callable[[], Any]], Any], fresh_start: bool = False,
-                trust_run_dir: bool = False) -> Run:
+                trust_run_dir: bool = False, cpu_share: int | None = None) -> Run:
     """Agree on the run dir, lock and check it, build the trainer, resume if a checkpoint exists.
-    ``trust_run_dir``: load the env state of its checkpoints even when this user did not sign it."""
+    ``trust_run_dir``: load the env state of its checkpoints even when this user did not sign it.
+    ``cpu_share``: this rank's share of its host's CPUs among every process of the job
+    (:func:`mpidqn.distributed.hosts.cpu_share`; default: among the ranks of ``topo.comm``), which
+    ``parallel.torch_threads: auto`` gives each rank."""
     from mpidqn.train.loop import Trainer
 
     comm, root = topo.comm, topo.is_root
@@ -210,7 +216,10 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     ckpt = verify(Path(ckpt_path), check_crc=False) if ckpt_path is not None else None
     if ckpt is not None:  # before anything in the run dir is written or rebuilt
         collective(comm, lambda: check_compatible(ckpt, cfg) if root else None)
-    meta = run_metadata(cfg, topo)
+    if cpu_share is None and cfg.parallel.torch_threads == "auto":
+        cpu_share = collective(comm, lambda: hosts_cpu_share(comm))
+    threads = resolve_threads(cfg.parallel.torch_threads, cpu_share or 1)
+    meta = run_metadata(cfg, topo, threads)
     if root:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     reporter = SilentReporter()
@@ -241,7 +250,7 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     if trust.key is None:
         reporter.message(f"mpidqn: warning: checkpoints will not be signed, {trust.problem}; "
                          "a resume will start new episodes (everything else resumes exactly)")
-    trainer = collective(comm, lambda: Trainer(cfg, topo, reporter, manager, trust))
+    trainer = collective(comm, lambda: Trainer(cfg, topo, reporter, manager, trust, threads))
     if ckpt is not None:
         mode = trainer.load_checkpoint(ckpt)
         manager.last_step = ckpt.step

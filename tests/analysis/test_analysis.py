@@ -10,8 +10,8 @@ import pytest
 from mpidqn.analysis import load_run, report_main, summary, tidy
 from mpidqn.analysis.curves import iqm_band
 from mpidqn.analysis.paired import paired_step_difference
-from mpidqn.analysis.tables import (aggregate, group_by_settings, lockstep, lockstep_table, phase_timeline,
-                                   scaling_problem, time_breakdown, time_to_score, time_to_target)
+from mpidqn.analysis.tables import (aggregate, group_by_settings, idle_cpus_notes, lockstep, lockstep_table,
+                                   phase_timeline, scaling_problem, time_breakdown, time_to_score, time_to_target)
 from mpidqn.errors import EXIT_BAD_INPUT, EXIT_OK
 from mpidqn.io.runlog import RunLog, read_log
 
@@ -231,6 +231,17 @@ def test_time_to_score_per_world_size_against_the_best_1_rank_setting(runs: list
     assert report_main([*map(str, runs), "--out", str(out), "--target", "90"]) == EXIT_OK
     assert "time to the first evaluation >= 90" in capsys.readouterr().out
     assert list(pd.read_csv(out / "time_to_score.csv")["reached"]) == [2, 2]
+
+
+def test_report_says_when_the_fastest_1_rank_setting_left_cpus_idle() -> None:
+    """1 rank at 1 thread on 2 CPUs (0.5 threads per CPU) against 2 ranks: the fraction flatters the ranks."""
+    scores = pd.DataFrame({"setting": ["a", "b", "c"], "world_size": [1, 1, 2], "fraction_of_best_1_rank": [1.0, 1.2, 0.6],
+                           "threads_per_core": [0.5, 1.0, 1.0]})
+    (note,) = idle_cpus_notes(scores)
+    assert note.startswith("the fastest 1-rank setting (a) ran 0.5 compute threads per CPU")
+    assert "parallel.torch_threads=auto" in note
+    assert idle_cpus_notes(scores.assign(threads_per_core=[1.0, 0.5, 1.0])) == []  # the fastest used every CPU
+    assert idle_cpus_notes(scores.assign(threads_per_core=np.nan)) == []  # logs that do not say
 
 
 def test_paired_step_difference_is_seed_by_seed() -> None:

@@ -50,6 +50,8 @@ def test_yaml_file_and_dotted_overrides(tmp_path):
     ("train.target_regularization=-0.1", "train.target_regularization"),
     ("train.target_regularization=nan", "train.target_regularization"),
     ("no_equals_sign", "no_equals_sign"),
+    ("parallel.torch_threads=0", "parallel.torch_threads"),
+    ("parallel.torch_threads=many", "parallel.torch_threads"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -120,6 +122,12 @@ def test_minatar_configs_use_the_reference_rmsprop(name):
     t = load_config(ROOT / "configs" / f"{name}.yaml").train
     assert (t.optimizer, t.lr, t.rmsprop_alpha, t.rmsprop_eps, t.rmsprop_centered) == ("rmsprop", 2.5e-4, 0.95, 0.01,
                                                                                          True)
+
+
+def test_a_key_of_two_kinds_names_both_in_its_error():
+    with pytest.raises(ConfigError, match=r"^parallel.torch_threads: expected an integer or 'auto', got 'many'$"):
+        load_config(None, ["parallel.torch_threads=many"])
+    assert load_config(None, ["parallel.torch_threads=auto"]).parallel.torch_threads == "auto"
 
 
 @pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander"])

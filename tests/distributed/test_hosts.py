@@ -6,13 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mpi4py import MPI
 
 from mpidqn.analysis import load_run
 from mpidqn.analysis.plots import time_breakdown_plot
 from mpidqn.analysis.tables import host_groups
-from mpidqn.distributed.hosts import host_cores, host_labels, local_addresses, this_host
+from mpidqn.distributed.hosts import cpu_shares, host_cores, host_labels, local_addresses, resolve_threads, this_host
 from mpidqn.io.runlog import RunLog
 
 from conftest import TINY, run
@@ -45,6 +46,19 @@ def test_host_cores_counts_the_union_of_the_cpus_each_hosts_ranks_may_use():
     assert host_cores(MPI.COMM_SELF, ["me"]) == {"me": len(os.sched_getaffinity(0))}
 
 
+def test_auto_threads_give_each_rank_its_share_of_its_hosts_cpus():
+    # one rank alone on 16 CPUs; 8 unbound ranks on 16; a host of 2 CPUs shared by 4 ranks
+    assert cpu_shares(["a"], [range(16)]) == [16]
+    assert cpu_shares(["a"] * 8, [range(16)] * 8) == [2] * 8
+    assert cpu_shares(["a"] * 4, [range(2)] * 4) == [1] * 4
+    # 4 ranks bound to 2 CPUs each (Slurm --cpus-per-task=2) beside 3 unbound ranks on another 6-CPU host
+    bound = [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert cpu_shares(["a"] * 4 + ["b"] * 3, [*bound, *[range(6)] * 3]) == [2, 2, 2, 2, 2, 2, 2]
+    # never more than the rank's own affinity: 2 ranks bound to 1 CPU each on a host of 8
+    assert cpu_shares(["a", "a"], [[0], range(1, 8)]) == [1, 4]
+    assert resolve_threads("auto", 6) == 6 and resolve_threads(3, 6) == 3
+
+
 def test_this_host_has_no_loopback_address():
     name, addrs = this_host()
     assert name and all(not a.startswith("127.") for a in addrs) and addrs == local_addresses()
@@ -63,11 +77,13 @@ def test_time_breakdown_plot_with_hosts(tmp_path: Path):
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_run_caps_numpys_blas_threads_like_torchs(tmp_path):
+@pytest.mark.parametrize("setting", [1, "auto"])
+def test_a_run_caps_numpys_blas_threads_like_torchs(tmp_path, setting):
     # A process that starts with 2 BLAS and 2 OpenMP threads (what a 2-core machine gives numpy and torch
     # by default) trains with parallel.torch_threads=1: afterwards both pools hold one thread, so a rank's
-    # idle BLAS threads do not spin on the cores of the other ranks.
-    overrides = {**{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in TINY)}, "parallel.torch_threads": 1}
+    # idle BLAS threads do not spin on the cores of the other ranks. With "auto" a rank alone on its host
+    # takes every CPU it may run on, and the log records the number.
+    overrides = {**{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in TINY)}, "parallel.torch_threads": setting}
     code = ("import json, sys, torch, mpidqn; from threadpoolctl import threadpool_info; "
             "r = mpidqn.train(None, sys.argv[1], **json.loads(sys.argv[2])); "
             "print(json.dumps({'exit': r.exit_code, 'torch': torch.get_num_threads(), "
@@ -75,7 +91,10 @@ def test_a_run_caps_numpys_blas_threads_like_torchs(tmp_path):
     p = run([sys.executable, "-c", code, str(tmp_path / "run"), json.dumps(overrides)],
             env={"OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"})
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"exit": 0, "torch": 1, "blas": [1]}
+    threads = 1 if setting == 1 else len(os.sched_getaffinity(0))
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"exit": 0, "torch": threads, "blas": [threads]}
+    assert load_run(tmp_path / "run").metadata["rank_threads"] == [threads]
+    assert f"threads/rank {threads}" in p.stdout + p.stderr  # the banner
 
 
 _FAULTS = """

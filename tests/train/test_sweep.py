@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+from mpidqn.analysis import load_run
 
 from conftest import TINY, _env, mpidqn, mpiexec, program_lines
 
@@ -98,6 +101,16 @@ def test_report_of_a_sweep_ranks_its_configs(packed, tmp_path: Path, capsys: pyt
     assert (tmp_path / "r" / "eval_return_vs_steps.png").is_file()
     printed = capsys.readouterr().out
     assert "configs ranked by the IQM of the final evaluation over seeds:" in printed
+
+
+def test_auto_threads_share_each_host_among_all_the_sweeps_runs(tmp_path: Path) -> None:
+    # 2 runs of 1 rank side by side on this host: "auto" counts both, not each run's own group
+    out = tmp_path / "s"
+    p = mpidqn(2, sweep_args(out, "--ranks-per-run", "1", "--seeds", "0-1", "parallel.torch_threads=auto",
+                             "train.total_steps=400"), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [load_run(out / f"seed{s}").metadata["rank_threads"] for s in (0, 1)] == [[share], [share]]
 
 
 @pytest.mark.parametrize("grid, problem", [
