@@ -129,6 +129,21 @@ def cpu_share(comm: Any) -> int:
     return cpu_shares(hosts, comm.allgather(usable_cpus()))[comm.Get_rank()]
 
 
+def crowded_hosts(hosts: Sequence[str], cores: dict[str, int], threads: Sequence[int]) -> list[str]:
+    """A warning line per host whose multi-threaded ranks together run more compute threads than it has
+    CPUs (``hosts``, ``threads``: per rank; ``cores``: per host, :func:`host_cores`). Ranks of one thread
+    that share CPUs take turns and lose little; ranks of several threads that share CPUs spin in each
+    other's way: 2 ranks of 2 threads on 2 CPUs ran CartPole 20x slower than 2 ranks of 1 thread."""
+    lines = []
+    for host, cpus in cores.items():
+        mine = [t for h, t in zip(hosts, threads) if h == host]
+        if max(mine, default=1) > 1 and sum(mine) > cpus:
+            lines.append(f"mpidqn: warning: {host} runs {len(mine)} rank(s) with {sum(mine)} compute threads on "
+                         f"{cpus} CPU(s); ranks of several threads that share CPUs can run many times slower: "
+                         "set parallel.torch_threads=auto")
+    return lines
+
+
 def resolve_threads(setting: int | str, share: int) -> int:
     """Compute threads per rank from ``parallel.torch_threads``: a number as given, "auto" the rank's
     share of its host (:func:`cpu_share`)."""

@@ -27,7 +27,7 @@ import yaml
 from mpidqn import __version__
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
 from mpidqn.distributed.hosts import cpu_share as hosts_cpu_share
-from mpidqn.distributed.hosts import host_cores, rank_hosts, resolve_threads
+from mpidqn.distributed.hosts import crowded_hosts, host_cores, rank_hosts, resolve_threads
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.io.h5tree import flatten
 from mpidqn.io.runlock import RunLock
@@ -220,6 +220,7 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
         cpu_share = collective(comm, lambda: hosts_cpu_share(comm))
     threads = resolve_threads(cfg.parallel.torch_threads, cpu_share or 1)
     meta = run_metadata(cfg, topo, threads)
+    notes += [("threads", line) for line in crowded_hosts(meta["rank_hosts"], meta["host_cores"], meta["rank_threads"])]
     if root:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     reporter = SilentReporter()

@@ -13,7 +13,7 @@ from mpi4py import MPI
 from mpidqn.analysis import load_run
 from mpidqn.analysis.plots import time_breakdown_plot
 from mpidqn.analysis.tables import host_groups
-from mpidqn.distributed.hosts import cpu_shares, host_cores, host_labels, local_addresses, resolve_threads, this_host
+from mpidqn.distributed.hosts import cpu_shares, crowded_hosts, host_cores, host_labels, local_addresses, resolve_threads, this_host
 from mpidqn.io.runlog import RunLog
 
 from conftest import TINY, run
@@ -57,6 +57,15 @@ def test_auto_threads_give_each_rank_its_share_of_its_hosts_cpus():
     # never more than the rank's own affinity: 2 ranks bound to 1 CPU each on a host of 8
     assert cpu_shares(["a", "a"], [[0], range(1, 8)]) == [1, 4]
     assert resolve_threads("auto", 6) == 6 and resolve_threads(3, 6) == 3
+
+
+def test_a_host_whose_multi_threaded_ranks_share_cpus_is_named_in_a_warning():
+    # 2 ranks of 2 threads on 2 CPUs (measured 20x slower); ranks of 1 thread on too few CPUs only take turns
+    (line,) = crowded_hosts(["a", "a", "b"], {"a": 2, "b": 8}, [2, 2, 8])
+    assert line.startswith("mpidqn: warning: a runs 2 rank(s) with 4 compute threads on 2 CPU(s)")
+    assert line.endswith("set parallel.torch_threads=auto")
+    assert crowded_hosts(["a"] * 4, {"a": 2}, [1] * 4) == []
+    assert crowded_hosts(["a", "a"], {"a": 4}, [2, 2]) == []
 
 
 def test_this_host_has_no_loopback_address():
