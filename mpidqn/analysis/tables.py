@@ -203,8 +203,9 @@ LOCKSTEP_COLUMNS = ["run", "world_size", "intervals", "wait_share", "transfer_sh
 
 def threads_per_core(run: Run) -> float:
     """Rank threads per CPU on the run's most crowded host: the compute threads of its ranks there (the
-    log's ``rank_threads``; older logs: ranks times ``parallel.torch_threads``) over the CPUs they may use (the log's ``host_cores``). Above 1 the ranks take turns on the cores, so
-    they also wait for each other to be scheduled. NaN for a log that does not record the cores."""
+    log's ``rank_threads``; older logs: ranks times ``parallel.torch_threads``) over the CPUs they may use
+    (the log's ``host_cores``). Above 1 the ranks take turns on the cores, so they also wait for each
+    other to be scheduled; below 1 CPUs stay idle. NaN for a log that does not record the cores."""
     hosts, cores = run.metadata.get("rank_hosts"), run.metadata.get("host_cores")
     if not isinstance(hosts, list) or not isinstance(cores, dict) or not cores:
         return float("nan")

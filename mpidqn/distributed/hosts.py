@@ -144,7 +144,10 @@ def crowded_hosts(hosts: Sequence[str], cores: dict[str, int], threads: Sequence
     return lines
 
 
-def resolve_threads(setting: int | str, share: int) -> int:
-    """Compute threads per rank from ``parallel.torch_threads``: a number as given, "auto" the rank's
-    share of its host (:func:`cpu_share`)."""
-    return share if setting == "auto" else int(setting)
+def resolve_threads(setting: int | str, comm: Any, share: int | None = None) -> int:
+    """This rank's compute threads from ``parallel.torch_threads``: a number as given; "auto" its share of
+    its host, ``share`` where the caller knows it, else :func:`cpu_share` among the ranks of ``comm``
+    (collective: every rank of ``comm`` must call with the same setting)."""
+    if setting != "auto":
+        return int(setting)
+    return share if share is not None else cpu_share(comm)

@@ -28,9 +28,9 @@ and ``timing_names`` (JSON lists), ``json_keys`` (JSON list of the metadata keys
 JSON text), and the metadata given to the constructor: strings and numbers as they are, anything
 else (dicts, lists, ``None``) as JSON text, e.g. ``config`` (the resolved YAML), ``versions``,
 ``world_size``, ``pipeline_stages``, ``hosts``, ``rank_hosts`` (the host of every rank, index = rank,
-see ``mpidqn.distributed.hosts``), ``host_cores`` (per host, the CPUs its ranks may run on), ``rank_threads`` (every rank's compute
-threads, ``parallel.torch_threads`` resolved), ``slurm_*``, ``git_rev``, ``start_time``. On a
-resume the metadata of the new segment overwrites the keys it names.
+see ``mpidqn.distributed.hosts``), ``host_cores`` (per host, the CPUs its ranks may run on),
+``rank_threads`` (every rank's compute threads, ``parallel.torch_threads`` resolved), ``slurm_*``,
+``git_rev``, ``start_time``. On a resume the metadata of the new segment overwrites the keys it names.
 
 Concurrency and crashes. The file is written with ``libver='latest'`` in HDF5 SWMR mode (single
 writer, multiple readers): all datasets and attributes exist before ``swmr_mode`` is switched on

@@ -16,7 +16,7 @@ from mpidqn.algo.schedules import Schedules
 from mpidqn.config import Config, batch_plan, priority_params, rows_per_rank
 from mpidqn.distributed import collectives as C
 from mpidqn.distributed import watchdog
-from mpidqn.distributed.hosts import cpu_share, limit_threads, resolve_threads, reuse_freed_memory
+from mpidqn.distributed.hosts import limit_threads, resolve_threads, reuse_freed_memory
 from mpidqn.envs.presets import spec_from_config
 from mpidqn.envs.snapshot import refusal_line, restore_envs, seal_envs
 from mpidqn.envs.vector import (
@@ -115,11 +115,8 @@ class Trainer:
         here, "auto" among the ranks of ``topo.comm``: collective)."""
         self.cfg, self.topo, self.reporter, self.checkpoints = cfg, topo, reporter, checkpoints
         self.trust = trust  # signs the env state of checkpoints; decides which saved env state a resume loads
-        if threads is None:
-            share = cpu_share(topo.comm) if cfg.parallel.torch_threads == "auto" else 1
-            threads = resolve_threads(cfg.parallel.torch_threads, share)
-        self.threads = threads
-        limit_threads(threads)
+        self.threads = threads if threads is not None else resolve_threads(cfg.parallel.torch_threads, topo.comm)
+        limit_threads(self.threads)
         if cfg.parallel.reuse_freed_memory:
             reuse_freed_memory()
         self.world, self.rank = topo.world, topo.rank

@@ -26,7 +26,6 @@ import yaml
 
 from mpidqn import __version__
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
-from mpidqn.distributed.hosts import cpu_share as hosts_cpu_share
 from mpidqn.distributed.hosts import crowded_hosts, host_cores, rank_hosts, resolve_threads
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.io.h5tree import flatten
@@ -216,9 +215,7 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     ckpt = verify(Path(ckpt_path), check_crc=False) if ckpt_path is not None else None
     if ckpt is not None:  # before anything in the run dir is written or rebuilt
         collective(comm, lambda: check_compatible(ckpt, cfg) if root else None)
-    if cpu_share is None and cfg.parallel.torch_threads == "auto":
-        cpu_share = collective(comm, lambda: hosts_cpu_share(comm))
-    threads = resolve_threads(cfg.parallel.torch_threads, cpu_share or 1)
+    threads = resolve_threads(cfg.parallel.torch_threads, comm, cpu_share)  # collective, as run_metadata
     meta = run_metadata(cfg, topo, threads)
     notes += [("threads", line) for line in crowded_hosts(meta["rank_hosts"], meta["host_cores"], meta["rank_threads"])]
     if root:

@@ -56,7 +56,8 @@ def test_auto_threads_give_each_rank_its_share_of_its_hosts_cpus():
     assert cpu_shares(["a"] * 4 + ["b"] * 3, [*bound, *[range(6)] * 3]) == [2, 2, 2, 2, 2, 2, 2]
     # never more than the rank's own affinity: 2 ranks bound to 1 CPU each on a host of 8
     assert cpu_shares(["a", "a"], [[0], range(1, 8)]) == [1, 4]
-    assert resolve_threads("auto", 6) == 6 and resolve_threads(3, 6) == 3
+    assert resolve_threads("auto", MPI.COMM_SELF, 6) == 6 and resolve_threads(3, MPI.COMM_SELF, 6) == 3
+    assert resolve_threads("auto", MPI.COMM_SELF) == len(os.sched_getaffinity(0))  # alone on this host
 
 
 def test_a_host_whose_multi_threaded_ranks_share_cpus_is_named_in_a_warning():
