@@ -125,6 +125,7 @@ def best_one_rank(sides: dict[str, tuple[int, list[str]]], values: dict[str, flo
 def cores_used(run_dir: Path) -> tuple[int, int]:
     """(compute threads of all ranks on rank 0's host, that host's CPUs) from a run's log; (0, 0) where the
     log does not record them."""
+    from mpidqn.distributed.hosts import host_threads
     from mpidqn.io.runlog import read_log
 
     if not (run_dir / "log.h5").is_file():  # a run that failed before it started
@@ -133,7 +134,7 @@ def cores_used(run_dir: Path) -> tuple[int, int]:
     hosts, cores, threads = attrs.get("rank_hosts"), attrs.get("host_cores"), attrs.get("rank_threads")
     if not (isinstance(hosts, list) and isinstance(cores, dict) and isinstance(threads, list)) or not hosts:
         return 0, 0
-    return sum(t for h, t in zip(hosts, threads) if h == hosts[0]), int(cores[hosts[0]])
+    return host_threads(hosts, threads)[hosts[0]], int(cores[hosts[0]])
 
 
 def idle_cores_note(sides: dict[str, tuple[int, list[str]]], values: dict[str, float],

@@ -12,6 +12,7 @@ import pandas as pd
 from mpidqn.analysis.curves import iqm_interval
 from mpidqn.analysis.paired import paired_step_difference
 from mpidqn.analysis.runs import Run, settings
+from mpidqn.distributed.hosts import host_threads
 
 TIDY_COLUMNS = ["run", "seed", "world", "step", "metric", "value"]
 EVAL_METRIC = "eval_return"
@@ -212,7 +213,8 @@ def threads_per_core(run: Run) -> float:
     threads = run.metadata.get("rank_threads")  # per rank, "auto" resolved; older logs: the setting
     if not isinstance(threads, list) or len(threads) != len(hosts):
         threads = [int(run.setting("parallel.torch_threads", 1) or 1)] * len(hosts)
-    return max(sum(int(t) for r, t in zip(hosts, threads) if r == h) / max(1, int(n)) for h, n in cores.items())
+    per_host = host_threads(hosts, threads)
+    return max(per_host.get(h, 0) / max(1, int(n)) for h, n in cores.items())
 
 
 def lockstep(run: Run) -> dict[str, object] | None:

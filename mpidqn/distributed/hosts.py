@@ -105,10 +105,20 @@ def _host_unions(hosts: Sequence[str], cpus: Sequence[Collection[int]]) -> dict[
     return union
 
 
-def host_cores(comm: Any, hosts: Sequence[str]) -> dict[str, int]:
+def host_cores(comm: Any, hosts: Sequence[str], cpus: Sequence[Collection[int]] | None = None) -> dict[str, int]:
     """Per host label (``hosts``: :func:`rank_hosts`), how many CPUs its ranks may run on together: the
-    union of their affinity sets (collective). Ranks times torch threads above it oversubscribe the host."""
-    return {host: len(cpus) for host, cpus in _host_unions(hosts, comm.allgather(usable_cpus())).items()}
+    union of their affinity sets (``cpus``: every rank's :func:`usable_cpus`, gathered here when not given:
+    collective). Ranks times torch threads above it oversubscribe the host."""
+    cpus = comm.allgather(usable_cpus()) if cpus is None else cpus
+    return {host: len(union) for host, union in _host_unions(hosts, cpus).items()}
+
+
+def host_threads(hosts: Sequence[str], threads: Sequence[int]) -> dict[str, int]:
+    """Per host label, the compute threads of its ranks together (``hosts``, ``threads``: per rank)."""
+    total: dict[str, int] = {}
+    for host, n in zip(hosts, threads):
+        total[host] = total.get(host, 0) + int(n)
+    return total
 
 
 def cpu_shares(hosts: Sequence[str], cpus: Sequence[Collection[int]]) -> list[int]:
@@ -134,14 +144,11 @@ def crowded_hosts(hosts: Sequence[str], cores: dict[str, int], threads: Sequence
     CPUs (``hosts``, ``threads``: per rank; ``cores``: per host, :func:`host_cores`). Ranks of one thread
     that share CPUs take turns and lose little; ranks of several threads that share CPUs spin in each
     other's way: 2 ranks of 2 threads on 2 CPUs ran CartPole 20x slower than 2 ranks of 1 thread."""
-    lines = []
-    for host, cpus in cores.items():
-        mine = [t for h, t in zip(hosts, threads) if h == host]
-        if max(mine, default=1) > 1 and sum(mine) > cpus:
-            lines.append(f"mpidqn: warning: {host} runs {len(mine)} rank(s) with {sum(mine)} compute threads on "
-                         f"{cpus} CPU(s); ranks of several threads that share CPUs can run many times slower: "
-                         "set parallel.torch_threads=auto")
-    return lines
+    multi = {h for h, t in zip(hosts, threads) if t > 1}  # hosts with a rank of several threads
+    return [f"mpidqn: warning: {host} runs {hosts.count(host)} rank(s) with {n} compute threads on "
+            f"{cores[host]} CPU(s); ranks of several threads that share CPUs can run many times slower: "
+            "set parallel.torch_threads=auto"
+            for host, n in host_threads(hosts, threads).items() if host in multi and n > cores[host]]
 
 
 def resolve_threads(setting: int | str, comm: Any, share: int | None = None) -> int:

@@ -26,7 +26,8 @@ import yaml
 
 from mpidqn import __version__
 from mpidqn.config import Config, config_from_yaml_text, to_dict, to_yaml
-from mpidqn.distributed.hosts import crowded_hosts, host_cores, rank_hosts, resolve_threads
+from mpidqn.distributed.hosts import (crowded_hosts, cpu_shares, host_cores, rank_hosts, resolve_threads,
+                                      usable_cpus)
 from mpidqn.errors import EXIT_OK, EXIT_REQUEUE, AgreedFailure, UserError
 from mpidqn.io.h5tree import flatten
 from mpidqn.io.runlock import RunLock
@@ -128,13 +129,17 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         raise UserError(f"--run-dir {run_dir}: not writable ({e.strerror})") from None
 
 
-def run_metadata(cfg: Config, topo: Any, threads: int = 1) -> dict[str, Any]:
-    """The run's attributes for its log (collective). ``threads``: this rank's compute threads."""
+def run_metadata(cfg: Config, topo: Any, cpu_share: int | None = None) -> dict[str, Any]:
+    """The run's attributes for its log (collective), ``rank_threads`` included: every rank's compute
+    threads, ``parallel.torch_threads`` resolved with ``cpu_share`` (see :func:`prepare_run`) or else each
+    rank's share among the ranks of ``topo.comm``, from the hosts and affinities gathered here once."""
     hosts = rank_hosts(topo.comm)
+    cpus = topo.comm.allgather(usable_cpus())
+    share = cpu_share if cpu_share is not None else cpu_shares(hosts, cpus)[topo.rank]
     meta: dict[str, Any] = {
         "config": to_yaml(cfg), **topo.describe(),
-        "hosts": sorted(set(hosts)), "rank_hosts": hosts, "host_cores": host_cores(topo.comm, hosts),
-        "rank_threads": topo.comm.allgather(threads),
+        "hosts": sorted(set(hosts)), "rank_hosts": hosts, "host_cores": host_cores(topo.comm, hosts, cpus),
+        "rank_threads": topo.comm.allgather(resolve_threads(cfg.parallel.torch_threads, topo.comm, share)),
         "versions": versions(), "start_time": time.time(),
         "argv": " ".join(sys.argv),
     }
@@ -215,8 +220,8 @@ def prepare_run(cfg: Config, topo: Any, run_dir_arg: str | None, resume: bool,
     ckpt = verify(Path(ckpt_path), check_crc=False) if ckpt_path is not None else None
     if ckpt is not None:  # before anything in the run dir is written or rebuilt
         collective(comm, lambda: check_compatible(ckpt, cfg) if root else None)
-    threads = resolve_threads(cfg.parallel.torch_threads, comm, cpu_share)  # collective, as run_metadata
-    meta = run_metadata(cfg, topo, threads)
+    meta = run_metadata(cfg, topo, cpu_share)
+    threads = meta["rank_threads"][topo.rank]
     notes += [("threads", line) for line in crowded_hosts(meta["rank_hosts"], meta["host_cores"], meta["rank_threads"])]
     if root:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
